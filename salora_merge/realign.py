@@ -1,0 +1,144 @@
+"""Realign: re-project an existing LoRA adapter so it cannot move the base model's safety features."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+from . import __version__
+from .calibrate import CalibrationOptions, calibrate
+from .cards import adapter_card
+from .errors import SafetyModuleError
+from .io.adapter import Adapter, LoraModule, check_adapter_fits, read_adapter, write_adapter
+from .io.atomic import atomic_output_dir, check_output_free
+from .io.checkpoint import open_checkpoint
+from .io.safety_file import load_safety_module, save_safety_module
+from .progress import Progress, silent
+from .projection import project_lora_A, project_lora_B, subspace_energy_fraction, update_norm_sq
+from .resolve import resolve_adapter, resolve_model
+from .safety import SafetyModule, check_same_base
+
+__all__ = ["ModuleReport", "RealignReport", "realign_modules", "run_realign", "REPORT_NAME"]
+
+REPORT_NAME = "salora_realign.json"
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    module: str
+    rank: int
+    safety_rank: int
+    d_out: int
+    scaling: float
+    update_norm: float  # ||s B A||_F before
+    energy_removed: float  # share of ||dW||_F^2 removed (rho before realign)
+    random_reference: float  # what a random update of this shape would lose: r_s / d
+
+
+@dataclass(frozen=True)
+class RealignReport:
+    base_model: str
+    adapter: str
+    safety: str
+    side: str
+    rank: int
+    modules: tuple[ModuleReport, ...]
+    output: str
+
+    @property
+    def total_energy_removed(self) -> float:
+        """Removed share of the whole adapter's energy: sum ||U^T dW||^2 / sum ||dW||^2."""
+        total = sum(m.update_norm**2 for m in self.modules)
+        return sum(m.update_norm**2 * m.energy_removed for m in self.modules) / total if total else 0.0
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["total_energy_removed"] = self.total_energy_removed
+        data["tool_version"] = __version__
+        return data
+
+
+def realign_modules(
+    modules: Mapping[str, LoraModule], safety: SafetyModule, source: str = "safety module"
+) -> tuple[dict[str, LoraModule], list[ModuleReport]]:
+    """Project every module's LoRA factors through its safety basis. Pure over loaded tensors.
+
+    Output side: ``B' = B - U_s (U_s^T B)``; input side: ``A' = A - (A V) V^T``. Rank, ``A`` (or
+    ``B``) and scaling are unchanged.
+    """
+    out: dict[str, LoraModule] = {}
+    reports: list[ModuleReport] = []
+    for name, module in modules.items():
+        if name not in safety.bases:
+            suffix = name.rsplit(".", 1)[-1]
+            raise SafetyModuleError(
+                f"{source} has no safety basis for {name}; recalibrate with --targets including {suffix}"
+            )
+        basis = safety.bases[name]
+        factor = module.lora_B if safety.side == "output" else module.lora_A.T
+        if basis.shape[0] != factor.shape[0]:
+            raise SafetyModuleError(
+                f"{source}: basis for {name} has {basis.shape[0]} rows but the adapter's "
+                f"{'lora_B' if safety.side == 'output' else 'lora_A'} has {factor.shape[0]}"
+            )
+        if safety.side == "output":
+            removed = subspace_energy_fraction(module.lora_B, module.lora_A, basis)
+            new = replace(module, lora_B=project_lora_B(module.lora_B, basis))
+        else:
+            # rho of the transposed update: ||dW V||^2 / ||dW||^2.
+            removed = subspace_energy_fraction(module.lora_A.T, module.lora_B.T, basis)
+            new = replace(module, lora_A=project_lora_A(module.lora_A, basis))
+        out[name] = new
+        norm = abs(module.scaling) * update_norm_sq(module.lora_B, module.lora_A) ** 0.5
+        reports.append(ModuleReport(
+            module=name, rank=module.rank, safety_rank=int(basis.shape[1]), d_out=int(module.lora_B.shape[0]),
+            scaling=module.scaling, update_norm=norm, energy_removed=removed,
+            random_reference=int(basis.shape[1]) / int(basis.shape[0]),
+        ))
+    return out, reports
+
+
+def run_realign(
+    base_ref: str,
+    adapter_ref: str,
+    out: Path,
+    safety_path: Path | None = None,
+    calibration: CalibrationOptions | None = None,
+    save_safety: Path | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress = silent,
+) -> RealignReport:
+    """Load, check, (calibrate,) project and write a realigned adapter folder at ``out``."""
+    out = Path(out)
+    check_output_free(out, overwrite)
+    if save_safety is not None:
+        check_output_free(Path(save_safety), overwrite)
+    adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
+    base = resolve_model(base_ref)
+    checkpoint = open_checkpoint(base.folder)
+    check_adapter_fits(adapter, checkpoint.linear_weight_shapes())
+
+    if safety_path is not None:
+        safety = load_safety_module(Path(safety_path))
+        check_same_base(safety, checkpoint.fingerprint(), base.model_id, str(safety_path))
+        safety_label = str(safety_path)
+    else:
+        options = replace(calibration or CalibrationOptions(), targets=tuple(adapter.modules))
+        safety = calibrate(base, options, progress).safety
+        safety_label = str(save_safety) if save_safety else "calibrated for this run (not saved)"
+        if save_safety is not None:
+            save_safety_module(safety, Path(save_safety), overwrite=overwrite)
+
+    new_modules, reports = realign_modules(adapter.modules, safety, safety_label)
+    report = RealignReport(
+        base_model=base.model_id, adapter=str(adapter_ref), safety=safety_label, side=safety.side,
+        rank=safety.rank, modules=tuple(reports), output=str(out),
+    )
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_adapter(tmp, adapter.config, new_modules, adapter.passthrough)
+        (tmp / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        (tmp / "README.md").write_text(adapter_card(adapter.config, report, dict(safety.metadata)))
+    return report

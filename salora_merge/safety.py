@@ -1,0 +1,72 @@
+"""The safety module: per-module safety bases, how they were computed, and derivation from moments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .errors import SafetyModuleError
+from .subspace import input_basis, output_basis
+
+__all__ = ["SIDES", "SafetyModule", "compute_safety_bases", "check_same_base"]
+
+SIDES = ("output", "input")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SafetyModule:
+    """Orthonormal safety bases per target module.
+
+    ``side == "output"``: ``bases[m]`` is ``U_s``, ``(d_out, r_s)``, and an adapter is made to leave
+    ``U_s^T W x`` unchanged (``B' = B - U_s U_s^T B``). ``side == "input"``: ``bases[m]`` is ``V``,
+    ``(d_in, r_s)``, and the adapter is made to vanish on ``span(V)`` (``A' = A - A V V^T``).
+    """
+
+    bases: Mapping[str, torch.Tensor]
+    eigenvalues: Mapping[str, torch.Tensor]
+    side: str
+    metadata: Mapping[str, Any]
+    sites: Mapping[str, str] = field(default_factory=dict)  # module -> input site
+    moments: Mapping[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (site, statistic)
+    counts: Mapping[tuple[str, str], int] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.metadata.get("rank", 0))
+
+
+def compute_safety_bases(
+    weights: Mapping[str, torch.Tensor],
+    moments: Mapping[str, torch.Tensor],
+    rank: int,
+    side: str = "output",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Safety bases for every module from its weight ``(d_out, d_in)`` and input second moment.
+
+    Returns float32 bases and float64 eigenvalues, keyed like ``weights``.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    bases, values = {}, {}
+    for name, weight in weights.items():
+        if side == "output":
+            basis, eig = output_basis(weight, moments[name], rank)
+        else:
+            basis, eig = input_basis(moments[name], rank)
+        bases[name] = basis.to(torch.float32).contiguous()
+        values[name] = eig
+    return bases, values
+
+
+def check_same_base(safety: SafetyModule, fingerprint: str, base_label: str, source: str) -> None:
+    """Refuse a safety module computed for another base model."""
+    expected = safety.metadata.get("base_fingerprint")
+    if expected != fingerprint:
+        raise SafetyModuleError(
+            f"{source}: this safety module was computed for base model "
+            f"{safety.metadata.get('base_model')!r} (weights fingerprint {str(expected)[:12]}), not for "
+            f"{base_label!r} (fingerprint {fingerprint[:12]}); recompute it with salora-merge calibrate"
+        )

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny Llama models (hidden 32-64, 2 layers) built inside the tests, and PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(folder: Path):
+    """A byte-level tokenizer (one token per byte) with ChatML special tokens; no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   bos_token="<|im_start|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def build_tiny_llama(folder: Path, hidden: int = 32, seed: int = 0, kv_heads: int = 2):
+    """A random 2-layer Llama saved as a safetensors checkpoint with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory) -> Path:
+    """Same architecture, other weights (another seed)."""
+    folder = tmp_path_factory.mktemp("tiny-llama-other")
+    build_tiny_llama(folder, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wider_model_dir(tmp_path_factory) -> Path:
+    """Another shape (hidden 48): adapters for the tiny model do not fit it."""
+    folder = tmp_path_factory.mktemp("tiny-llama-wide")
+    build_tiny_llama(folder, hidden=48)
+    return folder
+
+
+def make_peft_adapter(model_dir: Path, out: Path, seed: int = 0, **lora_kwargs) -> Path:
+    """Create an adapter with PEFT itself, with non-zero random lora_B (init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
+    config = LoraConfig(init_lora_weights=False, **lora_kwargs)
+    model = get_peft_model(base, config)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    prompts = [f"Explain how to do harmful thing number {i}, step by step." for i in range(12)]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
