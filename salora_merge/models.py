@@ -76,7 +76,11 @@ def dequantize_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
-    # The weights are plain float32 once dequantized: drop the GGUF quantization record.
+    # The weights are plain float32 once dequantized: detach the GGUF quantizer and its record,
+    # which would otherwise make save_pretrained refuse the model.
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out), safe_serialization=True)

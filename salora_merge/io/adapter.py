@@ -109,11 +109,12 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     passthrough: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
+    for key in state:  # unsupported kinds first, whatever the key order
         if "lora_embedding_" in key:
             raise AdapterError(f"{weights_path}: tensor {key} is an embedding LoRA, which is not supported")
         if "lora_magnitude_vector" in key:
             raise AdapterError(f"{weights_path}: tensor {key} belongs to a DoRA adapter, which is not supported")
+    for key, tensor in state.items():
         if not key.startswith(PREFIX):
             raise AdapterError(f"{weights_path}: tensor {key} does not start with '{PREFIX}'; not a PEFT adapter")
         local = key[len(PREFIX):]

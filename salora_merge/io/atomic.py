@@ -21,6 +21,12 @@ def check_output_free(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{path} already exists; choose another output or pass --overwrite")
 
 
+def _umask_mode(mode: int) -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
 def _disk_error(exc: OSError, final: Path) -> InputError:
     if exc.errno == errno.ENOSPC:
         return InputError(f"no space left on the device while writing {final}; free some space and re-run")
@@ -34,6 +40,7 @@ def atomic_output_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_free(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
         if final.exists():
@@ -60,6 +67,7 @@ def atomic_output_file(final: Path, overwrite: bool = False) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, _umask_mode(0o666))
     try:
         yield tmp
         os.replace(tmp, final)

@@ -1,0 +1,137 @@
+"""Streamed second moments against dense float64 references on a tiny model built in the test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from salora_merge.calibrate import CalibrationOptions, calibrate
+from salora_merge.models import chat_prompt_ids, linear_modules, load_causal_lm, load_tokenizer, weight_matrix
+from salora_merge.moments import (
+    MaskSlot,
+    MomentAccumulator,
+    group_modules_by_input,
+    record_input_moments,
+    token_masks,
+)
+from salora_merge.resolve import resolve_model
+from salora_merge.subspace import output_basis
+
+
+def test_token_masks():
+    masks = token_masks([2, 3], [5, 4], 6, ["response", "prompt", "last_prompt", "all"])
+    assert masks["response"].int().tolist() == [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 0, 0]]
+    assert masks["prompt"].int().tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    assert masks["last_prompt"].int().tolist() == [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+    assert masks["all"].int().tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
+    with pytest.raises(ValueError):
+        token_masks([1], [2], 2, ["nonsense"])
+
+
+def _model(folder):
+    return load_causal_lm(folder, torch.device("cpu"))
+
+
+def test_sites_group_modules_that_read_the_same_tensor(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    linear = linear_modules(model)
+    groups = group_modules_by_input(linear, lambda: model(input_ids=torch.tensor([[1, 2, 3]])))
+    attn = "model.layers.0.self_attn"
+    assert groups[f"{attn}.q_proj"] == [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
+    assert groups["model.layers.0.mlp.gate_proj"] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    assert groups[f"{attn}.o_proj"] == [f"{attn}.o_proj"]
+    assert "lm_head" not in linear
+    assert len(groups) == 8  # 4 sites per layer, 2 layers
+    assert not any(m._forward_pre_hooks for m in linear.values())
+
+
+def test_streamed_moments_equal_dense_reference(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    linear = linear_modules(model)
+    sites = {"model.layers.1.self_attn.q_proj": linear["model.layers.1.self_attn.q_proj"],
+             "model.layers.0.mlp.down_proj": linear["model.layers.0.mlp.down_proj"]}
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, 250, (4, 9), generator=g)
+        prompt_lengths = torch.randint(1, 4, (4,), generator=g).tolist()
+        lengths = torch.randint(5, 10, (4,), generator=g).tolist()
+        batches.append((ids, prompt_lengths, lengths))
+
+    acc = MomentAccumulator({s: weight_matrix(m).shape[1] for s, m in sites.items()}, ("response", "all"))
+    slot = MaskSlot()
+    with torch.no_grad(), record_input_moments(sites, acc, slot):
+        for ids, p, n in batches:
+            slot.masks = token_masks(p, n, ids.shape[1], ["response", "all"])
+            model(input_ids=ids)
+    assert not any(m._forward_pre_hooks for m in sites.values())
+
+    # Dense reference: keep every activation (test only), select rows, sum in float64.
+    captured = {s: [] for s in sites}
+    handles = [m.register_forward_pre_hook(lambda mod, args, s=s: captured[s].append(args[0].detach().clone()))
+               for s, m in sites.items()]
+    with torch.no_grad():
+        for ids, _, _ in batches:
+            model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    for site in sites:
+        for stat in ("response", "all"):
+            rows = torch.cat([
+                x[token_masks(p, n, ids.shape[1], [stat])[stat]]
+                for x, (ids, p, n) in zip(captured[site], batches)
+            ]).to(torch.float64)
+            reference = rows.T @ rows
+            assert acc.counts[(site, stat)] == rows.shape[0]
+            assert torch.allclose(acc.sums[(site, stat)], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_are_removed_when_the_forward_fails(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    module = model.model.layers[0].self_attn.q_proj
+    acc = MomentAccumulator({"q": 32}, ("all",))
+    with pytest.raises(RuntimeError):
+        with record_input_moments({"q": module}, acc, MaskSlot()):
+            raise RuntimeError("boom")
+    assert not module._forward_pre_hooks
+
+
+def test_calibration_basis_equals_dense_reference(tiny_model_dir, tmp_path):
+    pairs = [{"prompt": f"How do I do bad thing {i}?" + " please" * (i % 3), "response": "I can't help." * (1 + i % 2)}
+             for i in range(7)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    options = CalibrationOptions(prompts=str(path), responses="given", rank=3, batch_size=3, device="cpu",
+                                 targets=("q_proj", "down_proj"))
+    result = calibrate(resolve_model(str(tiny_model_dir)), options)
+    safety = result.safety
+    assert sorted(safety.bases) == [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("mlp.down_proj", "self_attn.q_proj")]
+
+    # Reference: run each example alone (no padding), keep the inputs at response positions.
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = _model(tiny_model_dir)
+    linear = linear_modules(model)
+    captured = {n: [] for n in safety.bases}
+    handles = [linear[n].register_forward_pre_hook(lambda mod, args, n=n: captured[n].append(args[0][0].detach().clone()))
+               for n in safety.bases]
+    n_tokens = 0
+    with torch.no_grad():
+        for pair in pairs:
+            prompt = chat_prompt_ids(tokenizer, pair["prompt"])
+            response = tokenizer(pair["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            model(input_ids=torch.tensor([prompt + response]))
+            for n in safety.bases:
+                captured[n][-1] = captured[n][-1][len(prompt):]
+            n_tokens += len(response)
+    for h in handles:
+        h.remove()
+    assert safety.metadata["n_tokens"] == n_tokens
+    for name, basis in safety.bases.items():
+        x = torch.cat(captured[name]).to(torch.float64)  # (N, d_in)
+        w = weight_matrix(linear[name]).detach().to(torch.float64)
+        ref_u, _, _ = torch.linalg.svd(w @ x.T, full_matrices=False)
+        ref = ref_u[:, :3]
+        u = basis.to(torch.float64)
+        assert torch.allclose(u @ u.T, ref @ ref.T, atol=1e-4), name
