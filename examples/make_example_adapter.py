@@ -65,6 +65,7 @@ def main() -> None:
             optimizer.zero_grad()
             total += loss.item() * len(batch)
         print(f"epoch {epoch + 1}: mean loss {total / len(examples):.4f}")
+    model.peft_config["default"].base_model_name_or_path = base.model_id  # not the local cache path
     model.save_pretrained(str(args.output))
     print(f"wrote {args.output}")
 

@@ -27,7 +27,17 @@ from .prompts import PromptSet, load_prompt_set
 from .resolve import ResolvedModel
 from .safety import SIDES, SafetyModule, compute_safety_bases
 
-__all__ = ["CalibrationOptions", "Calibration", "calibrate", "select_targets", "build_sequences"]
+__all__ = [
+    "CalibrationOptions",
+    "Calibration",
+    "calibrate",
+    "select_targets",
+    "build_sequences",
+    "accumulate_moments",
+    "batch_tensors",
+    "length_sorted_batches",
+    "backbone_of",
+]
 
 RESPONSE_MODES = ("self", "none", "given")
 
@@ -44,6 +54,7 @@ class CalibrationOptions:
     keep_moments: bool = False
     max_prompts: int | None = None
     batch_size: int = 16
+    generation_batch_size: int = 64  # greedy decoding is latency-bound: wider batches pay off
     max_length: int = 512
     max_new_tokens: int = 64
     device: str = "auto"
@@ -65,7 +76,8 @@ class CalibrationOptions:
                 problems.append(f"--token-policy {policy!r}: expected one of {', '.join(TOKEN_POLICIES)}")
         if self.responses == "none" and self.policy() == "response":
             problems.append("--responses none leaves no response tokens; use --token-policy prompt, last_prompt or all")
-        for name, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
+        for name, value in (("--batch-size", self.batch_size), ("--generation-batch-size", self.generation_batch_size),
+                            ("--max-length", self.max_length),
                             ("--max-new-tokens", self.max_new_tokens)):
             if value <= 0:
                 problems.append(f"{name} must be positive, got {value}")
@@ -120,6 +132,65 @@ def build_sequences(
     return out
 
 
+def batch_tensors(
+    sequences: Sequence[tuple[list[int], int]], pad: int, policies: Sequence[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Right-padded ``(B, T)`` ids and attention mask, and the token-policy masks, for one batch."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+    masks = token_masks([p for _, p in sequences], [len(ids) for ids, _ in sequences], width, policies)
+    return input_ids.to(device), attention.to(device), masks
+
+
+def length_sorted_batches(sequences: Sequence[tuple[list[int], int]], batch_size: int) -> list[list[tuple[list[int], int]]]:
+    """Batches of similar length (less padding); the sums do not depend on the order."""
+    ordered = sorted(sequences, key=lambda item: len(item[0]))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack without the output layer (its logits are not needed for statistics)."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+@torch.no_grad()
+def accumulate_moments(
+    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
+    sequences: Sequence[tuple[list[int], int]],
+    policies: Sequence[str],
+    batch_size: int,
+    pad: int,
+    dtype: torch.dtype = torch.float64,
+    progress: Progress = silent,
+) -> tuple[dict[str, list[str]], MomentAccumulator]:
+    """Stream ``sequences`` through the model and accumulate input second moments per site.
+
+    Returns the sites (``{site: [modules reading that input]}``) and the filled accumulator.
+    """
+    device = next(model.parameters()).device
+    backbone = backbone_of(model)
+    batches = length_sorted_batches(sequences, batch_size)
+    probe_ids, probe_attention, _ = batch_tensors(batches[0][:1], pad, policies, device)
+    groups = group_modules_by_input(
+        modules, lambda: backbone(input_ids=probe_ids, attention_mask=probe_attention, use_cache=False)
+    )
+    dims = {site: int(weight_matrix(modules[site]).shape[1]) for site in groups}
+    accumulator = MomentAccumulator(dims, tuple(policies), dtype, device)
+    slot = MaskSlot()
+    with progress("accumulating second moments", len(sequences)) as advance:
+        with record_input_moments({site: modules[site] for site in groups}, accumulator, slot):
+            for batch in batches:
+                input_ids, attention, slot.masks = batch_tensors(batch, pad, policies, device)
+                backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
+                advance(len(batch))
+    return groups, accumulator
+
+
 def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progress = silent) -> Calibration:
     """Run the calibration prompts through the base model and derive the safety module."""
     options.validate()
@@ -130,6 +201,9 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
     model = load_causal_lm(base.folder, device)
     linear = linear_modules(model)
     names = select_targets(list(linear), options.targets)
+    max_rank = min(min(weight_matrix(linear[n]).shape) for n in names)
+    if options.rank > max_rank:
+        raise InputError(f"--rank {options.rank} exceeds the smallest target layer dimension ({max_rank})")
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
 
     t0 = time.perf_counter()
@@ -138,7 +212,7 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
     if options.responses == "self":
         with progress("generating the base model's responses", len(prompt_ids)) as advance:
             generated = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens,
-                                        options.batch_size, on_batch=advance)
+                                        options.generation_batch_size, on_batch=advance)
         # A response that stopped on EOS keeps it, as in supervised fine-tuning data.
         responses = [r + [eos] if len(r) < options.max_new_tokens else r for r in generated]
     elif options.responses == "none":
@@ -149,42 +223,14 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
     seconds_generate = time.perf_counter() - t0
 
     sequences = build_sequences(prompt_ids, responses, options.max_length)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # less padding per batch
     policies = tuple(dict.fromkeys((options.policy(), *options.extra_policies)))
-    backbone = getattr(model, model.base_model_prefix, model)  # the output layer is not needed
-    pad = tokenizer.pad_token_id
-
-    def prepare(batch_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        batch = [sequences[i] for i in batch_ids]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T), right-padded
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-        masks = token_masks([p for _, p in batch], [len(ids) for ids, _ in batch], width, policies)
-        return input_ids.to(device), attention.to(device), masks
-
-    def forward(input_ids: torch.Tensor, attention: torch.Tensor) -> None:
-        backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
-
-    with torch.no_grad():
-        probe_ids, probe_attention, _ = prepare(order[:1])
-        groups = group_modules_by_input({n: linear[n] for n in names}, lambda: forward(probe_ids, probe_attention))
-    site_of = {member: site for site, members in groups.items() for member in members}
-    dims = {site: int(weight_matrix(linear[site]).shape[1]) for site in groups}
-    accumulator = MomentAccumulator(dims, policies, getattr(torch, options.accumulate_dtype), device)
-    slot = MaskSlot()
-
     t1 = time.perf_counter()
-    with progress("accumulating second moments", len(order)) as advance, torch.no_grad():
-        with record_input_moments({site: linear[site] for site in groups}, accumulator, slot):
-            for start in range(0, len(order), options.batch_size):
-                batch_ids = order[start : start + options.batch_size]
-                input_ids, attention, slot.masks = prepare(batch_ids)
-                forward(input_ids, attention)
-                advance(len(batch_ids))
+    groups, accumulator = accumulate_moments(
+        model, {n: linear[n] for n in names}, sequences, policies, options.batch_size, tokenizer.pad_token_id,
+        getattr(torch, options.accumulate_dtype), progress,
+    )
     seconds_forward = time.perf_counter() - t1
+    site_of = {member: site for site, members in groups.items() for member in members}
 
     policy = options.policy()
     for site in groups:
@@ -193,9 +239,6 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
                              "check the prompts, --responses and --max-length")
     weights = {n: weight_matrix(linear[n]).detach().to("cpu", torch.float64) for n in names}
     moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
-    max_rank = min(min(w.shape) for w in weights.values())
-    if options.rank > max_rank:
-        raise InputError(f"--rank {options.rank} exceeds the smallest target layer dimension ({max_rank})")
     with progress("eigendecompositions", 1) as advance:
         bases, values = compute_safety_bases(weights, moments, options.rank, options.side)
         advance(1)

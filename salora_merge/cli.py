@@ -32,7 +32,9 @@ def _calibration_options(func: Callable) -> Callable:
                      type=click.Choice(["response", "prompt", "last_prompt", "all"]),
                      help="Token positions whose inputs count [default: response; prompt with --responses none]."),
         click.option("--max-prompts", default=None, type=int, help="Use only the first N prompts."),
-        click.option("--batch-size", default=16, show_default=True, type=int),
+        click.option("--batch-size", default=16, show_default=True, type=int, help="Sequences per forward pass."),
+        click.option("--generation-batch-size", default=64, show_default=True, type=int,
+                     help="Prompts per batch when generating the base model's responses."),
         click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per example, prompt included."),
         click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Length of self-generated responses."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
@@ -48,7 +50,8 @@ def _build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_momen
     return CalibrationOptions(
         prompts=kwargs["prompts"], responses=kwargs["responses"], rank=kwargs["rank"], side=kwargs["side"],
         targets=targets, token_policy=kwargs["token_policy"], max_prompts=kwargs["max_prompts"],
-        batch_size=kwargs["batch_size"], max_length=kwargs["max_length"],
+        batch_size=kwargs["batch_size"], generation_batch_size=kwargs["generation_batch_size"],
+        max_length=kwargs["max_length"],
         max_new_tokens=kwargs["max_new_tokens"], device=kwargs["device"], keep_moments=keep_moments,
     )
 

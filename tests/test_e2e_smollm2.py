@@ -1,0 +1,62 @@
+"""End to end on the real SmolLM2-135M-Instruct (the built-in alias): calibrate, realign the shipped
+example adapter, load the result with stock PEFT and check the safety invariant on the merged weights."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from salora_merge.cli import main
+from salora_merge.io.safety_file import load_safety_module
+
+pytestmark = pytest.mark.slow
+EXAMPLE = Path(__file__).parent.parent / "examples" / "adapters" / "smollm2-benign-lora"
+
+
+def test_calibrate_and_realign_smollm2(tmp_path):
+    runner = CliRunner()
+    safety_path = tmp_path / "smollm2.safety.safetensors"
+    result = runner.invoke(main, ["calibrate", "--base", "smollm2-135m-instruct", "--max-prompts", "16",
+                                  "--max-new-tokens", "32", "--targets", "q_proj,v_proj", "--device", "cpu",
+                                  "-o", str(safety_path), "--json"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(result.output[result.output.index("{"):])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["n_prompts"] == 16 and meta["n_tokens"] > 16 * 5
+
+    out = tmp_path / "realigned"
+    result = runner.invoke(main, ["realign", "--base", "smollm2-135m-instruct", "--adapter", str(EXAMPLE),
+                                  "--safety", str(safety_path), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert len(report["modules"]) == 60
+    assert all(0 < m["energy_removed"] < 1 for m in report["modules"])
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from salora_merge.resolve import resolve_model
+
+    folder = resolve_model("smollm2-135m-instruct").folder
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    base_weights = {n: p.detach().clone().double() for n, p in base.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(out))
+    assert [w for w in caught if "peft" in str(w.filename)] == []
+    merged = model.merge_and_unload()
+    safety = load_safety_module(safety_path)
+    merged_weights = dict(merged.named_parameters())
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.19.self_attn.v_proj",
+                   "model.layers.29.self_attn.v_proj"):
+        u = safety.bases[module].double()
+        w0 = base_weights[f"{module}.weight"]
+        w1 = merged_weights[f"{module}.weight"].detach().double()
+        assert (w1 - w0).abs().max() > 0  # the adapter still changes the layer...
+        # ... but not its safety features: U_s^T W is preserved up to float32 merge round-off.
+        assert (u.T @ (w1 - w0)).abs().max() < 1e-5 * w0.abs().max()
