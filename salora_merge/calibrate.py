@@ -167,10 +167,14 @@ def accumulate_moments(
     pad: int,
     dtype: torch.dtype = torch.float64,
     progress: Progress = silent,
-) -> tuple[dict[str, list[str]], MomentAccumulator]:
-    """Stream ``sequences`` through the model and accumulate input second moments per site.
+    allow_output_moments: bool = False,
+) -> tuple[dict[str, list[str]], MomentAccumulator, frozenset[str]]:
+    """Stream ``sequences`` through the model and accumulate second moments per input site.
 
-    Returns the sites (``{site: [modules reading that input]}``) and the filled accumulator.
+    With ``allow_output_moments``, a site read by a single module with ``d_out < d_in`` accumulates
+    the module's output moment ``W S W^T`` instead of ``S`` (enough for output-side bases, and
+    cheaper). Returns the sites (``{site: [modules reading that input]}``), the filled accumulator
+    and the set of output-moment sites.
     """
     device = next(model.parameters()).device
     backbone = backbone_of(model)
@@ -179,16 +183,21 @@ def accumulate_moments(
     groups = group_modules_by_input(
         modules, lambda: backbone(input_ids=probe_ids, attention_mask=probe_attention, use_cache=False)
     )
-    dims = {site: int(weight_matrix(modules[site]).shape[1]) for site in groups}
+    shapes = {site: tuple(weight_matrix(modules[site]).shape) for site in groups}  # (d_out, d_in)
+    output_sites = frozenset(
+        site for site, members in groups.items()
+        if allow_output_moments and len(members) == 1 and shapes[site][0] < shapes[site][1]
+    )
+    dims = {site: shapes[site][0] if site in output_sites else shapes[site][1] for site in groups}
     accumulator = MomentAccumulator(dims, tuple(policies), dtype, device)
     slot = MaskSlot()
     with progress("accumulating second moments", len(sequences)) as advance:
-        with record_input_moments({site: modules[site] for site in groups}, accumulator, slot):
+        with record_input_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites):
             for batch in batches:
                 input_ids, attention, slot.masks = batch_tensors(batch, pad, policies, device)
                 backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 advance(len(batch))
-    return groups, accumulator
+    return groups, accumulator, output_sites
 
 
 def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progress = silent) -> Calibration:
@@ -225,9 +234,10 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
     sequences = build_sequences(prompt_ids, responses, options.max_length)
     policies = tuple(dict.fromkeys((options.policy(), *options.extra_policies)))
     t1 = time.perf_counter()
-    groups, accumulator = accumulate_moments(
+    groups, accumulator, output_sites = accumulate_moments(
         model, {n: linear[n] for n in names}, sequences, policies, options.batch_size, tokenizer.pad_token_id,
         getattr(torch, options.accumulate_dtype), progress,
+        allow_output_moments=options.side == "output" and not options.keep_moments,
     )
     seconds_forward = time.perf_counter() - t1
     site_of = {member: site for site, members in groups.items() for member in members}
@@ -240,7 +250,8 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
     weights = {n: weight_matrix(linear[n]).detach().to("cpu", torch.float64) for n in names}
     moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
     with progress("eigendecompositions", 1) as advance:
-        bases, values = compute_safety_bases(weights, moments, options.rank, options.side)
+        bases, values = compute_safety_bases(weights, moments, options.rank, options.side,
+                                             frozenset(n for n in names if site_of[n] in output_sites))
         advance(1)
 
     n_tokens = accumulator.counts[(next(iter(groups)), policy)]
@@ -263,6 +274,7 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
         "rank": options.rank,
         "method": f"{options.side}-side eigenvectors of W S W^T" if options.side == "output" else "input-side eigenvectors of S",
         "accumulate_dtype": options.accumulate_dtype,
+        "output_moment_sites": sorted(output_sites),
     }
     kept = {k: v.to("cpu", torch.float32) for k, v in accumulator.sums.items()} if options.keep_moments else {}
     safety = SafetyModule(

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import SafetyModuleError
-from .subspace import input_basis, output_basis
+from .subspace import input_basis, output_basis, output_basis_from_output_moment
 
 __all__ = ["SIDES", "SafetyModule", "compute_safety_bases", "check_same_base"]
 
@@ -43,16 +43,22 @@ def compute_safety_bases(
     moments: Mapping[str, torch.Tensor],
     rank: int,
     side: str = "output",
+    output_moments: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Safety bases for every module from its weight ``(d_out, d_in)`` and input second moment.
 
-    Returns float32 bases and float64 eigenvalues, keyed like ``weights``.
+    Modules named in ``output_moments`` carry the output moment ``W S W^T`` instead of ``S``
+    (output side only). Returns float32 bases and float64 eigenvalues, keyed like ``weights``.
     """
+    if output_moments and side != "output":
+        raise ValueError("output moments only determine output-side bases")
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     bases, values = {}, {}
     for name, weight in weights.items():
-        if side == "output":
+        if name in output_moments:
+            basis, eig = output_basis_from_output_moment(moments[name], rank)
+        elif side == "output":
             basis, eig = output_basis(weight, moments[name], rank)
         else:
             basis, eig = input_basis(moments[name], rank)

@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "output_basis",
+    "output_basis_from_output_moment",
     "input_basis",
     "rank_for_energy",
 ]
@@ -85,6 +86,18 @@ def output_basis(
         # Re-orthonormalise against round-off; the span is unchanged.
         vectors, _ = torch.linalg.qr(vectors)
         vectors = _complete_orthonormal(vectors, d_out, rank)
+    return _canonical_signs(vectors), values
+
+
+def output_basis_from_output_moment(output_moment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``rank`` eigenvectors of an accumulated output moment ``sum y y^T = W S W^T``, ``(d_out, d_out)``.
+
+    The same basis as ``output_basis(W, S, rank)`` when ``y = W x`` was accumulated instead of ``x``.
+    """
+    d_out = output_moment.shape[0]
+    if not 0 < rank <= d_out:
+        raise ValueError(f"rank {rank} must be between 1 and d_out = {d_out}")
+    vectors, values = _top_eigh(output_moment.to(torch.float64), rank)
     return _canonical_signs(vectors), values
 
 

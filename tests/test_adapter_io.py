@@ -194,3 +194,11 @@ def test_malformed_folders(setup, match, tiny_model_dir, tmp_path):
         (src / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterError, match=match):
         read_adapter(src)
+
+
+def test_module_selected_by_config_but_missing_from_file(tiny_model_dir, tmp_path):
+    src = _edit_config(make_peft_adapter(tiny_model_dir, tmp_path / "a"), tmp_path / "b",
+                       target_modules=["q_proj", "v_proj", "o_proj"])
+    adapter = read_adapter(src)  # the file itself is consistent...
+    with pytest.raises(AdapterError, match="selects module model.layers.0.self_attn.o_proj"):
+        check_adapter_fits(adapter, open_checkpoint(tiny_model_dir).linear_weight_shapes())

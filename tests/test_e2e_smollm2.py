@@ -51,6 +51,8 @@ def test_calibrate_and_realign_smollm2(tmp_path):
     assert [w for w in caught if "peft" in str(w.filename)] == []
     merged = model.merge_and_unload()
     safety = load_safety_module(safety_path)
+    # q_proj and v_proj of each layer read one tensor: 30 sites, no more and no fewer.
+    assert len(safety.sites) == 60 and len(set(safety.sites.values())) == 30
     merged_weights = dict(merged.named_parameters())
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.19.self_attn.v_proj",
                    "model.layers.29.self_attn.v_proj"):

@@ -135,3 +135,45 @@ def test_calibration_basis_equals_dense_reference(tiny_model_dir, tmp_path):
         ref = ref_u[:, :3]
         u = basis.to(torch.float64)
         assert torch.allclose(u @ u.T, ref @ ref.T, atol=1e-4), name
+
+
+class _TwoBranches(torch.nn.Module):
+    """Two layers whose inputs are temporaries of the same size: the allocator reuses the memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 8)
+        self.b = torch.nn.Linear(64, 8)
+        self.c = torch.nn.Linear(64, 8)
+
+    def forward(self, x):
+        out = self.a(x * 2.0)  # the temporary x * 2 is freed after this line
+        out = out + self.b(x * 3.0)  # ... and x * 3 may be allocated at the same address
+        return out + self.c(x * 3.0)
+
+
+def test_sites_are_not_confused_by_reused_memory():
+    model = _TwoBranches()
+    modules = {"a": model.a, "b": model.b, "c": model.c}
+    x = torch.randn(16, 64)
+    for _ in range(5):
+        groups = group_modules_by_input(modules, lambda: model(x))
+        assert groups == {"a": ["a"], "b": ["b"], "c": ["c"]}
+
+
+def test_sites_group_the_same_tensor_in_a_real_sized_stack(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    linear = linear_modules(model)
+    for _ in range(3):
+        groups = group_modules_by_input(linear, lambda: model(input_ids=torch.tensor([[1, 2, 3, 4]])))
+        assert len(groups) == 8
+
+
+@pytest.mark.parametrize("d", [40, 300, 1000])
+def test_symmetric_gram_equals_dense_product(d):
+    from salora_merge.moments import symmetric_gram
+
+    rows = torch.randn(257, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    out = symmetric_gram(rows)
+    assert torch.allclose(out, rows.T @ rows, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(out, out.T, rtol=1e-12, atol=1e-9)

@@ -168,6 +168,13 @@ def check_adapter_fits(adapter: Adapter, weight_shapes: Mapping[str, tuple[int, 
     ``weight_shapes`` maps module names (no ``.weight``) to the stored weight shape: ``(d_out, d_in)``,
     or ``(d_in, d_out)`` for ``fan_in_fan_out`` (Conv1D) layers. Raises on the first mismatch.
     """
+    if adapter.spec.target_modules != "all-linear":
+        for name in sorted(weight_shapes):
+            if adapter.spec.targets(name) and name not in adapter.modules:
+                raise AdapterError(
+                    f"{adapter.path}: adapter_config.json selects module {name} but adapter_model has no "
+                    f"{lora_key(name, 'A')} (PEFT would load it as zero and only warn); fix the config or the file"
+                )
     for name, module in adapter.modules.items():
         if name not in weight_shapes:
             raise ShapeMismatchError(
