@@ -21,7 +21,7 @@ from .models import (
     pick_device,
     weight_matrix,
 )
-from .moments import TOKEN_POLICIES, MaskSlot, MomentAccumulator, group_modules_by_input, record_input_moments, token_masks
+from .moments import TOKEN_POLICIES, MaskSlot, MomentAccumulator, group_modules_by_input, record_moments, token_masks
 from .progress import Progress, silent
 from .prompts import PromptSet, load_prompt_set
 from .resolve import ResolvedModel
@@ -143,7 +143,8 @@ def batch_tensors(
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
     masks = token_masks([p for _, p in sequences], [len(ids) for ids, _ in sequences], width, policies)
-    return input_ids.to(device), attention.to(device), masks
+    # Masks go to the device once per batch, not once per hooked layer.
+    return input_ids.to(device), attention.to(device), {k: m.to(device) for k, m in masks.items()}
 
 
 def length_sorted_batches(sequences: Sequence[tuple[list[int], int]], batch_size: int) -> list[list[tuple[list[int], int]]]:
@@ -192,7 +193,7 @@ def accumulate_moments(
     accumulator = MomentAccumulator(dims, tuple(policies), dtype, device)
     slot = MaskSlot()
     with progress("accumulating second moments", len(sequences)) as advance:
-        with record_input_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites):
+        with record_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites):
             for batch in batches:
                 input_ids, attention, slot.masks = batch_tensors(batch, pad, policies, device)
                 backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)

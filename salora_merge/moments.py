@@ -1,6 +1,6 @@
 """Streamed second moments of layer inputs through forward pre-hooks.
 
-Hooks live only inside ``record_input_moments`` (removed in ``finally``); they add ``X^T X`` of the
+Hooks live only inside ``record_moments`` (removed in ``finally``); they add ``X^T X`` of the
 selected token positions to per-site accumulators and never keep activations, so memory does not
 grow with the number of calibration tokens. Layers that read the same tensor (q/k/v, gate/up)
 share one site and one accumulator.
@@ -21,7 +21,7 @@ __all__ = [
     "MomentAccumulator",
     "symmetric_gram",
     "MaskSlot",
-    "record_input_moments",
+    "record_moments",
     "group_modules_by_input",
 ]
 
@@ -104,13 +104,13 @@ class MomentAccumulator:
 
 @dataclass
 class MaskSlot:
-    """The token masks of the batch being run, set by the caller before each forward pass."""
+    """The token masks of the batch being run, on the model's device, set before each forward pass."""
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @contextmanager
-def record_input_moments(
+def record_moments(
     site_modules: Mapping[str, nn.Module],
     accumulator: MomentAccumulator,
     slot: MaskSlot,
@@ -127,7 +127,7 @@ def record_input_moments(
 
     def add(site: str, x: torch.Tensor) -> None:
         for statistic, mask in slot.masks.items():
-            accumulator.add(site, statistic, x[mask.to(x.device)])  # (N, d)
+            accumulator.add(site, statistic, x[mask])  # (N, d); masks are on x's device
 
     def make_pre_hook(site: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:

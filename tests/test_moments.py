@@ -13,7 +13,7 @@ from salora_merge.moments import (
     MaskSlot,
     MomentAccumulator,
     group_modules_by_input,
-    record_input_moments,
+    record_moments,
     token_masks,
 )
 from salora_merge.resolve import resolve_model
@@ -62,7 +62,7 @@ def test_streamed_moments_equal_dense_reference(tiny_model_dir):
 
     acc = MomentAccumulator({s: weight_matrix(m).shape[1] for s, m in sites.items()}, ("response", "all"))
     slot = MaskSlot()
-    with torch.no_grad(), record_input_moments(sites, acc, slot):
+    with torch.no_grad(), record_moments(sites, acc, slot):
         for ids, p, n in batches:
             slot.masks = token_masks(p, n, ids.shape[1], ["response", "all"])
             model(input_ids=ids)
@@ -93,7 +93,7 @@ def test_hooks_are_removed_when_the_forward_fails(tiny_model_dir):
     module = model.model.layers[0].self_attn.q_proj
     acc = MomentAccumulator({"q": 32}, ("all",))
     with pytest.raises(RuntimeError):
-        with record_input_moments({"q": module}, acc, MaskSlot()):
+        with record_moments({"q": module}, acc, MaskSlot()):
             raise RuntimeError("boom")
     assert not module._forward_pre_hooks
 

@@ -169,3 +169,19 @@ def test_existing_output_needs_overwrite(safety_file, tiny_model_dir, tmp_path):
     run_realign(str(tiny_model_dir), str(adapter_dir), out, safety_path=safety_file, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+def test_failure_while_writing_leaves_nothing_behind(safety_file, tiny_model_dir, tmp_path, monkeypatch):
+    import salora_merge.realign as realign_module
+
+    adapter_dir = make_peft_adapter(tiny_model_dir, tmp_path / "a")
+
+    def fail_midway(folder, *args, **kwargs):
+        (folder / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(realign_module, "write_adapter", fail_midway)
+    with pytest.raises(Exception, match="no space left on the device while writing"):
+        run_realign(str(tiny_model_dir), str(adapter_dir), tmp_path / "o", safety_path=safety_file)
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
