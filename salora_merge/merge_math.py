@@ -1,0 +1,74 @@
+"""The arithmetic of merging LoRA updates into base weights. Pure functions over tensors.
+
+Several adapters merge as the exact weighted sum of their updates,
+``W' = W + sum_i w_i * s_i * B_i @ A_i``, accumulated in float32 (float64 for a float64 base) and cast
+back once. This is what running the adapters side by side with output scales ``w_i`` computes; it
+is not PEFT's ``add_weighted_adapter``, whose ``linear`` mode mixes the factors and so adds cross
+terms ``B_i A_j``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["lora_update", "merged_weight", "cast_exact", "compute_dtype", "parse_size"]
+
+
+def compute_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype updates are accumulated in: float64 for a float64 weight, else float32."""
+    return torch.float64 if stored == torch.float64 else torch.float32
+
+
+def lora_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_in_fan_out: bool,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale * B @ A`` in the stored weight's layout (transposed for ``fan_in_fan_out`` layers)."""
+    update = (lora_B.to(dtype) @ lora_A.to(dtype)) * scale
+    return update.T if fan_in_fan_out else update
+
+
+def merged_weight(weight: torch.Tensor, updates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``W + sum(updates)`` in the compute dtype (the caller casts back once, with :func:`cast_exact`)."""
+    out = weight.to(compute_dtype(weight.dtype), copy=True)
+    for update in updates:
+        if update.shape != out.shape:
+            raise ValueError(f"update of shape {tuple(update.shape)} does not fit weight {tuple(out.shape)}")
+        out += update.to(out.dtype)
+    return out
+
+
+def cast_exact(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Cast to ``dtype``; refuse when finite values would become Inf or NaN (out of range)."""
+    if tensor.dtype == dtype:
+        return tensor
+    out = tensor.to(dtype)
+    if tensor.is_floating_point() and out.is_floating_point():
+        bad = torch.isfinite(tensor) & ~torch.isfinite(out)
+        if bool(bad.any()):
+            peak = float(tensor[bad].abs().max())
+            raise InputError(
+                f"tensor {name}: value {peak:.4g} overflows {str(dtype).replace('torch.', '')}; "
+                "use --dtype bfloat16 or float32, which keep it"
+            )
+    return out
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, option: str = "--shard-size") -> int:
+    """``"5GB"`` -> 5e9 bytes (decimal units, as transformers uses; ``GiB`` for binary ones)."""
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise InputError(f"{option} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    return int(value * _UNITS[unit])
