@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -14,6 +15,11 @@ if TYPE_CHECKING:
     from .realign import RealignReport
 
 __all__ = ["adapter_card", "front_matter", "merged_card", "base_license"]
+
+
+def is_hub_id(ref: str) -> bool:
+    """``org/name`` (what a card's base_model may hold), as opposed to a local path."""
+    return bool(re.match(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$", ref)) and not Path(ref).exists()
 
 
 def front_matter(fields: Mapping[str, Any]) -> str:
@@ -33,11 +39,12 @@ def front_matter(fields: Mapping[str, Any]) -> str:
 
 def adapter_card(config: Mapping[str, Any], report: "RealignReport", safety_meta: Mapping[str, Any]) -> str:
     base = report.base_model
+    hub_id = base if is_hub_id(base) else None  # a local folder is not a base_model the Hub accepts
     fields = {
-        "base_model": base,
+        "base_model": hub_id,
         "library_name": "peft",
         "pipeline_tag": "text-generation",
-        "tags": [f"base_model:adapter:{base}", "lora", "salora", "safety"],
+        "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "salora", "safety"],
     }
     top = sorted(report.modules, key=lambda m: m.energy_removed, reverse=True)[:5]
     rows = "\n".join(
@@ -95,7 +102,7 @@ def merged_card(report: "MergeReport", base, audit: Mapping[str, Any] | None = N
 
     license_ = base_license(base)
     data = ModelCardData(
-        base_model=report.base_model if "/" in report.base_model and not report.base_model.startswith("/") else None,
+        base_model=report.base_model if is_hub_id(report.base_model) else None,
         base_model_relation="merge",
         library_name="transformers",
         license=license_,

@@ -209,5 +209,29 @@ def merge(base: str, adapters: tuple[str, ...], weights: tuple[float, ...], real
         click.echo(render_merge(report))
 
 
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Target repo, org/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to commit to (created from main if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", default=None, help="Commit message [default: Upload model|adapter with salora-merge].")
+@click.option("--endpoint", default=None, help="Hub URL [default: HF_ENDPOINT or https://huggingface.co].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_friendly_errors
+def push(folder: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+         commit_message: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Publish a merged model folder or an adapter folder to the Hugging Face Hub (token: HF_TOKEN or login)."""
+    from .publish import push_folder
+
+    result = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                         commit_message=commit_message, endpoint=endpoint)
+    if as_json:
+        click.echo(json.dumps(result.__dict__, indent=2))
+        return
+    click.echo(f"Pushed {result.kind} folder {folder} ({result.files} files) to {result.repo_id}")
+    click.echo(f"Pull request: {result.pr_url}" if result.pr_url else f"Commit: {result.commit_url}")
+
+
 if __name__ == "__main__":
     main()
