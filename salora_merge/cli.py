@@ -233,5 +233,22 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, create
     click.echo(f"Pull request: {result.pr_url}" if result.pr_url else f"Commit: {result.commit_url}")
 
 
+@main.command()
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Validate the config and print the plan (what would run, what is up to date).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per step at the end.")
+@_friendly_errors
+def run(pipeline: Path, dry_run: bool, as_json: bool) -> None:
+    """Run a publishing pipeline (calibrate, realign, merge, push) from a YAML config; resumable."""
+    from .pipeline import load_pipeline, run_pipeline
+    from .progress import tqdm_progress
+
+    config = load_pipeline(pipeline)
+    records = run_pipeline(config, dry_run=dry_run, echo=lambda line: click.echo(line, err=as_json),
+                           progress=tqdm_progress)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+
+
 if __name__ == "__main__":
     main()

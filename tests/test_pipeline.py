@@ -1,0 +1,113 @@
+"""run: a YAML pipeline (calibrate -> realign -> merge -> push), validated up front and resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import make_peft_adapter
+from hubserver import FakeHub
+from salora_merge.cli import main
+from salora_merge.errors import InputError
+from salora_merge.pipeline import STATE_NAME, load_pipeline, run_pipeline
+
+TOKEN = "hf_pipeline_token"
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_schema_problem_is_reported_at_once(tmp_path):
+    config = _write(tmp_path / "p.yml", {
+        "base": 3, "adapters": [{"path": "x", "weight": "heavy", "colour": 1}], "output": "out",
+        "safety": {"file": "s.safetensors", "calibrate": {"rank": 0, "flavour": 2}},
+        "merge": {"dtype": "int8", "shard_size": "lots"}, "push": {"repo_id": "nope"}, "extra": 1,
+    })
+    with pytest.raises(InputError) as info:
+        load_pipeline(config)
+    message = str(info.value)
+    for expected in ("extra: unknown key", "base: required", "adapters[0].colour: unknown key",
+                     "adapters[0].weight: expected a number", "safety: give file or calibrate, not both",
+                     "safety.file: ", "safety.calibrate.flavour: unknown option", "--rank must be positive",
+                     "merge.dtype: 'int8'", "merge.shard_size 'lots'", "push.repo_id: expected org/name"):
+        assert expected in message, expected
+    assert "11 problem(s)" in message
+    result = CliRunner().invoke(main, ["run", str(config)])
+    assert result.exit_code == 1 and "problem(s) in the pipeline config" in result.output
+
+
+def test_pipeline_runs_resumes_and_reruns_only_what_changed(tiny_model_dir, tiny_calibration_prompts, tmp_path,
+                                                            monkeypatch):
+    make_peft_adapter(tiny_model_dir, tmp_path / "adapters" / "a", seed=1)
+    make_peft_adapter(tiny_model_dir, tmp_path / "adapters" / "b", seed=2, target_modules=["v_proj", "up_proj"])
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub({TOKEN: "alice"}) as hub:
+        data = {
+            "base": str(tiny_model_dir),
+            "adapters": ["adapters/a", {"path": "adapters/b", "weight": 0.5}],
+            "safety": {"calibrate": {"prompts": str(tiny_calibration_prompts), "rank": 4, "max_new_tokens": 6,
+                                     "device": "cpu"}},
+            "merge": {"shard_size": "20KB"},
+            "push": {"repo_id": "alice/tiny-pipeline", "endpoint": hub.endpoint},
+            "output": "work",
+        }
+        config_path = _write(tmp_path / "pipeline.yml", data)
+        lines: list[str] = []
+
+        # Dry run: the plan, nothing written.
+        records = run_pipeline(load_pipeline(config_path), dry_run=True, echo=lines.append)
+        assert [r["step"] for r in records] == ["calibrate", "realign[0]", "realign[1]", "merge", "push"]
+        assert all(r["status"] == "planned" for r in records) and not (tmp_path / "work").exists()
+
+        # An interruption in the merge step: the finished steps are kept.
+        import salora_merge.merge as merge_module
+
+        original = merge_module.run_merge
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(merge_module, "run_merge", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(load_pipeline(config_path), echo=lines.append)
+        state = json.loads((tmp_path / "work" / STATE_NAME).read_text())
+        assert set(state) == {"calibrate", "realign[0]", "realign[1]"}
+        assert not (tmp_path / "work" / "model").exists()
+        monkeypatch.setattr(merge_module, "run_merge", original)
+
+        # Resume: only merge and push run.
+        records = run_pipeline(load_pipeline(config_path), echo=lines.append)
+        assert [r["status"] for r in records] == ["skipped", "skipped", "skipped", "done", "done"]
+        work = tmp_path / "work"
+        assert (work / "safety.safetensors").is_file()
+        assert sorted(p.name for p in (work / "realigned").iterdir()) == ["00-a", "01-b"]
+        assert (work / "model" / "model.safetensors.index.json").is_file()
+        provenance = yaml.safe_load((work / "model" / "salora_config.yml").read_text())
+        assert [a["weight"] for a in provenance["adapters"]] == [1.0, 0.5]
+        assert provenance["adapters"][0]["ref"].endswith("realigned/00-a")
+        assert "model.safetensors.index.json" in hub.repos["alice/tiny-pipeline"].branches["main"]
+
+        # Nothing changed: everything is skipped.
+        records = run_pipeline(load_pipeline(config_path), echo=lines.append)
+        assert {r["status"] for r in records} == {"skipped"}
+
+        # A merge option changed: merge and push re-run, calibration and realign do not.
+        data["merge"]["dtype"] = "bfloat16"
+        _write(config_path, data)
+        records = run_pipeline(load_pipeline(config_path), echo=lines.append)
+        assert [r["status"] for r in records] == ["skipped", "skipped", "skipped", "done", "done"]
+        assert json.loads((work / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+        # An adapter changed on disk: its realign, the merge and the push re-run.
+        make_peft_adapter(tiny_model_dir, tmp_path / "adapters" / "b2", seed=3, target_modules=["v_proj", "up_proj"])
+        (tmp_path / "adapters" / "b" / "adapter_model.safetensors").write_bytes(
+            (tmp_path / "adapters" / "b2" / "adapter_model.safetensors").read_bytes())
+        result = CliRunner().invoke(main, ["run", str(config_path), "--json"])
+        assert result.exit_code == 0, result.output
+        statuses = [r["status"] for r in json.loads(result.stdout)]
+        assert statuses == ["skipped", "skipped", "done", "done", "done"]
