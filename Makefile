@@ -21,6 +21,9 @@ demo: setup
 	  --adapter examples/adapters/smollm2-benign-lora \
 	  --save-safety out/smollm2-135m-instruct.safety.safetensors \
 	  -o out/smollm2-benign-lora-realigned --overwrite
+	$(VENV)/bin/salora-merge merge --base smollm2-135m-instruct \
+	  --adapter out/smollm2-benign-lora-realigned \
+	  -o out/smollm2-benign-realigned-merged --overwrite
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
@@ -30,6 +33,7 @@ test-fast: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_calibration.py
+	$(VENV)/bin/python benchmarks/bench_merge.py
 
 clean:
 	rm -rf out .pytest_cache

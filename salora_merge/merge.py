@@ -24,7 +24,7 @@ from .io.adapter import BASE_LAYER, PREFIX, Adapter, base_tensor_name, check_ada
 from .io.atomic import atomic_output_dir, check_output_free
 from .io.checkpoint import CheckpointIndex, open_checkpoint
 from .io.stream import DTYPES, ShardReader, ShardWriter, dtype_name, element_size, file_sha256
-from .merge_math import cast_exact, compute_dtype, lora_update, merged_weight, parse_size
+from .merge_math import LowRankUpdate, cast_exact, merged_weight, parse_size
 from .progress import Progress, silent
 from .realign import RealignReport, obtain_safety, realign_modules
 from .resolve import ResolvedModel, resolve_adapter, resolve_model
@@ -216,12 +216,11 @@ def _compute(tensor: torch.Tensor, out: OutTensor, adapters: Sequence[Adapter]) 
         tensor = adapters[index].passthrough[key]
     if not out.updates:
         return cast_exact(tensor, target, out.name)
-    work = compute_dtype(tensor.dtype)
-    deltas = []
+    updates = []
     for index, module in out.updates:
         lora = adapters[index].modules[module]
-        deltas.append(lora_update(lora.lora_A, lora.lora_B, lora.scaling, adapters[index].spec.fan_in_fan_out, work))
-    return cast_exact(merged_weight(tensor, deltas), target, out.name)
+        updates.append(LowRankUpdate(lora.lora_A, lora.lora_B, lora.scaling, adapters[index].spec.fan_in_fan_out))
+    return cast_exact(merged_weight(tensor, updates), target, out.name)
 
 
 def write_merged_shards(
@@ -257,11 +256,9 @@ def write_merged_shards(
                             tick(1)
                             remaining[index] -= 1
                             if remaining[index] == 0:
-                                writer = writers.pop(index)
+                                writers.pop(index).close()
                                 file = plan.shards[index][0]
-                                digest = writer.close()
-                                records[index] = {"file": file, "size": (folder / file).stat().st_size,
-                                                  "sha256": digest}
+                                records[index] = {"file": file, "size": (folder / file).stat().st_size}
                 input_hashes[shard] = reader.sha256
     finally:
         for writer in writers.values():
@@ -304,6 +301,29 @@ def adapter_digests(folder: Path) -> dict[str, str]:
             if p.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")}
 
 
+def _vocab_size(folder: Path) -> int | None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    value = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return value if isinstance(value, int) else None
+
+
+def _may_touch_embeddings(checkpoint: CheckpointIndex, adapters: Sequence[Adapter], folder: Path) -> bool:
+    """Whether an adapter could change a tied embedding: it adapts or replaces a tensor the checkpoint
+    does not store (a tied output layer) or one with a row per vocabulary entry. Only then is the
+    architecture built (which imports transformers, the slowest part of a small merge)."""
+    vocab = _vocab_size(folder)
+    names = [f"{m}.weight" for a in adapters for m in a.modules] + [
+        base_tensor_name(k) for a in adapters for k in a.passthrough]
+    for name in names:
+        shape = checkpoint.shapes.get(name)
+        if shape is None or vocab is None or (len(shape) >= 1 and vocab in shape):
+            return True
+    return False
+
+
 def run_merge(
     base_ref: str,
     adapters_in: Sequence[AdapterInput],
@@ -331,7 +351,7 @@ def run_merge(
     checkpoint = open_checkpoint(base.folder)
     folders = [resolve_adapter(a.ref) for a in adapters_in]
     adapters = [read_adapter(f, allow_pickle=allow_pickle) for f in folders]
-    tied = tied_embedding_weights(base.folder)
+    tied = tied_embedding_weights(base.folder) if _may_touch_embeddings(checkpoint, adapters, base.folder) else None
     requested = DTYPE_CHOICES[options.dtype]
     plan = plan_merge(checkpoint, adapters, tied, requested, parse_size(options.shard_size))
 

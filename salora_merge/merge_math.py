@@ -9,13 +9,14 @@ terms ``B_i A_j``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .errors import InputError
 
-__all__ = ["lora_update", "merged_weight", "cast_exact", "compute_dtype", "parse_size"]
+__all__ = ["LowRankUpdate", "merged_weight", "cast_exact", "compute_dtype", "parse_size"]
 
 
 def compute_dtype(stored: torch.dtype) -> torch.dtype:
@@ -23,20 +24,35 @@ def compute_dtype(stored: torch.dtype) -> torch.dtype:
     return torch.float64 if stored == torch.float64 else torch.float32
 
 
-def lora_update(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_in_fan_out: bool,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``scale * B @ A`` in the stored weight's layout (transposed for ``fan_in_fan_out`` layers)."""
-    update = (lora_B.to(dtype) @ lora_A.to(dtype)) * scale
-    return update.T if fan_in_fan_out else update
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """``scale * B @ A`` of one adapter for one weight (``fan_in_fan_out``: the weight is stored transposed)."""
+
+    lora_A: torch.Tensor  # (r, d_in)
+    lora_B: torch.Tensor  # (d_out, r)
+    scale: float
+    fan_in_fan_out: bool = False
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The update as a dense matrix in the stored layout (for references and tests)."""
+        update = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scale
+        return update.T if self.fan_in_fan_out else update
 
 
-def merged_weight(weight: torch.Tensor, updates: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``W + sum(updates)`` in the compute dtype (the caller casts back once, with :func:`cast_exact`)."""
+def merged_weight(weight: torch.Tensor, updates: Sequence[LowRankUpdate]) -> torch.Tensor:
+    """``W + sum_i scale_i * B_i @ A_i`` in the compute dtype; the caller casts back once.
+
+    Each update is one in-place ``addmm`` on the float32 copy of ``W``: no dense ``d_out x d_in``
+    update is materialised, so the work is one conversion pass plus the rank-r products.
+    """
     out = weight.to(compute_dtype(weight.dtype), copy=True)
     for update in updates:
-        if update.shape != out.shape:
-            raise ValueError(f"update of shape {tuple(update.shape)} does not fit weight {tuple(out.shape)}")
-        out += update.to(out.dtype)
+        a, b = update.lora_A.to(out.dtype), update.lora_B.to(out.dtype)
+        if update.fan_in_fan_out:
+            a, b = b.T, a.T  # stored (d_in, d_out): W += s * A^T B^T
+        if (b.shape[0], a.shape[1]) != tuple(out.shape):
+            raise ValueError(f"update of shape {(b.shape[0], a.shape[1])} does not fit weight {tuple(out.shape)}")
+        out.addmm_(b, a, alpha=update.scale)
     return out
 
 
@@ -45,7 +61,13 @@ def cast_exact(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Ten
     if tensor.dtype == dtype:
         return tensor
     out = tensor.to(dtype)
-    if tensor.is_floating_point() and out.is_floating_point():
+    if not (out.is_floating_point() and tensor.is_floating_point()) or tensor.numel() == 0:
+        return out
+    # Fast path (one vectorised reduction): every value within the target's range casts to a finite
+    # value. NaN, Inf or an out-of-range value falls through to the exact element-wise check.
+    low, high = torch.aminmax(tensor)
+    limit = torch.finfo(dtype).max
+    if not (float(high) <= limit and float(low) >= -limit):
         bad = torch.isfinite(tensor) & ~torch.isfinite(out)
         if bool(bad.any()):
             peak = float(tensor[bad].abs().max())

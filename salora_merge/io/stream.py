@@ -4,8 +4,9 @@ A safetensors file is an 8-byte little-endian header length, a JSON header (``dt
 ``data_offsets`` relative to the data section, and an optional ``__metadata__`` of strings), then the
 tensors' bytes back to back. Reading a tensor here is one ``pread`` into a fresh buffer, so resident
 memory holds only the tensors in use, never the mapped file; writing lays out the header first (every
-shape and dtype is known before any data is written) and appends each tensor as it is produced. Both
-sides feed a sha256 of the whole file as its bytes go by, so checksums cost no extra pass.
+shape and dtype is known before any data is written) and appends each tensor as it is produced. A
+streamed read feeds the sha256 of the whole file as its bytes go by (on a helper thread), so the
+input checksums cost no extra pass.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Mapping
 import torch
 
 from ..errors import InputError
+from .hashing import ThreadedSha256
 
 __all__ = ["TensorInfo", "ShardReader", "ShardWriter", "DTYPES", "dtype_name", "element_size", "file_sha256"]
 
@@ -119,11 +121,12 @@ class ShardReader:
             os.close(self._fd)
             self._fd = None
 
-    def read_bytes(self, info: TensorInfo) -> bytearray:
+    def read_bytes(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor's raw bytes in a fresh (not zero-filled) uint8 tensor."""
         if self._fd is None:
             raise RuntimeError("ShardReader used outside its with block")
-        buffer = bytearray(info.nbytes)
-        view, done = memoryview(buffer), 0
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
         while done < info.nbytes:
             got = os.preadv(self._fd, [view[done:]], self.data_start + info.begin + done)
             if got == 0:
@@ -138,16 +141,20 @@ class ShardReader:
     def stream(self):
         """Yield ``(info, tensor)`` in file order. When the tensors lie back to back, as every
         safetensors writer lays them out, the whole file's sha256 is then in ``self.sha256``."""
-        digest = hashlib.sha256(self.header_bytes)
+        digest = ThreadedSha256(self.header_bytes)
         position = 0
-        for info in self.in_file_order():
-            buffer = self.read_bytes(info)
-            if info.begin == position:
-                digest.update(buffer)
-                position = info.end
-            else:
-                position = -1
-            yield info, _tensor_from(buffer, info)
+        try:
+            for info in self.in_file_order():
+                buffer = self.read_bytes(info)
+                if info.begin == position:
+                    digest.update(memoryview(buffer.numpy()))
+                    position = info.end
+                else:
+                    position = -1
+                yield info, _tensor_from(buffer, info)
+        except BaseException:
+            digest.close()
+            raise
         data_size = self.path.stat().st_size - self.data_start
         self.sha256 = digest.hexdigest() if position == data_size else file_sha256(self.path)
 
@@ -160,11 +167,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _tensor_from(buffer: bytearray, info: TensorInfo) -> torch.Tensor:
+def _tensor_from(buffer: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     dtype = DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+    return buffer.view(dtype).reshape(info.shape)
 
 
 class ShardWriter:
@@ -186,14 +193,12 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
         self.total_size = offset
-        self.digest = hashlib.sha256()
         self._handle = self.path.open("wb")
         self._write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
     def _write(self, data) -> None:
         self._handle.write(data)
-        self.digest.update(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         info = self._expected[self._next]
@@ -207,15 +212,14 @@ class ShardWriter:
             self._write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
         self._next += 1
 
-    def close(self) -> str:
-        """Flush and close; returns the sha256 of the file. Fails if a planned tensor was not written."""
+    def close(self) -> None:
+        """Flush and close. Fails if a planned tensor was not written."""
         if self._next != len(self._expected):
-            self._handle.close()
+            self.abort()
             raise RuntimeError(f"{self.path}: {len(self._expected) - self._next} planned tensors were not written")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        # No fsync: like transformers' save_pretrained, durability across a power cut is left to the
+        # file system; the output folder is moved into place only after every file is complete.
         self._handle.close()
-        return self.digest.hexdigest()
 
     def abort(self) -> None:
         self._handle.close()
