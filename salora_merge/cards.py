@@ -101,13 +101,14 @@ def merged_card(report: "MergeReport", base, audit: Mapping[str, Any] | None = N
     from huggingface_hub import ModelCard, ModelCardData
 
     license_ = base_license(base)
+    prior = [a for a in report.adapters if a.get("realigned_before")]
     data = ModelCardData(
         base_model=report.base_model if is_hub_id(report.base_model) else None,
         base_model_relation="merge",
         library_name="transformers",
         license=license_,
         pipeline_tag="text-generation",
-        tags=["salora", "safety", "lora", "merge"] + (["realigned"] if report.realign else []),
+        tags=["salora", "safety", "lora", "merge"] + (["realigned"] if report.realign or prior else []),
     )
     adapters = "\n".join(
         f"| `{a['ref']}` | {a['weight']:g} | {a['modules']} | {', '.join(a['modules_to_save']) or '-'} |"
@@ -126,10 +127,27 @@ token policy `{safety.get('token_policy')}`), so `U_s^T W' x = U_s^T W x` on tha
 |---|---|---|
 {rows}
 """
+    elif prior:
+        rows = "\n".join(
+            f"| `{a['ref']}` | `{a['realigned_before']['original_adapter']}` | "
+            f"{a['realigned_before']['total_energy_removed']:.4f} | {a['realigned_before']['rank']} "
+            f"({a['realigned_before']['side']}) | `{a['realigned_before']['safety']}` |" for a in prior)
+        others = len(report.adapters) - len(prior)
+        realign = f"""These adapters are outputs of `salora-merge realign` (SaLoRA, Li et al., ICLR 2025): their
+updates were projected off the base model's safety subspace before this merge (figures from each
+folder's `salora_realign.json`).
+
+| adapter | realigned from | share of update energy removed | r_s (side) | safety module |
+|---|---|---|---|---|
+{rows}
+""" + (f"\n{others} other adapter(s) were merged as they are (not realigned).\n" if others else "")
     else:
         realign = ("The adapters were merged **as they are** (not realigned): fine-tuning can erode the base "
                    "model's refusals, and nothing here undoes that. `salora-merge merge --realign` projects the "
                    "updates off the safety subspace first.\n")
+    if report.realign or prior:
+        realign += ("\nKeeping `U_s^T W x` unchanged on the adapted layers is not by itself a measured guarantee "
+                    "of safe behaviour: evaluate refusals on held-out harmful prompts before deployment.\n")
     audit_text = ""
     if audit:
         audit_text = "\n## Safety audit\n\n" + str(audit.get("markdown", "")).strip() + "\n"

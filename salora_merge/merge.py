@@ -9,6 +9,7 @@ budget as the tensors come. Resident memory is the tensors in flight and the ada
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -301,6 +302,27 @@ def adapter_digests(folder: Path) -> dict[str, str]:
             if p.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")}
 
 
+def _prior_realign(folder: Path) -> dict | None:
+    """The summary of ``salora-merge realign``'s report when the adapter folder is its output."""
+    from .realign import REPORT_NAME
+
+    try:
+        data = json.loads((Path(folder) / REPORT_NAME).read_text())
+        return {"total_energy_removed": float(data["total_energy_removed"]), "rank": int(data["rank"]),
+                "side": str(data["side"]), "safety": str(data["safety"]),
+                "original_adapter": str(data["adapter"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _hub_commit(base: ResolvedModel) -> str | None:
+    """The commit of a base downloaded from the Hub (its snapshot folder is named after it)."""
+    folder = Path(base.folder)
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return None
+
+
 def _vocab_size(folder: Path) -> int | None:
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -380,11 +402,12 @@ def run_merge(
         weighted.append(Adapter(adapter.path, adapter.config, adapter.spec, modules, adapter.passthrough))
 
     report = MergeReport(
-        base_model=base.model_id, base_ref=base.ref, base_revision=base.revision,
+        base_model=base.model_id, base_ref=base.ref, base_revision=_hub_commit(base) or base.revision,
         adapters=[{"ref": a.ref, "weight": a.weight, "modules": len(ad.modules),
                    "modules_to_save": sorted(base_tensor_name(k) for k in ad.passthrough),
                    "base_model_name_or_path": ad.config.get("base_model_name_or_path"),
-                   "sha256": adapter_digests(f)} for a, ad, f in zip(adapters_in, adapters, folders)],
+                   "sha256": adapter_digests(f), "realigned_before": _prior_realign(f)}
+                  for a, ad, f in zip(adapters_in, adapters, folders)],
         realign=realign_reports, safety=safety_record,
         options=asdict(options), output=str(out),
         dtype=options.dtype if requested is not None else "auto (" + ", ".join(

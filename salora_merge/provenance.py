@@ -20,7 +20,10 @@ FORMAT_VERSION = 1
 
 def redo_command(report: "MergeReport") -> str:
     """The ``salora-merge merge`` command line that makes the same output from the same inputs."""
-    parts = ["salora-merge", "merge", "--base", report.base_ref]
+    base = report.base_ref
+    if report.base_revision and "@" not in base and "/" in base and not Path(base).exists():
+        base = f"{base}@{report.base_revision}"  # a Hub base: pin the commit that was merged
+    parts = ["salora-merge", "merge", "--base", base]
     for adapter in report.adapters:
         parts += ["--adapter", adapter["ref"], "--weight", repr(float(adapter["weight"]))]
     options = report.options
@@ -41,7 +44,8 @@ def provenance_record(report: "MergeReport") -> dict:
     base = {"ref": report.base_ref, "model_id": report.base_model, "revision": report.base_revision,
             "shards_sha256": dict(sorted(report.base_shards.items()))}
     adapters = [{"ref": a["ref"], "weight": float(a["weight"]), "files_sha256": a["sha256"],
-                 "modules": a["modules"], "modules_to_save": a["modules_to_save"]} for a in report.adapters]
+                 "modules": a["modules"], "modules_to_save": a["modules_to_save"],
+                 "realigned_before": a.get("realigned_before")} for a in report.adapters]
     realign = None
     if report.options.get("realign"):
         realign = {

@@ -50,7 +50,13 @@ def render_merge(report) -> str:
             lines.append(f"  realigned {r['adapter']}: {r['total_energy_removed']:.4f} of its update energy removed "
                          f"(r_s = {r['rank']}, {r['side']} side)")
     else:
-        lines.append("  not realigned")
+        for a in report.adapters:
+            prior = a.get("realigned_before")
+            if prior:
+                lines.append(f"  {a['ref']} was realigned before (salora_realign.json): "
+                             f"{prior['total_energy_removed']:.4f} of its update energy removed")
+        if not any(a.get("realigned_before") for a in report.adapters):
+            lines.append("  not realigned")
     if report.untied:
         lines.append(f"  untied {report.untied[0]} from the input embedding (tie_word_embeddings: false)")
     size = sum(s["size"] for s in report.shards)

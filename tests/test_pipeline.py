@@ -90,6 +90,9 @@ def test_pipeline_runs_resumes_and_reruns_only_what_changed(tiny_model_dir, tiny
         provenance = yaml.safe_load((work / "model" / "salora_config.yml").read_text())
         assert [a["weight"] for a in provenance["adapters"]] == [1.0, 0.5]
         assert provenance["adapters"][0]["ref"].endswith("realigned/00-a")
+        assert provenance["adapters"][1]["realigned_before"]["rank"] == 4  # the realign step's report
+        card = (work / "model" / "README.md").read_text()
+        assert "outputs of `salora-merge realign`" in card and "as they are" not in card
         assert "model.safetensors.index.json" in hub.repos["alice/tiny-pipeline"].branches["main"]
 
         # Nothing changed: everything is skipped.
