@@ -51,7 +51,7 @@ class PipelineConfig:
 
 def _resolve_path(root: Path, value: str) -> str:
     """Paths in the config are relative to the config file; aliases and Hub ids are kept as they are."""
-    candidate = (root / value).expanduser()
+    candidate = Path(os.path.normpath(root / Path(value).expanduser()))
     return str(candidate) if candidate.exists() or value.startswith((".", "/", "~")) else value
 
 
@@ -117,7 +117,7 @@ def load_pipeline(path: Path) -> PipelineConfig:
                     problems.append(f"safety.calibrate.{key}: unknown option (expected {', '.join(_CALIBRATION_KEYS)})")
                 known = {k: v for k, v in options.items() if k in _CALIBRATION_KEYS}
                 if isinstance(known.get("prompts"), str) and (root / known["prompts"]).exists():
-                    known["prompts"] = str(root / known["prompts"])
+                    known["prompts"] = os.path.normpath(root / known["prompts"])
                 try:
                     calibration = CalibrationOptions(**known)
                     calibration.validate()
@@ -158,7 +158,7 @@ def load_pipeline(path: Path) -> PipelineConfig:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise InputError(f"{path}: {len(problems)} problem(s) in the pipeline config:\n{listing}")
     return PipelineConfig(
-        path=path, base=_resolve_path(root, base), adapters=tuple(adapters), output=(root / output).expanduser(),
+        path=path, base=_resolve_path(root, base), adapters=tuple(adapters), output=Path(os.path.normpath(root / Path(output).expanduser())),
         realign=realign, safety_file=safety_file, calibration=calibration if realign else None,
         dtype=dtype, shard_size=shard_size, copy_tokenizer=copy_tokenizer, push=push,
     )

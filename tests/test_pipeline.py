@@ -114,3 +114,13 @@ def test_pipeline_runs_resumes_and_reruns_only_what_changed(tiny_model_dir, tiny
         assert result.exit_code == 0, result.output
         statuses = [r["status"] for r in json.loads(result.stdout)]
         assert statuses == ["skipped", "skipped", "done", "done", "done"]
+
+
+def test_shipped_example_pipeline_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "pipelines" / "smollm2-safe-merge.yml"
+    config = load_pipeline(example)
+    assert config.base == "smollm2-135m-instruct" and config.realign and config.calibration.rank == 32
+    assert Path(config.adapters[0][0]).is_dir()
+    assert config.output.name == "smollm2-safe-merge" and config.output.parent.name == "out"
