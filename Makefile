@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.salora-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,16 @@ demo: setup
 	  --adapter out/smollm2-benign-lora-realigned \
 	  -o out/smollm2-benign-realigned-merged --overwrite
 
-test: setup
+# The HTML audit report is checked in a real headless browser: Debian's chromium, installed here when
+# missing (the test is skipped without it outside CI, and fails without it in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the HTML report test will be skipped"; }
+
+test: setup browser
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: setup

@@ -250,5 +250,69 @@ def run(pipeline: Path, dry_run: bool, as_json: bool) -> None:
         click.echo(json.dumps(records, indent=2))
 
 
+@main.command()
+@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@click.option("--adapter", "adapters", required=True, multiple=True,
+              help="PEFT LoRA adapter (folder or Hub id), or a folder of adapter folders; repeatable.")
+@click.option("--safety", type=click.Path(path_type=Path), default=None,
+              help="Safety module from 'salora-merge calibrate' (seconds); without it, calibrate first (minutes).")
+@_calibration_options
+@click.option("--behavior", is_flag=True, help="Also generate on harmful, benign and over-refusal prompts and judge.")
+@click.option("--harmful-prompts", default="harmbench-standard", show_default=True,
+              help="Held-out harmful prompts: a built-in set or a file.")
+@click.option("--benign-prompts", default="benign-instructions", show_default=True, help="Benign prompts.")
+@click.option("--overrefusal-prompts", default="overrefusal", show_default=True,
+              help="Benign but risky-sounding prompts.")
+@click.option("--max-eval-prompts", default=None, type=int, help="Use only the first N prompts of each set.")
+@click.option("--judge", default="keyword", show_default=True,
+              help="keyword, classifier:FOLDER (sequence classifier) or llamaguard:FOLDER (Llama-Guard-style).")
+@click.option("--fail-above", type=float, default=None,
+              help="Gate: fail an adapter whose whole-update rho exceeds this share (exit code 3).")
+@click.option("--fail-asr-above", type=float, default=None,
+              help="Gate (with --behavior): fail an adapter whose attack success rate exceeds this (exit code 3).")
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "json", "markdown", "html"]), help="Report format.")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+              help="Write the report here (the table is still printed); default: print it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report file.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickled adapter_model.bin files (weights_only=True).")
+@_friendly_errors
+def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: bool, harmful_prompts: str,
+          benign_prompts: str, overrefusal_prompts: str, max_eval_prompts: int | None, judge: str,
+          fail_above: float | None, fail_asr_above: float | None, fmt: str, output: Path | None, overwrite: bool,
+          allow_pickle: bool, **kwargs) -> None:
+    """Score adapters for safety drift (weight space, optionally behaviour); exit 3 when one fails the gate."""
+    from .audit import AuditOptions, exit_code, run_audit
+    from .audit_report import render, render_table
+    from .behavior import BehaviorOptions
+    from .io.atomic import atomic_output_file, check_output_free
+    from .progress import tqdm_progress
+
+    behavior_options = None
+    if behavior:
+        behavior_options = BehaviorOptions(
+            harmful=harmful_prompts, benign=benign_prompts, overrefusal=overrefusal_prompts,
+            max_prompts=max_eval_prompts, max_new_tokens=kwargs["max_new_tokens"],
+            batch_size=kwargs["generation_batch_size"], device=kwargs["device"], judge=judge)
+    options = AuditOptions(fail_above=fail_above, fail_asr_above=fail_asr_above, behavior=behavior_options,
+                           allow_pickle=allow_pickle)
+    options.validate()
+    calibration = None
+    if safety is None:
+        calibration = _build_calibration(kwargs, None)
+        calibration.validate()
+    if output is not None:
+        check_output_free(output, overwrite)
+    report = run_audit(base, adapters, options, safety_path=safety, calibration=calibration, progress=tqdm_progress)
+    if output is not None:
+        with atomic_output_file(output, overwrite=overwrite) as tmp:
+            tmp.write_text(render(report, fmt), encoding="utf-8")
+        click.echo(render_table(report))
+        click.echo(f"Wrote {output}")
+    else:
+        click.echo(render(report, fmt), nl=False)
+    sys.exit(exit_code(report))
+
+
 if __name__ == "__main__":
     main()

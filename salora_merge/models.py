@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -20,6 +21,10 @@ __all__ = [
     "linear_modules",
     "weight_matrix",
     "tied_embedding_weights",
+    "load_sequence_classifier",
+    "conversation_ids",
+    "classify_pairs",
+    "adapted",
 ]
 
 
@@ -190,3 +195,64 @@ def tied_embedding_weights(folder: Path) -> tuple[str, str] | None:
     if inp is None or out is None or id(inp) not in names or id(out) not in names:
         return None
     return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
+
+
+def load_sequence_classifier(folder: Path):
+    """A local sequence-classification model and its tokenizer, for classifier judges."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"--judge classifier:{folder}: transformers could not load it ({exc})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """Token ids of a user prompt and an assistant response through the chat template (for judges)."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(f"User: {prompt}\nAssistant: {response}")["input_ids"])
+
+
+@torch.no_grad()
+def classify_pairs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int) -> list[int]:
+    """Predicted label id for every (prompt, response), batched with padding."""
+    out: list[int] = []
+    pairs = [conversation_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    pad = tokenizer.pad_token_id
+    for batch in _batches(pairs, batch_size):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):  # right padding: sequence classifiers pool the last real token
+            ids[row, : len(p)] = torch.tensor(p)
+            mask[row, : len(p)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        out.extend(int(i) for i in logits.argmax(-1).tolist())
+    return out
+
+
+@contextmanager
+def adapted(model: nn.Module, updates: dict[str, torch.Tensor]):
+    """Add dense updates to module weights in place for the block, and restore the exact originals."""
+    saved = {}
+    try:
+        for name, update in updates.items():
+            weight = model.get_submodule(name).weight
+            saved[name] = weight.detach().clone()
+            with torch.no_grad():
+                weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                model.get_submodule(name).weight.copy_(original)

@@ -1,4 +1,4 @@
-"""Prompt sets for calibration: built-in sets, CSV, JSONL, or one prompt per line."""
+"""Prompt sets for calibration and evaluation: built-in sets, CSV, JSONL, or one prompt per line."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ __all__ = ["PromptSet", "BUILTIN_SETS", "load_prompt_set"]
 BUILTIN_SETS = {
     "advbench-calibration": "advbench_calibration.jsonl",
     "advbench-heldout": "advbench_heldout.jsonl",
+    "harmbench-standard": "harmbench_standard_test.jsonl",
+    "overrefusal": "overrefusal_benign_edgy.jsonl",
+    "benign-instructions": "benign_instructions.jsonl",
 }
 _PROMPT_FIELDS = ("prompt", "goal", "behavior", "instruction", "question", "text")
 _RESPONSE_FIELDS = ("response", "output", "completion", "answer")
