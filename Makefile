@@ -24,6 +24,10 @@ demo: setup
 	$(VENV)/bin/salora-merge merge --base smollm2-135m-instruct \
 	  --adapter out/smollm2-benign-lora-realigned \
 	  -o out/smollm2-benign-realigned-merged --overwrite
+	$(VENV)/bin/salora-merge audit --base smollm2-135m-instruct \
+	  --safety out/smollm2-135m-instruct.safety.safetensors \
+	  --adapter examples/adapters/smollm2-benign-lora --adapter out/smollm2-benign-lora-realigned \
+	  --format html -o out/smollm2-audit.html --overwrite
 
 # The HTML audit report is checked in a real headless browser: Debian's chromium, installed here when
 # missing (the test is skipped without it outside CI, and fails without it in CI).

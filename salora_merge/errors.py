@@ -31,3 +31,9 @@ class OutputExistsError(InputError):
 
 class ModelResolutionError(InputError):
     """A base model reference could not be turned into a local folder."""
+
+
+class GateFailed(SaloraError):
+    """An audited adapter failed a configured threshold (a result, not a malfunction)."""
+
+    exit_code = 3

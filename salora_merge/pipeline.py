@@ -1,4 +1,4 @@
-"""run: the publishing pipeline. One YAML config -> calibrate? -> realign each adapter? -> merge -> push?
+"""run: the publishing pipeline. One YAML config -> calibrate? -> realign each adapter? -> audit? -> merge -> push?
 
 Every step writes its output under the config's ``output`` folder and records a key (sha256 of the
 step's inputs' fingerprints, its options and the tool version) in ``salora_run.json``. A re-run skips a
@@ -30,7 +30,8 @@ __all__ = ["PipelineConfig", "Step", "load_pipeline", "plan_pipeline", "run_pipe
 STATE_NAME = "salora_run.json"
 _CALIBRATION_KEYS = ("prompts", "responses", "rank", "side", "token_policy", "max_prompts", "batch_size",
                      "generation_batch_size", "max_length", "max_new_tokens", "device")
-_SCHEMA_TOP = {"base", "adapters", "safety", "realign", "merge", "push", "output"}
+_SCHEMA_TOP = {"base", "adapters", "safety", "realign", "audit", "merge", "push", "output"}
+_BEHAVIOR_KEYS = ("harmful", "benign", "overrefusal", "max_prompts", "max_new_tokens", "batch_size", "device", "judge")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
@@ -47,6 +48,7 @@ class PipelineConfig:
     shard_size: str
     copy_tokenizer: bool
     push: dict | None
+    audit: "AuditOptions | None" = None
 
 
 def _resolve_path(root: Path, value: str) -> str:
@@ -126,8 +128,47 @@ def load_pipeline(path: Path) -> PipelineConfig:
                     calibration = None
     realign = raw.get("realign", safety is not None)
     need(isinstance(realign, bool), f"realign: expected true or false, got {realign!r}")
-    if realign is True and safety is None:
-        calibration = CalibrationOptions()  # realign without a safety section: calibrate with the defaults
+
+    audit_options = None
+    audit = raw.get("audit")
+    if audit is not None and need(isinstance(audit, dict), "audit: expected a mapping (fail_above, fail_asr_above, behavior)"):
+        from .audit import AuditOptions
+        from .behavior import BehaviorOptions
+
+        for key in sorted(set(audit) - {"fail_above", "fail_asr_above", "behavior"}):
+            problems.append(f"audit.{key}: unknown key (expected fail_above, fail_asr_above, behavior)")
+        behavior = audit.get("behavior", False)
+        behavior_options = None
+        if behavior is True:
+            behavior_options = BehaviorOptions()
+        elif isinstance(behavior, dict):
+            for key in sorted(set(behavior) - set(_BEHAVIOR_KEYS)):
+                problems.append(f"audit.behavior.{key}: unknown key (expected {', '.join(_BEHAVIOR_KEYS)})")
+            known = {k: v for k, v in behavior.items() if k in _BEHAVIOR_KEYS}
+            for key in ("harmful", "benign", "overrefusal"):
+                if isinstance(known.get(key), str) and (root / known[key]).is_file():
+                    known[key] = os.path.normpath(root / known[key])
+            try:
+                behavior_options = BehaviorOptions(**known)
+            except TypeError as exc:
+                problems.append(f"audit.behavior: {exc}")
+        elif behavior is not False:
+            problems.append("audit.behavior: expected true, false or a mapping of behaviour options")
+        numbers_ok = True
+        for key in ("fail_above", "fail_asr_above"):
+            value = audit.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                problems.append(f"audit.{key}: expected a number, got {value!r}")
+                numbers_ok = False
+        if numbers_ok:
+            audit_options = AuditOptions(fail_above=audit.get("fail_above"), fail_asr_above=audit.get("fail_asr_above"),
+                                         behavior=behavior_options)
+            try:
+                audit_options.validate()
+            except InputError as exc:
+                problems.append(f"audit: {exc}")
+    if (realign is True or audit_options is not None) and safety is None:
+        calibration = CalibrationOptions()  # a safety module is needed and none is given: calibrate with defaults
 
     merge = raw.get("merge") or {}
     dtype, shard_size, copy_tokenizer = "auto", "5GB", True
@@ -159,8 +200,9 @@ def load_pipeline(path: Path) -> PipelineConfig:
         raise InputError(f"{path}: {len(problems)} problem(s) in the pipeline config:\n{listing}")
     return PipelineConfig(
         path=path, base=_resolve_path(root, base), adapters=tuple(adapters), output=Path(os.path.normpath(root / Path(output).expanduser())),
-        realign=realign, safety_file=safety_file, calibration=calibration if realign else None,
-        dtype=dtype, shard_size=shard_size, copy_tokenizer=copy_tokenizer, push=push,
+        realign=realign, safety_file=safety_file,
+        calibration=calibration if (realign or audit_options is not None) else None,
+        dtype=dtype, shard_size=shard_size, copy_tokenizer=copy_tokenizer, push=push, audit=audit_options,
     )
 
 
@@ -215,7 +257,7 @@ def plan_pipeline(config: PipelineConfig, progress=None) -> list[Step]:
     steps: list[Step] = []
 
     safety_path, safety_key = config.safety_file, None
-    if config.realign:
+    if config.realign or config.audit is not None:
         if config.safety_file is not None:
             safety_key = file_sha256(config.safety_file)
         else:
@@ -260,15 +302,49 @@ def plan_pipeline(config: PipelineConfig, progress=None) -> list[Step]:
             merge_inputs.append(AdapterInput(ref, weight))
             adapter_keys.append(digests)
 
+    audit_key = None
+    audit_json, audit_md = out / "audit.json", out / "audit.md"
+    if config.audit is not None:
+        audit_options = config.audit
+        audit_key = _digest({"step": "audit", "base": base_print, "adapters": adapter_keys, "safety": safety_key,
+                             "options": asdict(audit_options), "version": __version__})
+
+        def audit_step() -> str:
+            from .audit import EXIT_GATE_FAILED, exit_code, run_audit
+            from .audit_report import render_markdown
+            from .errors import GateFailed
+            from .io.atomic import atomic_output_file
+
+            report = run_audit(config.base, [a.ref for a in merge_inputs], audit_options, safety_path=safety_path,
+                               progress=progress)
+            for path, text in ((audit_md, render_markdown(report)), (audit_json, json.dumps(report, indent=2) + "\n")):
+                with atomic_output_file(path, overwrite=True) as tmp:
+                    tmp.write_text(text, encoding="utf-8")
+            broken = [e for e in report["adapters"] if e["status"] == "error"]
+            if broken:
+                raise InputError(f"audit: {broken[0]['error']} ({len(broken)} adapter(s) could not be audited; "
+                                 f"see {audit_json})")
+            if exit_code(report) == EXIT_GATE_FAILED:
+                failed = next(e for e in report["adapters"] if e["status"] == "fail")
+                raise GateFailed(f"audit gate failed for {failed['adapter']}: {failed['reasons'][0]}; "
+                                 f"nothing was merged or pushed (report: {audit_json})")
+            return str(audit_json)
+
+        steps.append(Step("audit", audit_json, audit_key, audit_step,
+                          f"audit {len(merge_inputs)} adapter(s)"
+                          + (" with behaviour" if audit_options.behavior else "")
+                          + (f", gate rho <= {audit_options.fail_above}" if audit_options.fail_above is not None else "")))
+
     options = MergeOptions(dtype=config.dtype, shard_size=config.shard_size, realign=False,
                            copy_tokenizer=config.copy_tokenizer)
     model_dir = out / "model"
     merge_key = _digest({"step": "merge", "base": base_print, "adapters": adapter_keys,
                          "weights": [a.weight for a in merge_inputs], "options": asdict(options),
-                         "version": __version__})
+                         "audit": audit_key, "version": __version__})
 
     def merge_step() -> str:
-        run_merge(config.base, merge_inputs, model_dir, options, overwrite=True, progress=progress)
+        audit = {"markdown": audit_md.read_text(encoding="utf-8")} if audit_key else None
+        run_merge(config.base, merge_inputs, model_dir, options, overwrite=True, progress=progress, audit=audit)
         return str(model_dir)
 
     steps.append(Step("merge", model_dir, merge_key, merge_step,

@@ -86,3 +86,29 @@ def test_merge_smollm2_equals_peft_and_loads_cleanly(tmp_path):
         assert torch.allclose(value, reference[key], atol=1e-6, rtol=1e-5), key
     card = (out / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+
+
+def test_audit_smollm2_adapter_and_its_realigned_copy(tmp_path):
+    from salora_merge.audit import AuditOptions, run_audit
+    from salora_merge.behavior import BehaviorOptions
+    from salora_merge.calibrate import CalibrationOptions, calibrate
+    from salora_merge.io.safety_file import save_safety_module
+    from salora_merge.realign import run_realign
+    from salora_merge.resolve import resolve_model
+
+    options = CalibrationOptions(max_prompts=8, max_new_tokens=16, targets=("q_proj", "v_proj"), device="cpu")
+    safety_path = tmp_path / "s.safetensors"
+    save_safety_module(calibrate(resolve_model("smollm2-135m-instruct"), options).safety, safety_path)
+    realigned = tmp_path / "realigned"
+    realign_report = run_realign("smollm2-135m-instruct", str(EXAMPLE), realigned, safety_path=safety_path)
+    behavior = BehaviorOptions(max_prompts=3, max_new_tokens=16, device="cpu")
+    report = run_audit("smollm2-135m-instruct", [str(EXAMPLE), str(realigned)], AuditOptions(behavior=behavior),
+                       safety_path=safety_path)
+    original, after = (e["weight_space"] for e in report["adapters"])
+    assert original["rho"] == pytest.approx(realign_report.total_energy_removed, rel=1e-6)
+    assert after["rho"] < 1e-8 and len(original["layers"]) == 30 and original["n_modules"] == 60
+    # q_proj reads 576 outputs, v_proj 192: the random references differ by module kind.
+    refs = {m["module"].rsplit(".", 1)[-1]: m["random_reference"] for m in original["modules"]}
+    assert refs == {"q_proj": pytest.approx(32 / 576), "v_proj": pytest.approx(32 / 192)}
+    assert report["behavior"]["prompt_sets"]["harmful"]["name"].startswith("harmbench-standard")
+    assert all(e["behavior"]["adapter"]["n"] == {"harmful": 3, "benign": 3, "overrefusal": 3} for e in report["adapters"])

@@ -124,3 +124,44 @@ def test_shipped_example_pipeline_is_valid():
     assert config.base == "smollm2-135m-instruct" and config.realign and config.calibration.rank == 32
     assert Path(config.adapters[0][0]).is_dir()
     assert config.output.name == "smollm2-safe-merge" and config.output.parent.name == "out"
+
+
+def test_audit_gate_stops_the_pipeline_before_merge_and_push(tiny_model_dir, tiny_calibration_prompts, tmp_path,
+                                                              monkeypatch):
+    make_peft_adapter(tiny_model_dir, tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj"])
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub({TOKEN: "alice"}) as hub:
+        data = {
+            "base": str(tiny_model_dir), "adapters": ["a"], "realign": False,
+            "safety": {"calibrate": {"prompts": str(tiny_calibration_prompts), "rank": 4, "max_new_tokens": 6,
+                                     "device": "cpu"}},
+            "audit": {"fail_above": 0.0001},
+            "push": {"repo_id": "alice/gated", "endpoint": hub.endpoint},
+            "output": "work",
+        }
+        config = _write(tmp_path / "p.yml", data)
+        result = CliRunner().invoke(main, ["run", str(config)])
+        assert result.exit_code == 3, result.output
+        assert "audit gate failed" in result.output and "nothing was merged or pushed" in result.output
+        assert (tmp_path / "work" / "audit.json").is_file() and not (tmp_path / "work" / "model").exists()
+        assert hub.repos == {}
+        report = json.loads((tmp_path / "work" / "audit.json").read_text())
+        assert report["adapters"][0]["status"] == "fail"
+        # Realigned, the same adapter passes the gate; the merged card carries the audit figures.
+        data["realign"] = True
+        _write(config, data)
+        result = CliRunner().invoke(main, ["run", str(config)])
+        assert result.exit_code == 0, result.output
+        card = (tmp_path / "work" / "model" / "README.md").read_text()
+        assert "## Safety audit" in card and "| pass |" in card
+        assert "alice/gated" in hub.repos
+
+
+def test_audit_section_problems_are_listed(tmp_path):
+    config = _write(tmp_path / "p.yml", {"base": "x", "adapters": ["a"], "output": "o",
+                                         "audit": {"fail_above": "high", "behavior": {"judge_model": 1}, "colour": 2}})
+    with pytest.raises(InputError) as info:
+        load_pipeline(config)
+    message = str(info.value)
+    assert "audit.fail_above: expected a number" in message and "audit.behavior.judge_model: unknown key" in message
+    assert "audit.colour: unknown key" in message
