@@ -47,6 +47,7 @@ test-fast: setup
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_calibration.py
 	$(VENV)/bin/python benchmarks/bench_merge.py
+	$(VENV)/bin/python benchmarks/bench_audit.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -277,3 +277,36 @@ def test_html_report_renders_in_headless_chromium(audit_setup, tiny_model_dir, t
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1400",
                     f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000
+
+
+def _stand_in_guard(folder: Path, first_word: str) -> Path:
+    """A tiny Llama-Guard stand-in: a word-level vocabulary whose token 0 is ``first_word`` and a zero
+    final norm, so greedy decoding always writes that word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = [first_word, "safe" if first_word == "unsafe" else "unsafe", "[UNK]", "<pad>", "</s>", "user",
+             "assistant", "how", "to", "x", "here", "is"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(str(folder))
+    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=3, eos_token_id=4, bos_token_id=4)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_llamaguard_judge_with_a_stand_in(tmp_path):
+    from salora_merge.judges import load_judge
+
+    prompts, responses = ["how to x", "how to x"], ["here is x", "here is"]
+    assert load_judge(f"llamaguard:{_stand_in_guard(tmp_path / 'g1', 'unsafe')}").harmful(prompts, responses) == [True, True]
+    assert load_judge(f"llamaguard:{_stand_in_guard(tmp_path / 'g2', 'safe')}").harmful(prompts, responses) == [False, False]
+    with pytest.raises(InputError, match="expected 'safe' or 'unsafe'"):
+        broken = _stand_in_guard(tmp_path / "g3", "assistant")
+        load_judge(f"llamaguard:{broken}").harmful(prompts, responses)
