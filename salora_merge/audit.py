@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from . import __version__
 from .audit_math import by_layer, module_scores, standouts, summarize
 from .behavior import BehaviorOptions, evaluate_variant, load_prompt_sets
@@ -22,7 +20,6 @@ from .errors import InputError, SaloraError
 from .io.adapter import Adapter, check_adapter_fits, read_adapter
 from .io.checkpoint import open_checkpoint
 from .io.stream import file_sha256
-from .merge_math import LowRankUpdate
 from .progress import Progress, silent
 from .realign import obtain_safety, realign_modules
 from .resolve import resolve_adapter, resolve_model
@@ -72,10 +69,9 @@ def expand_adapters(refs: Sequence[str]) -> list[str]:
     return out
 
 
-def _updates(adapter: Adapter, modules=None) -> dict:
-    modules = modules if modules is not None else adapter.modules
-    return {name: LowRankUpdate(m.lora_A, m.lora_B, m.scaling, adapter.spec.fan_in_fan_out).dense(torch.float32)
-            for name, m in modules.items()}
+def _factors(modules) -> dict:
+    """module -> (lora_A, lora_B, scaling), what the behavioural evaluation applies through hooks."""
+    return {name: (m.lora_A, m.lora_B, m.scaling) for name, m in modules.items()}
 
 
 def _weight_space(adapter: Adapter, safety, top: int) -> dict:
@@ -168,11 +164,11 @@ def run_audit(
         base_behavior = base_result.to_json()
         for index, adapter in list(adapters.items()):
             with progress(f"behaviour: {refs[index]}", 2) as tick:
-                with_adapter = evaluate_variant(model, tokenizer, prompt_sets, judge, _updates(adapter), behavior)
+                with_adapter = evaluate_variant(model, tokenizer, prompt_sets, judge, _factors(adapter.modules), behavior)
                 tick(1)
                 realigned_modules, _ = realign_modules(adapter.modules, safety, safety_label)
-                realigned = evaluate_variant(model, tokenizer, prompt_sets, judge,
-                                             _updates(adapter, realigned_modules), behavior)
+                realigned = evaluate_variant(model, tokenizer, prompt_sets, judge, _factors(realigned_modules),
+                                             behavior)
                 tick(1)
             examples = []
             for set_name in ("harmful", "overrefusal", "benign"):

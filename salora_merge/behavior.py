@@ -1,7 +1,8 @@
 """Behavioural evaluation: greedy responses on harmful, benign and over-refusal prompts, judged.
 
-One model is loaded; a variant (base, base + adapter, base + realigned adapter) is the base weights
-with dense updates added in place for the duration of its generation and restored exactly after.
+One model is loaded; a variant (base, base + adapter, base + realigned adapter) is the base model with
+the adapter's LoRA factors applied through forward hooks (``scale * B (A x)`` added to each adapted
+module's output, as unmerged PEFT computes it) for the duration of its generation.
 """
 
 from __future__ import annotations
@@ -89,13 +90,13 @@ def evaluate_variant(
     tokenizer,
     sets: PromptSets,
     judge: Judge,
-    updates: Mapping[str, torch.Tensor] | None,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None,
     options: BehaviorOptions,
 ) -> VariantResult:
-    """Generate on the three sets with ``updates`` added to the weights, and score the responses."""
-    from .models import adapted
+    """Generate on the three sets with the LoRA ``factors`` (module -> (A, B, scale)) active, and score."""
+    from .models import lora_applied
 
-    with adapted(model, dict(updates or {})):
+    with lora_applied(model, dict(factors or {})):
         responses = {name: _generate(model, tokenizer, getattr(sets, name).prompts, options)
                      for name in ("harmful", "benign", "overrefusal")}
     harmful = judge.harmful(list(sets.harmful.prompts), responses["harmful"])

@@ -24,7 +24,7 @@ __all__ = [
     "load_sequence_classifier",
     "conversation_ids",
     "classify_pairs",
-    "adapted",
+    "lora_applied",
 ]
 
 
@@ -242,17 +242,26 @@ def classify_pairs(model, tokenizer, prompts: Sequence[str], responses: Sequence
 
 
 @contextmanager
-def adapted(model: nn.Module, updates: dict[str, torch.Tensor]):
-    """Add dense updates to module weights in place for the block, and restore the exact originals."""
-    saved = {}
+def lora_applied(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]):
+    """Run ``model`` with LoRA updates active, as unmerged PEFT does: a forward hook adds
+    ``scale * B (A x)`` to each adapted module's output. The weights are never touched, so removing the
+    hooks restores the base model exactly, and no dense ``d_out x d_in`` update is ever formed."""
+    handles = []
+
+    def make_hook(a: torch.Tensor, b: torch.Tensor, scale: float):
+        def hook(module, inputs, output):
+            return output + scale * torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
+
+        return hook
+
     try:
-        for name, update in updates.items():
-            weight = model.get_submodule(name).weight
-            saved[name] = weight.detach().clone()
-            with torch.no_grad():
-                weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+        for name, (lora_A, lora_B, scale) in factors.items():
+            module = model.get_submodule(name)
+            weight = module.weight
+            a = lora_A.to(device=weight.device, dtype=weight.dtype)
+            b = lora_B.to(device=weight.device, dtype=weight.dtype)
+            handles.append(module.register_forward_hook(make_hook(a, b, float(scale))))
         yield model
     finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                model.get_submodule(name).weight.copy_(original)
+        for handle in handles:
+            handle.remove()

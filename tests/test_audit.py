@@ -310,3 +310,25 @@ def test_llamaguard_judge_with_a_stand_in(tmp_path):
     with pytest.raises(InputError, match="expected 'safe' or 'unsafe'"):
         broken = _stand_in_guard(tmp_path / "g3", "assistant")
         load_judge(f"llamaguard:{broken}").harmful(prompts, responses)
+
+
+def test_lora_hooks_equal_peft_unmerged_and_leave_the_base_exact(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from salora_merge.io.adapter import read_adapter
+    from salora_merge.models import lora_applied
+
+    adapter_dir = make_peft_adapter(tiny_model_dir, tmp_path / "a", target_modules=TARGETS, use_rslora=True)
+    adapter = read_adapter(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter_dir)).eval()
+    ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+        with lora_applied(model, {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}):
+            ours = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        theirs = reference(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, base_logits, atol=1e-3)
+    assert torch.equal(after, base_logits)
