@@ -21,6 +21,16 @@ def _ratio(entry: dict) -> str:
     return "-" if not ws or ws.get("ratio") is None else f"{ws['ratio']:.2f}x"
 
 
+def _variant_rows(report: dict, quote=lambda s: s) -> list[tuple[str, dict]]:
+    """(label, rates) for the base model and, per adapter, base + adapter and base + realigned."""
+    rows = [("base", report["behavior"]["base"])]
+    for e in report["adapters"]:
+        if e.get("behavior"):
+            rows += [(f"+ {quote(e['adapter'])}", e["behavior"]["adapter"]),
+                     (f"+ realigned {quote(e['adapter'])}", e["behavior"]["realigned"])]
+    return rows
+
+
 def render_table(report: dict) -> str:
     lines = [f"Safety audit of {len(report['adapters'])} adapter(s) against {report['base_model']}"]
     safety = report.get("safety")
@@ -46,12 +56,7 @@ def render_table(report: dict) -> str:
         lines += ["", f"Behaviour (greedy, {behavior['max_new_tokens']} new tokens; harm judged by "
                       f"{behavior['judge']['name']} {behavior['judge']['version']}, refusals by keyword-v1):",
                   f"{'model':<44}{'harmful refused':>16}{'ASR':>8}{'benign refused':>16}{'over-refusal':>14}"]
-        rows = [("base", behavior["base"])]
-        for e in report["adapters"]:
-            if e.get("behavior"):
-                rows += [(f"+ {e['adapter'][-38:]}", e["behavior"]["adapter"]),
-                         (f"+ realigned {e['adapter'][-29:]}", e["behavior"]["realigned"])]
-        for label, v in rows:
+        for label, v in _variant_rows(report, lambda s: s[-29:]):
             lines.append(f"{label:<44}{_pct(v['harmful_refusal_rate']):>16}{_pct(v['attack_success_rate']):>8}"
                          f"{_pct(v['benign_refusal_rate']):>16}{_pct(v['overrefusal_rate']):>14}")
     s = report["summary"]
@@ -84,12 +89,7 @@ def render_markdown(report: dict) -> str:
                     f"{behavior['judge']['name']} ({behavior['judge']['version']}), refusals by keyword-v1. Prompt sets: "
                     + ", ".join(f"{k} `{v['name']}` ({v['n']})" for k, v in behavior["prompt_sets"].items()) + ".",
                 "", "| model | harmful refused | attack success | benign refused | over-refusal |", "|---|---|---|---|---|"]
-        rows = [("base", behavior["base"])]
-        for e in report["adapters"]:
-            if e.get("behavior"):
-                rows += [(f"+ `{e['adapter']}`", e["behavior"]["adapter"]),
-                         (f"+ realigned `{e['adapter']}`", e["behavior"]["realigned"])]
-        for label, v in rows:
+        for label, v in _variant_rows(report, lambda s: f"`{s}`"):
             out.append(f"| {label} | {_pct(v['harmful_refusal_rate'])} | {_pct(v['attack_success_rate'])} | "
                        f"{_pct(v['benign_refusal_rate'])} | {_pct(v['overrefusal_rate'])} |")
     return "\n".join(out) + "\n"
@@ -160,12 +160,7 @@ def render_html(report: dict) -> str:
                      f"{e_(behavior['judge']['name'])} ({e_(str(behavior['judge']['version']))}); refusals by the "
                      f"keyword-v1 list.</p><table id='behavior'><thead><tr><th>model</th><th>harmful refused</th>"
                      "<th>attack success</th><th>benign refused</th><th>over-refusal</th></tr></thead><tbody>")
-        rows = [("base", behavior["base"])]
-        for e in report["adapters"]:
-            if e.get("behavior"):
-                rows += [(f"+ {e['adapter']}", e["behavior"]["adapter"]),
-                         (f"+ realigned {e['adapter']}", e["behavior"]["realigned"])]
-        for label, v in rows:
+        for label, v in _variant_rows(report):
             parts.append(f"<tr><td>{e_(label)}</td><td>{_pct(v['harmful_refusal_rate'])}</td>"
                          f"<td>{_pct(v['attack_success_rate'])}</td><td>{_pct(v['benign_refusal_rate'])}</td>"
                          f"<td>{_pct(v['overrefusal_rate'])}</td></tr>")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -19,7 +18,9 @@ __all__ = ["adapter_card", "front_matter", "merged_card", "base_license"]
 
 def is_hub_id(ref: str) -> bool:
     """``org/name`` (what a card's base_model may hold), as opposed to a local path."""
-    return bool(re.match(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$", ref)) and not Path(ref).exists()
+    from .hub import is_repo_id
+
+    return is_repo_id(ref) and not Path(ref).exists()
 
 
 def front_matter(fields: Mapping[str, Any]) -> str:

@@ -56,6 +56,29 @@ def _build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_momen
     )
 
 
+def _base_option(func: Callable) -> Callable:
+    return click.option("--base", required=True,
+                        help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")(func)
+
+
+def _output_options(what: str, json_help: str) -> Callable[[Callable], Callable]:
+    """-o/--output (a folder), --overwrite, --allow-pickle and --json, shared by realign and merge."""
+    options = [
+        click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help=what),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Accept pickled adapter_model.bin files (loaded with torch.load(weights_only=True))."),
+        click.option("--json", "as_json", is_flag=True, help=json_help),
+    ]
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 def _friendly_errors(func: Callable) -> Callable:
     """Turn library errors into one line on stderr and a non-zero exit; never a traceback."""
 
@@ -86,7 +109,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@_base_option
 @_calibration_options
 @click.option("--targets", default=None,
               help="Comma-separated module names or suffixes (q_proj,v_proj) [default: every linear layer].")
@@ -123,19 +146,14 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
 
 
 @main.command()
-@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@_base_option
 @click.option("--adapter", required=True, help="PEFT LoRA adapter: folder or Hub id org/name[@rev].")
 @click.option("--safety", type=click.Path(path_type=Path), default=None,
               help="A safety module from 'salora-merge calibrate'; without it, calibrate first.")
 @click.option("--save-safety", type=click.Path(path_type=Path), default=None,
               help="When calibrating, also save the safety module here for reuse.")
 @_calibration_options
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
-              help="Output adapter folder.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Accept a pickled adapter_model.bin (loaded with torch.load(weights_only=True)).")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@_output_options("Output adapter folder.", "Print the full report as JSON.")
 @_friendly_errors
 def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, output: Path,
             overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
@@ -158,7 +176,7 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
 
 
 @main.command()
-@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@_base_option
 @click.option("--adapter", "adapters", required=True, multiple=True,
               help="PEFT LoRA adapter (folder or Hub id); repeat to merge several.")
 @click.option("--weight", "weights", multiple=True, type=float,
@@ -174,12 +192,7 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
               help="Copy the tokenizer files and chat template of the base.")
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
-              help="Output model folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Accept pickled adapter_model.bin files (loaded with torch.load(weights_only=True)).")
-@click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
+@_output_options("Output model folder.", "Print the merge report as JSON.")
 @_friendly_errors
 def merge(base: str, adapters: tuple[str, ...], weights: tuple[float, ...], realign: bool | None,
           safety: Path | None, dtype: str, shard_size: str, copy_tokenizer: bool, output: Path, overwrite: bool,
@@ -251,7 +264,7 @@ def run(pipeline: Path, dry_run: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--base", required=True, help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")
+@_base_option
 @click.option("--adapter", "adapters", required=True, multiple=True,
               help="PEFT LoRA adapter (folder or Hub id), or a folder of adapter folders; repeatable.")
 @click.option("--safety", type=click.Path(path_type=Path), default=None,

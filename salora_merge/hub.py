@@ -8,12 +8,20 @@ from pathlib import Path
 
 from .errors import InputError, ModelResolutionError
 
-__all__ = ["parse_repo_ref", "download_snapshot", "hf_home", "saved_token", "upload_folder"]
+__all__ = ["is_repo_id", "parse_repo_ref", "download_snapshot", "hf_home", "saved_token", "upload_folder"]
 
 _REPO_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[\w.\-/]+))?$")
 
 # What salora-merge needs of a model or adapter repo: configs, weights, tokenizer, cards.
 _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.md", "tokenizer*"]
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
+
+
+def is_repo_id(text: str) -> bool:
+    """``org/name`` as the Hub spells repo ids (no revision)."""
+    return bool(_REPO_ID.match(text))
 
 
 def parse_repo_ref(ref: str) -> tuple[str, str | None] | None:

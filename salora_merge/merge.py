@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .calibrate import CalibrationOptions
 from .errors import AdapterError, InputError, ShapeMismatchError
-from .io.adapter import BASE_LAYER, PREFIX, Adapter, base_tensor_name, check_adapter_fits, read_adapter
+from .io.adapter import BASE_LAYER, Adapter, base_tensor_name, check_adapter_fits, read_adapter
 from .io.atomic import atomic_output_dir, check_output_free
 from .io.checkpoint import CheckpointIndex, open_checkpoint
 from .io.stream import DTYPES, ShardReader, ShardWriter, dtype_name, element_size, file_sha256
@@ -181,10 +181,7 @@ def plan_merge(
     untie = bool(tied) and any(n in updates or n in replacements for n in (inp_name, out_name))
     plan: list[OutTensor] = []
     for shard in checkpoint.shard_files():
-        names = [n for n in checkpoint.files if checkpoint.files[n] == shard]
-        with ShardReader(checkpoint.folder / shard) as reader:
-            order = [info.name for info in reader.in_file_order() if info.name in names]
-        for name in order:
+        for name in checkpoint.in_file_order(shard):
             stored = checkpoint.dtypes[name]
             plan.append(OutTensor(name, name, _output_dtype(stored, dtype), tuple(checkpoint.shapes[name]),
                                   tuple(updates.get(name, ())), replacements.get(name)))
@@ -385,8 +382,7 @@ def run_merge(
         realign_reports = []
         for i, (spec, adapter) in enumerate(zip(adapters_in, adapters)):
             modules, reports = realign_modules(adapter.modules, safety, label)
-            adapters[i] = Adapter(adapter.path, adapter.config, adapter.spec, modules,
-                                                        adapter.passthrough)
+            adapters[i] = replace(adapter, modules=modules)
             report = RealignReport(base_model=base.model_id, adapter=spec.ref, safety=label, side=safety.side,
                                    rank=safety.rank, modules=tuple(reports), output=str(out))
             realign_reports.append(report.to_json())
@@ -396,10 +392,8 @@ def run_merge(
                          **{k: safety.metadata.get(k) for k in ("prompt_set", "prompt_set_sha256", "token_policy",
                                                                "n_prompts", "n_tokens")}}
     # The weighted sum: scale each adapter's updates by its weight (scaling is a plain float per module).
-    weighted = []
-    for spec, adapter in zip(adapters_in, adapters):
-        modules = {n: type(m)(m.name, m.lora_A, m.lora_B, m.scaling * spec.weight) for n, m in adapter.modules.items()}
-        weighted.append(Adapter(adapter.path, adapter.config, adapter.spec, modules, adapter.passthrough))
+    weighted = [replace(a, modules={n: replace(m, scaling=m.scaling * spec.weight) for n, m in a.modules.items()})
+                for spec, a in zip(adapters_in, adapters)]
 
     report = MergeReport(
         base_model=base.model_id, base_ref=base.ref, base_revision=_hub_commit(base) or base.revision,

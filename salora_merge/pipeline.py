@@ -16,14 +16,18 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from . import __version__
 from .calibrate import CalibrationOptions
 from .errors import InputError
+from .hub import is_repo_id
 from .merge_math import parse_size
+
+if TYPE_CHECKING:
+    from .audit import AuditOptions
 
 __all__ = ["PipelineConfig", "Step", "load_pipeline", "plan_pipeline", "run_pipeline", "STATE_NAME"]
 
@@ -32,7 +36,6 @@ _CALIBRATION_KEYS = ("prompts", "responses", "rank", "side", "token_policy", "ma
                      "generation_batch_size", "max_length", "max_new_tokens", "device")
 _SCHEMA_TOP = {"base", "adapters", "safety", "realign", "audit", "merge", "push", "output"}
 _BEHAVIOR_KEYS = ("harmful", "benign", "overrefusal", "max_prompts", "max_new_tokens", "batch_size", "device", "judge")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ def load_pipeline(path: Path) -> PipelineConfig:
         allowed = {"repo_id", "private", "revision", "create_pr", "commit_message", "endpoint"}
         for key in sorted(set(push) - allowed):
             problems.append(f"push.{key}: unknown key (expected {', '.join(sorted(allowed))})")
-        need(isinstance(push.get("repo_id"), str) and bool(_REPO_ID.match(push.get("repo_id") or "")),
+        need(isinstance(push.get("repo_id"), str) and is_repo_id(push["repo_id"]),
              f"push.repo_id: expected org/name, got {push.get('repo_id')!r}")
         for key in ("private", "create_pr"):
             need(isinstance(push.get(key, False), bool), f"push.{key}: expected true or false")

@@ -14,7 +14,6 @@ from .errors import InputError
 
 __all__ = ["PushResult", "folder_kind", "check_card", "push_folder"]
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
 _FRONT = re.compile(r"^---\s*\n(.*?)\n---\s*(\n|$)", re.S)
 
 
@@ -68,7 +67,7 @@ def check_card(folder: Path, kind: str) -> dict:
     base = data.get("base_model")
     bases = base if isinstance(base, list) else [base] if base is not None else []
     for item in bases:
-        if not isinstance(item, str) or not _REPO_ID.match(item):
+        if not isinstance(item, str) or not hub.is_repo_id(item):
             raise InputError(f"{card}: base_model {item!r} is not a Hub repo id (org/name); fix or remove it")
     for key in ("tags", "datasets"):
         if key in data and not (isinstance(data[key], list) and all(isinstance(t, str) for t in data[key])):
@@ -89,7 +88,7 @@ def push_folder(
     endpoint: str | None = None,
 ) -> PushResult:
     folder = Path(folder)
-    if not _REPO_ID.match(repo_id):
+    if not hub.is_repo_id(repo_id):
         raise InputError(f"--repo-id {repo_id!r}: expected org/name (letters, digits, '-', '_', '.')")
     if revision is not None and (not revision or revision.startswith("/") or ".." in revision):
         raise InputError(f"--revision {revision!r}: not a branch name")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 from . import hub
 from .errors import ModelResolutionError
 from .io.atomic import atomic_output_dir
+from .io.stream import file_sha256
 
 __all__ = ["ResolvedModel", "resolve_model", "resolve_adapter", "cache_dir", "ALIASES"]
 
@@ -53,14 +53,6 @@ def cache_dir() -> Path:
     return Path(explicit) if explicit else hub.hf_home() / "salora-merge"
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _materialize_alias(name: str, alias: Alias) -> Path:
     spec = importlib.util.find_spec(alias.package)
     locations = list(spec.submodule_search_locations or []) if spec else []
@@ -81,7 +73,7 @@ def _materialize_alias(name: str, alias: Alias) -> Path:
             pass
     from .models import dequantize_gguf  # transformers is imported only when needed
 
-    stamp["gguf_sha256"] = _file_digest(gguf)
+    stamp["gguf_sha256"] = file_sha256(gguf)
     with atomic_output_dir(target, overwrite=True) as tmp:
         dequantize_gguf(gguf.parent, alias.gguf_file, tmp)
         (tmp / "salora_alias.json").write_text(json.dumps(stamp, indent=2) + "\n")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from ..errors import InputError
+from .stream import ShardReader
 
 __all__ = ["CheckpointIndex", "open_checkpoint"]
 
@@ -26,7 +27,12 @@ class CheckpointIndex:
     folder: Path
     files: Mapping[str, str]  # tensor name -> shard file name
     shapes: Mapping[str, tuple[int, ...]]
-    dtypes: Mapping[str, str]
+    dtypes: Mapping[str, str]  # safetensors names: "F32", "BF16", ...
+    offsets: Mapping[str, int] = field(default_factory=dict)  # where each tensor starts in its shard
+
+    def in_file_order(self, shard: str) -> list[str]:
+        """The tensors of one shard in the order their bytes lie in the file."""
+        return sorted((n for n, f in self.files.items() if f == shard), key=lambda n: self.offsets.get(n, 0))
 
     def read(self, name: str) -> torch.Tensor:
         """Load one tensor (its shard is opened for this read only)."""
@@ -64,17 +70,11 @@ class CheckpointIndex:
         return digest.hexdigest()
 
 
-def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            shapes, dtypes = {}, {}
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                shapes[name] = tuple(sl.get_shape())
-                dtypes[name] = str(sl.get_dtype())
-            return shapes, dtypes
-    except (SafetensorError, OSError) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, int]]:
+    """Shapes, dtypes and data offsets of one shard, from its header (validated against the file size)."""
+    tensors = ShardReader(path).tensors
+    return ({n: t.shape for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()},
+            {n: t.begin for n, t in tensors.items()})
 
 
 def open_checkpoint(folder: Path) -> CheckpointIndex:
@@ -85,6 +85,7 @@ def open_checkpoint(folder: Path) -> CheckpointIndex:
     files: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
+    offsets: dict[str, int] = {}
     index_path = folder / INDEX
     if index_path.is_file():
         try:
@@ -95,7 +96,7 @@ def open_checkpoint(folder: Path) -> CheckpointIndex:
             shard_path = folder / shard
             if not shard_path.is_file():
                 raise InputError(f"{index_path}: lists shard {shard}, which is missing from {folder}")
-            s, d = _header(shard_path)
+            s, d, o = _header(shard_path)
             for name in s:
                 if weight_map.get(name) != shard:
                     where = f"lists it in {weight_map[name]}" if name in weight_map else "does not list it"
@@ -106,15 +107,16 @@ def open_checkpoint(folder: Path) -> CheckpointIndex:
                 files[name] = shard
             shapes.update(s)
             dtypes.update(d)
+            offsets.update(o)
         missing = sorted(set(weight_map) - set(files))
         if missing:
             raise InputError(f"{index_path}: tensor {missing[0]} is listed but not found in shard {weight_map[missing[0]]}")
     elif (folder / SINGLE).is_file():
-        shapes, dtypes = _header(folder / SINGLE)
+        shapes, dtypes, offsets = _header(folder / SINGLE)
         files = {name: SINGLE for name in shapes}
     else:
         raise InputError(
             f"{folder}: no {SINGLE} or {INDEX}; salora-merge reads safetensors checkpoints only "
             "(convert pickled .bin weights with transformers' save_pretrained(safe_serialization=True))"
         )
-    return CheckpointIndex(folder=folder, files=files, shapes=shapes, dtypes=dtypes)
+    return CheckpointIndex(folder=folder, files=files, shapes=shapes, dtypes=dtypes, offsets=offsets)

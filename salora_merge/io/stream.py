@@ -70,7 +70,8 @@ class ShardReader:
         self._parse()
 
     def _fail(self, why: str) -> InputError:
-        return InputError(f"{self.path}: {why}; the shard is damaged or not a safetensors file, re-download it")
+        return InputError(f"{self.path}: not a readable safetensors file ({why}); the file is damaged or of "
+                          "another format, re-download or re-save it")
 
     def _parse(self) -> None:
         try:
