@@ -133,16 +133,27 @@ def build_sequences(
 
 
 def batch_tensors(
-    sequences: Sequence[tuple[list[int], int]], pad: int, policies: Sequence[str], device: torch.device
+    sequences: Sequence[tuple[list[int], int | list[bool]]], pad: int, policies: Sequence[str], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Right-padded ``(B, T)`` ids and attention mask, and the token-policy masks, for one batch."""
+    """Right-padded ``(B, T)`` ids and attention mask, and the token-policy masks, for one batch.
+
+    Each sequence is ``(ids, prompt_length)``, or ``(ids, response_mask)`` with one bool per token.
+    """
     width = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, (ids, _) in enumerate(sequences):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
-    masks = token_masks([p for _, p in sequences], [len(ids) for ids, _ in sequences], width, policies)
+    if all(isinstance(p, int) for _, p in sequences):
+        masks = token_masks([p for _, p in sequences], [len(ids) for ids, _ in sequences], width, policies)
+    else:  # explicit per-token masks of the learned (response) tokens, e.g. multi-turn training data
+        if tuple(policies) != ("response",):
+            raise ValueError("explicit token masks only define the 'response' policy")
+        response = torch.zeros((len(sequences), width), dtype=torch.bool)
+        for row, (_, mask) in enumerate(sequences):
+            response[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        masks = {"response": response}
     # Masks go to the device once per batch, not once per hooked layer.
     return input_ids.to(device), attention.to(device), {k: m.to(device) for k, m in masks.items()}
 

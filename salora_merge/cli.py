@@ -246,6 +246,147 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, create
     click.echo(f"Pull request: {result.pr_url}" if result.pr_url else f"Commit: {result.commit_url}")
 
 
+def _training_options(retrain: bool) -> Callable[[Callable], Callable]:
+    """Options shared by ``train`` and ``retrain``; retrain takes rank, alpha, rsLoRA and targets from the
+    old adapter unless given."""
+    what = " [default: the adapter's]" if retrain else ""
+    options = [
+        click.option("--safety", required=True, type=click.Path(path_type=Path),
+                     help="Output-side safety module from 'salora-merge calibrate' for this base."),
+        click.option("--rank", type=int, default=None if retrain else 16, show_default=not retrain,
+                     help=f"LoRA rank r{what}; the exported adapter has rank 2r."),
+        click.option("--alpha", type=float, default=None if retrain else 16.0, show_default=not retrain,
+                     help=f"lora_alpha{what}; the scaling is alpha/r (alpha/sqrt(r) with rsLoRA)."),
+        click.option("--use-rslora/--no-rslora", default=None if retrain else False, show_default=not retrain,
+                     help=f"rsLoRA scaling{what}."),
+        click.option("--targets", default=None if retrain else "q_proj,v_proj", show_default=not retrain,
+                     help=f"Comma-separated module names or suffixes{what}."),
+        click.option("--task-rank", default=32, show_default=True, type=int,
+                     help="r_t: rank of the task subspace U_t for --init salora."),
+        click.option("--init", "init", default="salora", show_default=True,
+                     type=click.Choice(["salora", "pissa", "gaussian"]),
+                     help="salora: task-specific; pissa: principal singular vectors of W; gaussian: PEFT's default."),
+        click.option("--init-samples", default=128, show_default=True, type=int,
+                     help="Examples whose response tokens give the task statistics for --init salora."),
+        click.option("--dropout", default=0.0, show_default=True, type=float, help="Dropout on the LoRA input."),
+        click.option("--epochs", default=1.0, show_default=True, type=float, help="Passes over the data."),
+        click.option("--max-steps", default=-1, show_default=True, type=int, help="Stop after N optimizer steps (> 0 overrides --epochs)."),
+        click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak learning rate (AdamW, cosine decay)."),
+        click.option("--warmup-ratio", default=0.03, show_default=True, type=float, help="Share of steps in linear warmup."),
+        click.option("--batch-size", default=8, show_default=True, type=int, help="Examples per device per step."),
+        click.option("--grad-accum", default=2, show_default=True, type=int, help="Gradient accumulation steps."),
+        click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per example (cut beyond)."),
+        click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of data order, sampling and init."),
+        click.option("--logging-steps", default=10, show_default=True, type=int, help="Log the loss every N steps."),
+        click.option("--save-steps", default=200, show_default=True, type=int, help="Checkpoint every N steps."),
+        click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
+                     help="Where checkpoints go [default: OUTPUT.checkpoints next to the output]."),
+        click.option("--resume", is_flag=True, help="Continue the interrupted run from its newest checkpoint."),
+        click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoint folder after success."),
+        click.option("--merge-to", type=click.Path(path_type=Path), default=None,
+                     help="Also merge the exported adapter into the base and write the model here."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--quiet", is_flag=True, help="No progress bar or loss lines."),
+        click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+                     help="Output adapter folder (stock PEFT LoRA)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output (and stale checkpoints)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _build_training(kw: dict):
+    from .train import TrainOptions
+    from .trainer import FitOptions
+
+    fit = FitOptions(epochs=kw["epochs"], max_steps=kw["max_steps"], lr=kw["lr"], batch_size=kw["batch_size"],
+                     grad_accum=kw["grad_accum"], warmup_ratio=kw["warmup_ratio"],
+                     gradient_checkpointing=kw["gradient_checkpointing"], seed=kw["seed"],
+                     save_steps=kw["save_steps"], logging_steps=kw["logging_steps"], show_progress=not kw["quiet"] and sys.stderr.isatty())
+    return TrainOptions(
+        rank=kw["rank"] if kw["rank"] is not None else 16,
+        alpha=kw["alpha"] if kw["alpha"] is not None else 16.0,
+        use_rslora=bool(kw["use_rslora"]), targets=_split_targets(kw["targets"]) or ("q_proj", "v_proj"),
+        task_rank=kw["task_rank"], init=kw["init"], init_samples=kw["init_samples"], dropout=kw["dropout"],
+        max_length=kw["max_length"], device=kw["device"], fit=fit,
+    )
+
+
+def _progress(quiet: bool):
+    from .progress import silent, tqdm_progress
+
+    return silent if quiet else tqdm_progress
+
+
+def _echo_err(quiet: bool) -> Callable[[str], None] | None:
+    return None if quiet else (lambda line: click.echo(line, err=True))
+
+
+@main.command()
+@_base_option
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="JSONL: {messages: [...]}, {instruction, input, output} or {prompt, response} records.")
+@_training_options(retrain=False)
+@_friendly_errors
+def train(base: str, data: Path, **kw) -> None:
+    """Train a new adapter the SaLoRA way and export it as a stock PEFT LoRA (rank 2r) for the untouched base."""
+    from .report import render_train
+    from .train import run_train
+    from .train_data import conversations_digest, load_conversations
+
+    options = _build_training(kw)
+    options.validate()
+    conversations = load_conversations(data)
+    report = run_train(base, conversations, str(data), conversations_digest(conversations), kw["safety"],
+                       kw["output"], options, checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"],
+                       keep_checkpoints=kw["keep_checkpoints"], overwrite=kw["overwrite"], merge_to=kw["merge_to"],
+                       progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
+    click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_train(report))
+
+
+@main.command()
+@_base_option
+@click.option("--adapter", required=True, help="The PEFT LoRA adapter to re-learn: folder or Hub id.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="The adapter's task data (JSONL, as for train), when you have it.")
+@click.option("--prompts", default=None,
+              help="Task prompts (file or built-in set): the adapter's own greedy answers become the data.")
+@click.option("--holdout", default=0.1, show_default=True, type=float,
+              help="Share of examples held out for the comparison (at most --max-holdout).")
+@click.option("--max-holdout", default=64, show_default=True, type=int, help="Most held-out examples.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int, help="Length of distilled answers.")
+@click.option("--generation-batch-size", default=32, show_default=True, type=int, help="Prompts per generation batch.")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pickled adapter_model.bin (weights_only=True).")
+@_training_options(retrain=True)
+@_friendly_errors
+def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, holdout: float, max_holdout: int,
+            max_new_tokens: int, generation_batch_size: int, allow_pickle: bool, **kw) -> None:
+    """Re-learn an existing adapter's task under the safety module (SaLoRA), from its data or by distillation."""
+    from .report import render_retrain
+    from .retrain import RetrainOptions, defaults_from_adapter, run_retrain
+
+    retrain_options = RetrainOptions(data=data, prompts=prompts, holdout=holdout, max_holdout=max_holdout,
+                                     max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
+                                     allow_pickle=allow_pickle)
+    retrain_options.validate()
+    given = {"rank": kw["rank"], "alpha": kw["alpha"], "use_rslora": kw["use_rslora"],
+             "targets": _split_targets(kw["targets"])}
+    options = defaults_from_adapter(adapter, _build_training(kw), given, allow_pickle)
+    options.validate()
+    report = run_retrain(base, adapter, kw["safety"], kw["output"], retrain_options, options,
+                         checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"],
+                         keep_checkpoints=kw["keep_checkpoints"], overwrite=kw["overwrite"], merge_to=kw["merge_to"],
+                         progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
+    click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_retrain(report, kw["output"]))
+
+
 @main.command()
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Validate the config and print the plan (what would run, what is up to date).")

@@ -1,0 +1,189 @@
+"""Retrain: re-learn what an existing adapter does, under the safety module, with SaLoRA.
+
+With the adapter's own task data (``--data``), SaLoRA trains on it. Without it (``--prompts``), the
+adapter is distilled: base + adapter answers the task prompts greedily and SaLoRA learns those answers.
+A held-out part of the examples is never trained on; the report compares the old and the new adapter
+there (NLL, target-token accuracy, agreement of their argmax, identical greedy answers when distilled)
+and in the weight-space safety score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .audit_math import module_scores, summarize
+from .errors import InputError
+from .io.adapter import Adapter, check_adapter_fits, read_adapter
+from .io.checkpoint import open_checkpoint
+from .models import chat_prompt_ids, generate_greedy, load_causal_lm, load_tokenizer, lora_applied, pick_device
+from .progress import Progress, silent
+from .prompts import load_prompt_set
+from .task_eval import agreement, mean_nll, score_examples, target_accuracy
+from .train import TrainOptions, finish, prepare_run, train_adapter, train_examples, write_trained
+from .train_data import Conversation, conversations_digest, conversations_from_pairs, load_conversations, split_holdout
+
+__all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
+
+REPORT_NAME = "salora_retrain.json"
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    data: Path | None = None
+    prompts: str | None = None
+    holdout: float = 0.1
+    max_holdout: int = 64
+    max_new_tokens: int = 128
+    generation_batch_size: int = 32
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        if (self.data is None) == (self.prompts is None):
+            raise InputError("give exactly one of --data (the adapter's task data) or --prompts (task prompts to "
+                             "distill the adapter's own answers from)")
+        if not 0.0 < self.holdout < 1.0:
+            raise InputError(f"--holdout must be between 0 and 1, got {self.holdout}")
+        for name, value in (("--max-holdout", self.max_holdout), ("--max-new-tokens", self.max_new_tokens),
+                            ("--generation-batch-size", self.generation_batch_size)):
+            if value <= 0:
+                raise InputError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class RetrainReport:
+    adapter: str
+    source: str  # "data" or "distilled"
+    train_examples: int
+    heldout_examples: int
+    nll: dict  # base / original / retrained: mean NLL per held-out target token (nats)
+    target_accuracy: dict  # share of held-out target tokens that are the model's argmax
+    agreement: float  # share of held-out positions where original and retrained argmax agree
+    exact_match: float | None  # distilled: share of held-out prompts answered identically (greedy)
+    weight_space: dict  # rho of original and retrained update in the safety subspace, and the random reference
+    train: dict
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["tool_version"] = __version__
+        return data
+
+
+def _distill(model, tokenizer, factors, prompts: Sequence[str], options: RetrainOptions,
+             progress: Progress) -> tuple[list[str], list[list[int]]]:
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    with progress("generating the adapter's answers", len(ids)) as advance, lora_applied(model, factors):
+        out = generate_greedy(model, tokenizer, ids, options.max_new_tokens, options.generation_batch_size,
+                              on_batch=advance)
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in out], out
+
+
+def run_retrain(
+    base_ref: str,
+    adapter_ref: str,
+    safety_path: Path,
+    out: Path,
+    options: RetrainOptions,
+    train_options: TrainOptions,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    keep_checkpoints: bool = False,
+    overwrite: bool = False,
+    merge_to: Path | None = None,
+    progress: Progress = silent,
+    echo: Callable[[str], None] | None = None,
+) -> RetrainReport:
+    """Retrain ``adapter_ref``'s behaviour with SaLoRA and write the new adapter with a comparison report.
+
+    ``train_options.targets``, ``rank``, ``alpha`` and ``use_rslora`` should already default to the old
+    adapter's (the CLI does this through ``defaults_from_adapter``).
+    """
+    options.validate()
+    train_options.validate()
+    from .resolve import resolve_adapter
+
+    base, fingerprint, safety = prepare_run(base_ref, safety_path, out, overwrite, merge_to)
+    adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=options.allow_pickle)
+    check_adapter_fits(adapter, open_checkpoint(base.folder).linear_weight_shapes())
+    old_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}
+
+    device = pick_device(train_options.device)
+    tokenizer = load_tokenizer(base.folder)
+    model = load_causal_lm(base.folder, device)
+    teacher_ids: list[list[int]] | None = None
+    if options.data is not None:
+        conversations: list[Conversation] = load_conversations(Path(options.data))
+        train_set, heldout = split_holdout(conversations, options.holdout, options.max_holdout)
+        source, label = "data", str(options.data)
+    else:
+        prompts = list(load_prompt_set(str(options.prompts)).prompts)
+        train_prompts, heldout_prompts = split_holdout(prompts, options.holdout, options.max_holdout)
+        answers, generated = _distill(model, tokenizer, old_factors, train_prompts + heldout_prompts, options, progress)
+        pairs = [(p, a, g) for p, a, g in zip(train_prompts + heldout_prompts, answers, generated)]
+        train_pairs = [x for x in pairs[: len(train_prompts)] if x[1].strip()]
+        heldout_pairs = [x for x in pairs[len(train_prompts):] if x[1].strip()]
+        if not train_pairs or not heldout_pairs:
+            raise InputError(f"--prompts {options.prompts}: the adapter gave empty answers to every "
+                             f"{'training' if not train_pairs else 'held-out'} prompt; nothing to distill")
+        train_set = conversations_from_pairs([p for p, _, _ in train_pairs], [a for _, a, _ in train_pairs])
+        heldout = conversations_from_pairs([p for p, _, _ in heldout_pairs], [a for _, a, _ in heldout_pairs])
+        teacher_ids = [g for _, _, g in heldout_pairs]
+        heldout_prompts = [p for p, _, _ in heldout_pairs]
+        source, label = "distilled", f"{options.prompts} (answers of {adapter_ref})"
+    del model
+
+    trained = train_adapter(base, fingerprint, safety, safety_path, train_set, label, conversations_digest(train_set),
+                            out, train_options, checkpoint_dir, resume, overwrite, progress, echo)
+
+    model = load_causal_lm(base.folder, device)
+    new_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.modules.items()}
+    examples = train_examples(tokenizer, heldout, train_options.max_length, "held-out examples")
+    pad = tokenizer.pad_token_id
+    scores_base = score_examples(model, examples, pad)
+    with lora_applied(model, old_factors):
+        scores_old = score_examples(model, examples, pad)
+    with lora_applied(model, new_factors):
+        scores_new = score_examples(model, examples, pad)
+    exact = None
+    if teacher_ids is not None:
+        _, new_ids = _distill(model, tokenizer, new_factors, heldout_prompts, options, progress)
+        exact = sum(a == b for a, b in zip(teacher_ids, new_ids)) / len(teacher_ids)
+    old_score = summarize(module_scores(old_factors, {n: safety.bases[n] for n in old_factors if n in safety.bases}))
+    new_score = summarize(module_scores(new_factors, {n: safety.bases[n] for n in new_factors}))
+    report = RetrainReport(
+        adapter=str(adapter_ref), source=source, train_examples=len(train_set), heldout_examples=len(examples),
+        nll={"base": mean_nll(scores_base), "original": mean_nll(scores_old), "retrained": mean_nll(scores_new)},
+        target_accuracy={"base": target_accuracy(scores_base), "original": target_accuracy(scores_old),
+                         "retrained": target_accuracy(scores_new)},
+        agreement=agreement(scores_old, scores_new), exact_match=exact,
+        weight_space={"original": old_score.rho, "retrained": new_score.rho,
+                      "random_reference": new_score.random_reference},
+        train=trained.report.to_json(),
+    )
+    trained.report = replace(trained.report, merged=str(merge_to) if merge_to else None)
+    note = (f"\nRetrained from `{adapter_ref}` ({source}). On {len(examples)} held-out examples: NLL per target "
+            f"token {report.nll['original']:.3f} (original) vs {report.nll['retrained']:.3f} (retrained), "
+            f"base {report.nll['base']:.3f}; argmax agreement {report.agreement:.3f}. Safety-subspace energy "
+            f"share {old_score.rho:.2e} -> {new_score.rho:.2e}. Figures: `{REPORT_NAME}`.\n")
+    write_trained(trained, out, overwrite, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
+                  card_note=note)
+    finish(base_ref, out, checkpoint_dir, keep_checkpoints, merge_to, overwrite, progress)
+    return report
+
+
+def defaults_from_adapter(adapter_ref: str, options: TrainOptions, given: dict, allow_pickle: bool) -> TrainOptions:
+    """Fill rank, alpha, rsLoRA and targets the user did not give from the old adapter's config."""
+    from .resolve import resolve_adapter
+
+    adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
+    ranks = {m.rank for m in adapter.modules.values()}
+    return replace(
+        options,
+        rank=given["rank"] if given.get("rank") is not None else max(ranks),
+        alpha=given["alpha"] if given.get("alpha") is not None else float(adapter.spec.lora_alpha),
+        use_rslora=given["use_rslora"] if given.get("use_rslora") is not None else adapter.spec.use_rslora,
+        targets=given["targets"] if given.get("targets") else tuple(sorted(adapter.modules)),
+    )

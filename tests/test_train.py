@@ -1,0 +1,376 @@
+"""SaLoRA training: the math against dense float64, the model against the base and against PEFT, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from salora_merge.cli import main
+from salora_merge.training_math import (export_alpha, export_factors, gaussian_init, pissa_init, project_out,
+                                        residual_weight, salora_init)
+
+TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+
+
+def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))
+    return q
+
+
+# ---------------------------------------------------------------- pure math, float64
+
+
+def test_salora_init_matches_its_definition_and_keeps_the_layer():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    u_t, u_s = _orthonormal(24, 6, 1), _orthonormal(24, 4, 2)
+    a0, b0 = salora_init(w, 5, u_t)
+    # Independent reference: full SVD, then the formulas of method.md section 2.
+    u, s, vh = torch.linalg.svd(w)
+    root = torch.diag(s[:5].sqrt())
+    assert torch.allclose(a0, root @ vh[:5], atol=1e-12)
+    assert torch.allclose(b0, u_t @ u_t.T @ u[:, :5] @ root, atol=1e-12)
+    scale = 16 / 5
+    w_res = residual_weight(w, a0, b0, u_s, scale)
+    c = torch.eye(24, dtype=torch.float64) - u_s @ u_s.T
+    assert torch.allclose(w_res + scale * c @ b0 @ a0, w, atol=1e-12)  # the layer computes W x at step 0
+    assert torch.allclose(u_s.T @ w_res, u_s.T @ w, atol=1e-12)  # safety features of W_res are W's
+
+
+def test_pissa_and_gaussian_inits():
+    w = torch.randn(20, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a0, b0 = pissa_init(w, 12)
+    assert torch.allclose(b0 @ a0, w, atol=1e-12)  # full rank: the principal part is all of W
+    a, b = gaussian_init(20, 12, 4, torch.Generator().manual_seed(0))
+    assert a.shape == (4, 12) and b.shape == (20, 4) and not b.any()
+    assert a.abs().max() <= 1 / math.sqrt(12) and a.abs().max() > 0.5 / math.sqrt(12)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_export_equals_the_trained_layer(use_rslora):
+    g = torch.Generator().manual_seed(5)
+    d_out, d_in, r = 18, 30, 3
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    u_s = _orthonormal(d_out, 4, 6)
+    a0, b0 = salora_init(w, r, _orthonormal(d_out, 5, 7))
+    a = a0 + 0.1 * torch.randn(r, d_in, generator=g, dtype=torch.float64)  # "trained"
+    b = b0 + 0.1 * torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    alpha = 8.0
+    s = alpha / math.sqrt(r) if use_rslora else alpha / r
+    c = torch.eye(d_out, dtype=torch.float64) - u_s @ u_s.T
+    trained = residual_weight(w, a0, b0, u_s, s) + s * c @ b @ a
+    lora_a, lora_b = export_factors(a, b, a0, b0, u_s)
+    assert lora_a.shape == (2 * r, d_in) and lora_b.shape == (d_out, 2 * r)
+    alpha2 = export_alpha(alpha, use_rslora, 2)
+    s2 = alpha2 / math.sqrt(2 * r) if use_rslora else alpha2 / (2 * r)  # PEFT's scaling of the export
+    assert s2 == pytest.approx(s, rel=1e-15)
+    exported = w + s2 * lora_b.double() @ lora_a.double()
+    assert torch.allclose(exported, trained, atol=1e-5)  # factors are float32
+    assert (u_s.T @ lora_b.double()).abs().max() < 1e-6  # the export cannot reach the safety subspace
+
+
+def test_project_out_is_the_orthogonal_complement():
+    u = _orthonormal(10, 3, 0).float()
+    y = torch.randn(4, 7, 10)
+    cy = project_out(y, u)
+    assert (cy @ u).abs().max() < 1e-5
+    assert torch.allclose(project_out(cy, u), cy, atol=1e-6)  # idempotent
+
+
+# ---------------------------------------------------------------- tiny model fixtures
+
+
+@pytest.fixture(scope="module")
+def safety_file(tiny_model_dir, tiny_calibration_prompts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-safety") / "safety.safetensors"
+    result = CliRunner().invoke(main, [
+        "calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
+        "--max-new-tokens", "8", "--targets", ",".join(TARGETS), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train-data") / "data.jsonl"
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in WORDS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _options(**kw):
+    from salora_merge.train import TrainOptions
+    from salora_merge.trainer import FitOptions
+
+    fit = FitOptions(max_steps=kw.pop("steps", 12), lr=kw.pop("lr", 5e-3), batch_size=4, grad_accum=1,
+                     logging_steps=1, save_steps=kw.pop("save_steps", 1000), show_progress=False, warmup_ratio=0.0,
+                     scheduler="constant")
+    return TrainOptions(rank=kw.pop("rank", 4), alpha=kw.pop("alpha", 8.0), task_rank=6, targets=TARGETS,
+                        device="cpu", fit=fit, **kw)
+
+
+def _prepared(tiny_model_dir, safety_file, data_file, **kw):
+    from salora_merge.io.safety_file import load_safety_module
+    from salora_merge.models import load_tokenizer
+    from salora_merge.resolve import resolve_model
+    from salora_merge.train import prepare_model, train_examples
+    from salora_merge.train_data import load_conversations
+
+    base = resolve_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(base.folder)
+    examples = train_examples(tokenizer, load_conversations(data_file), 128, "data")
+    options = _options(**kw)
+    return prepare_model(base, load_safety_module(safety_file), examples, options), examples, options
+
+
+def _batch(tokenizer):
+    texts = ["Repeat the word zulu.", "How are safety features kept?"]
+    enc = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(map(len, enc))
+    ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in enc])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+    return ids, mask
+
+
+def _base_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------- model level
+
+
+@pytest.mark.parametrize("init", ["salora", "pissa", "gaussian"])
+def test_initialization_leaves_outputs_unchanged(tiny_model_dir, safety_file, data_file, init):
+    prepared, _, _ = _prepared(tiny_model_dir, safety_file, data_file, init=init)
+    assert len(prepared.layers) == 2 * len(TARGETS)
+    if init != "gaussian":  # the trainable factors really start non-zero
+        assert all(layer.lora_B.abs().max() > 0 for layer in prepared.layers.values())
+    ids, mask = _batch(prepared.tokenizer)
+    with torch.no_grad():
+        got = prepared.model(input_ids=ids, attention_mask=mask).logits
+        want = _base_model(tiny_model_dir)(input_ids=ids, attention_mask=mask).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_training_keeps_safety_features_loss_falls_and_export_equals_model(
+        tiny_model_dir, safety_file, data_file, tmp_path):
+    """During training U_s^T of every adapted layer's output equals the base layer's on the same input; the
+    loss falls; the exported rank-2r adapter, loaded by stock PEFT on the untouched base, equals the model."""
+    from peft import PeftModel
+    from transformers import TrainerCallback
+
+    from salora_merge.io.adapter import write_adapter
+    from salora_merge.train import adapter_config, export_modules
+    from salora_merge.trainer import fit
+
+    prepared, examples, options = _prepared(tiny_model_dir, safety_file, data_file, steps=30, lr=5e-2)
+    base = _base_model(tiny_model_dir)
+    original = {name: base.get_submodule(name) for name in prepared.layers}
+    checks: list[float] = []
+
+    class SafetyInvariant(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                worst = 0.0
+                for name, layer in prepared.layers.items():
+                    x = torch.randn(16, layer.in_features)
+                    u = layer.safety_basis
+                    drift = (layer(x) - original[name](x)) @ u  # U_s^T (h - h_base): zero up to round-off
+                    # What the same factors would move without C (the constraint is doing real work):
+                    free = layer.scaling * (x @ (layer.lora_B @ layer.lora_A - layer.lora_B0 @ layer.lora_A0).T) @ u
+                    worst = max(worst, float(drift.abs().max() / free.abs().max()))
+                checks.append(worst)
+
+    from salora_merge.task_eval import mean_nll, score_examples
+
+    pad = prepared.tokenizer.pad_token_id
+    nll_before = mean_nll(score_examples(prepared.model.eval(), examples, pad))
+    start_b = {n: layer.lora_B.detach().clone() for n, layer in prepared.layers.items()}
+    result = fit(prepared.model, examples, prepared.tokenizer.pad_token_id, options.fit, tmp_path / "ckpt",
+                 callbacks=[SafetyInvariant()])
+    assert result.global_step == 30 and len(checks) == 30
+    assert max(checks) < 1e-4, max(checks)
+    assert any((layer.lora_B - start_b[n]).abs().max() > 1e-3 for n, layer in prepared.layers.items())
+    # The loss falls: the same examples, scored deterministically before and after (a random 2-layer model
+    # with hidden size 32 starts near ln(vocab) and cannot fit much; SmolLM2's run is in test_e2e_smollm2).
+    nll_after = mean_nll(score_examples(prepared.model.eval(), examples, pad))
+    assert nll_after < nll_before - 0.1, (nll_before, nll_after)
+
+    modules = export_modules(prepared.layers)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    write_adapter(folder, adapter_config(options, str(tiny_model_dir), list(TARGETS), True), modules, {})
+    peft_model = PeftModel.from_pretrained(_base_model(tiny_model_dir), str(folder)).eval()
+    assert peft_model.peft_config["default"].r == 2 * options.rank
+    prepared.model.eval()
+    ids, mask = _batch(prepared.tokenizer)
+    with torch.no_grad():
+        want = prepared.model(input_ids=ids, attention_mask=mask).logits
+        got = peft_model(input_ids=ids, attention_mask=mask).logits
+        moved = (want - base(input_ids=ids, attention_mask=mask).logits).abs().max()
+    assert moved > 1e-2  # training changed the model, so the equality below means something
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def _cli_train(tiny_model_dir, safety_file, data_file, out, *extra):
+    return CliRunner().invoke(main, [
+        "train", "--base", str(tiny_model_dir), "--data", str(data_file), "--safety", str(safety_file),
+        "--rank", "4", "--alpha", "8", "--task-rank", "6", "--targets", "q_proj,v_proj", "--lr", "1e-2",
+        "--batch-size", "4", "--grad-accum", "1", "--device", "cpu", "--quiet", "-o", str(out), *extra])
+
+
+def test_cli_train_writes_a_peft_adapter_and_merges(tiny_model_dir, safety_file, data_file, tmp_path):
+    from peft import PeftModel
+
+    out, merged = tmp_path / "adapter", tmp_path / "merged"
+    result = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--use-rslora",
+                        "--merge-to", str(merged), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["global_step"] == 6 and report["export_rank"] == 8
+    assert report["export_alpha"] == pytest.approx(8 * math.sqrt(2))
+    assert report["safety_energy"] < 1e-10
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "salora_train.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["use_rslora"] is True
+    assert not (tmp_path / "adapter.checkpoints").exists()  # removed after success
+    # The merged model equals stock PEFT with the exported adapter on the untouched base.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(_base_model(tiny_model_dir), str(out)).eval()(
+            input_ids=ids, attention_mask=mask).logits
+        got = AutoModelForCausalLM.from_pretrained(str(merged)).eval()(input_ids=ids, attention_mask=mask).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_cli_train_resumes_from_a_checkpoint(tiny_model_dir, safety_file, data_file, tmp_path, monkeypatch):
+    """Interrupted after a checkpoint, --resume finishes with the same adapter as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import salora_merge.trainer as trainer_module
+
+    full = tmp_path / "full"
+    full_result = _cli_train(tiny_model_dir, safety_file, data_file, full, "--max-steps", "6", "--logging-steps", "1",
+                             "--json")
+    assert full_result.exit_code == 0, full_result.output
+
+    out = tmp_path / "resumed"
+    real_fit = trainer_module.fit
+
+    def interrupted_fit(*args, **kwargs):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                if state.global_step == 4:
+                    raise KeyboardInterrupt
+
+        kwargs["callbacks"] = [*kwargs.get("callbacks", ()), Stop()]
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr("salora_merge.train.fit", interrupted_fit)
+    result = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--save-steps", "3",
+                        "--logging-steps", "1")
+    assert result.exit_code == 130
+    assert not out.exists()
+    assert (tmp_path / "resumed.checkpoints" / "checkpoint-3" / "salora_state.safetensors").is_file()
+    monkeypatch.setattr("salora_merge.train.fit", real_fit)
+
+    again = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--save-steps", "3",
+                       "--logging-steps", "1")
+    assert again.exit_code == 1 and "--resume" in again.output  # never silently restarts over checkpoints
+    changed = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--save-steps", "3",
+                         "--resume", "--lr", "5e-3", "--logging-steps", "1")
+    assert changed.exit_code == 1 and "option lr differs" in changed.output, changed.output
+    resumed = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--save-steps", "3",
+                         "--resume", "--json", "--logging-steps", "1")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed_from"].endswith("checkpoint-3")
+    # The step after the checkpoint sees the same weights, batch and learning rate as the uninterrupted run,
+    # so its logged loss is the same. Later steps agree only to round-off: CPU BLAS is not bit-reproducible
+    # across processes, and Adam turns round-off in near-zero gradient entries into +-lr steps.
+    want = dict(json.loads(full_result.stdout)["losses"])
+    got = dict(json.loads(resumed.stdout)["losses"])
+    assert sorted(got) == [1, 2, 3, 4, 5, 6] and got[4] == pytest.approx(want[4], abs=1e-6)
+    assert got[6] == pytest.approx(want[6], abs=2e-2)
+    assert not (tmp_path / "resumed.checkpoints").exists()  # removed after success
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "x", "output": "y"}\nnot json\n', "data.jsonl:2: not valid JSON"),
+    ('{"question": "x"}\n', "data.jsonl:1: expected 'messages'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "data.jsonl:1: the conversation has no assistant turn"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "data.jsonl:1: messages[0] must be"),
+    ('{"prompt": "a", "response": "b"}\n{"instruction": "x", "output": "y"}\n', "data.jsonl:2: a 'instruction' record"),
+    ("", "holds no records"),
+])
+def test_bad_training_data_is_one_line(tiny_model_dir, safety_file, tmp_path, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    result = _cli_train(tiny_model_dir, safety_file, data, tmp_path / "out")
+    assert result.exit_code == 1
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_options_and_mismatched_safety(tiny_model_dir, other_model_dir, safety_file, data_file,
+                                           tiny_calibration_prompts, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        (["--rank", "0"], "--rank must be positive"),
+        (["--rank", "17"], "--rank 17 exceeds the dimensions"),
+        (["--targets", "gate_proj"], "has no safety basis for model.layers.0.mlp.gate_proj"),
+        (["--targets", "nope"], "--targets 'nope' matches no linear layer"),
+        (["--resume"], "holds no training run to resume"),
+    ]
+    for extra, message in cases:
+        result = _cli_train(tiny_model_dir, safety_file, data_file, out, *extra)
+        assert result.exit_code == 1 and message in result.output, (extra, result.output)
+        assert not out.exists()
+    result = _cli_train(other_model_dir, safety_file, data_file, out)
+    assert result.exit_code == 1 and "computed for base model" in result.output
+    inside = tmp_path / "input-side.safetensors"
+    assert CliRunner().invoke(main, [
+        "calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
+        "--max-new-tokens", "4", "--side", "input", "--targets", "q_proj,v_proj", "-o", str(inside)]).exit_code == 0
+    result = _cli_train(tiny_model_dir, inside, data_file, out)
+    assert result.exit_code == 1 and "needs an output-side one" in result.output
+    out.mkdir()
+    result = _cli_train(tiny_model_dir, safety_file, data_file, out)
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_multi_turn_conversations_learn_only_assistant_turns(tiny_model_dir):
+    from salora_merge.models import chat_prompt_ids, load_tokenizer
+    from salora_merge.train_data import IGNORE, tokenize_conversation
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    conversation = (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"),
+                    ("assistant", "Ciao"))
+    example = tokenize_conversation(tokenizer, conversation, 512)
+    learned = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    assert learned == "Hello<|im_end|>\nCiao<|im_end|>\n"
+    # The context before the first answer is tokenized exactly as at inference.
+    prompt = chat_prompt_ids(tokenizer, "Hi")
+    single = tokenize_conversation(tokenizer, (("user", "Hi"), ("assistant", "Hello")), 512)
+    assert single.input_ids[: single.prompt_length] == prompt
+    assert tokenize_conversation(tokenizer, conversation, 5) is None  # truncation left no learned token
