@@ -24,7 +24,7 @@ from .progress import Progress, silent
 from .prompts import load_prompt_set
 from .task_eval import agreement, mean_nll, score_examples, target_accuracy
 from .train import TrainOptions, finish, prepare_run, train_adapter, train_examples, write_trained
-from .train_data import Conversation, conversations_digest, conversations_from_pairs, load_conversations, split_holdout
+from .train_data import TokenizedExample, example_from_ids, examples_digest, load_conversations, split_holdout
 
 __all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
 
@@ -72,13 +72,19 @@ class RetrainReport:
         return data
 
 
-def _distill(model, tokenizer, factors, prompts: Sequence[str], options: RetrainOptions,
-             progress: Progress) -> tuple[list[str], list[list[int]]]:
-    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    with progress("generating the adapter's answers", len(ids)) as advance, lora_applied(model, factors):
-        out = generate_greedy(model, tokenizer, ids, options.max_new_tokens, options.generation_batch_size,
+def _distill(model, tokenizer, factors, prompt_ids: Sequence[list[int]], options: RetrainOptions,
+             progress: Progress) -> list[list[int]]:
+    """The adapter's greedy answers as token ids, with the end-of-turn token kept when it stopped on it."""
+    with progress("generating the adapter's answers", len(prompt_ids)) as advance, lora_applied(model, factors):
+        out = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens, options.generation_batch_size,
                               on_batch=advance)
-    return [tokenizer.decode(r, skip_special_tokens=True) for r in out], out
+    eos = tokenizer.eos_token_id
+    return [r + [eos] if len(r) < options.max_new_tokens else r for r in out]
+
+
+def _distilled_examples(prompt_ids, answers, max_length: int) -> list[TokenizedExample]:
+    out = [example_from_ids(p, a, max_length) for p, a in zip(prompt_ids, answers)]
+    return [e for e in out if e is not None]
 
 
 def run_retrain(
@@ -113,48 +119,50 @@ def run_retrain(
     device = pick_device(train_options.device)
     tokenizer = load_tokenizer(base.folder)
     model = load_causal_lm(base.folder, device)
-    teacher_ids: list[list[int]] | None = None
+    max_length = train_options.max_length
+    heldout_prompt_ids: list[list[int]] | None = None
+    teacher: list[list[int]] = []
     if options.data is not None:
-        conversations: list[Conversation] = load_conversations(Path(options.data))
-        train_set, heldout = split_holdout(conversations, options.holdout, options.max_holdout)
+        conversations = load_conversations(Path(options.data))
+        train_set, heldout_set = split_holdout(conversations, options.holdout, options.max_holdout)
+        train_set_examples = train_examples(tokenizer, train_set, max_length, str(options.data))
+        heldout = train_examples(tokenizer, heldout_set, max_length, f"{options.data} (held-out part)")
         source, label = "data", str(options.data)
     else:
         prompts = list(load_prompt_set(str(options.prompts)).prompts)
-        train_prompts, heldout_prompts = split_holdout(prompts, options.holdout, options.max_holdout)
-        answers, generated = _distill(model, tokenizer, old_factors, train_prompts + heldout_prompts, options, progress)
-        pairs = [(p, a, g) for p, a, g in zip(train_prompts + heldout_prompts, answers, generated)]
-        train_pairs = [x for x in pairs[: len(train_prompts)] if x[1].strip()]
-        heldout_pairs = [x for x in pairs[len(train_prompts):] if x[1].strip()]
-        if not train_pairs or not heldout_pairs:
-            raise InputError(f"--prompts {options.prompts}: the adapter gave empty answers to every "
-                             f"{'training' if not train_pairs else 'held-out'} prompt; nothing to distill")
-        train_set = conversations_from_pairs([p for p, _, _ in train_pairs], [a for _, a, _ in train_pairs])
-        heldout = conversations_from_pairs([p for p, _, _ in heldout_pairs], [a for _, a, _ in heldout_pairs])
-        teacher_ids = [g for _, _, g in heldout_pairs]
-        heldout_prompts = [p for p, _, _ in heldout_pairs]
-        source, label = "distilled", f"{options.prompts} (answers of {adapter_ref})"
+        prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+        train_ids, heldout_prompt_ids = split_holdout(prompt_ids, options.holdout, options.max_holdout)
+        answers = _distill(model, tokenizer, old_factors, train_ids + heldout_prompt_ids, options, progress)
+        teacher = answers[len(train_ids):]
+        train_set_examples = _distilled_examples(train_ids, answers[: len(train_ids)], max_length)
+        heldout = _distilled_examples(heldout_prompt_ids, teacher, max_length)
+        if not train_set_examples or not heldout:
+            raise InputError(f"--prompts {options.prompts}: no answer of the adapter fits --max-length {max_length}; "
+                             "raise --max-length")
+        source, label = "distilled", f"{options.prompts} (greedy answers of {adapter_ref})"
     del model
 
-    trained = train_adapter(base, fingerprint, safety, safety_path, train_set, label, conversations_digest(train_set),
-                            out, train_options, checkpoint_dir, resume, overwrite, progress, echo)
+    trained = train_adapter(base, fingerprint, safety, safety_path, train_set_examples, label,
+                            examples_digest(train_set_examples), out, train_options, checkpoint_dir, resume,
+                            overwrite, progress, echo)
 
     model = load_causal_lm(base.folder, device)
     new_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.modules.items()}
-    examples = train_examples(tokenizer, heldout, train_options.max_length, "held-out examples")
     pad = tokenizer.pad_token_id
-    scores_base = score_examples(model, examples, pad)
+    scores_base = score_examples(model, heldout, pad)
     with lora_applied(model, old_factors):
-        scores_old = score_examples(model, examples, pad)
+        scores_old = score_examples(model, heldout, pad)
     with lora_applied(model, new_factors):
-        scores_new = score_examples(model, examples, pad)
+        scores_new = score_examples(model, heldout, pad)
     exact = None
-    if teacher_ids is not None:
-        _, new_ids = _distill(model, tokenizer, new_factors, heldout_prompts, options, progress)
-        exact = sum(a == b for a, b in zip(teacher_ids, new_ids)) / len(teacher_ids)
+    if heldout_prompt_ids is not None:
+        answers_new = _distill(model, tokenizer, new_factors, heldout_prompt_ids, options, progress)
+        exact = sum(a == b for a, b in zip(teacher, answers_new)) / len(teacher)
     old_score = summarize(module_scores(old_factors, {n: safety.bases[n] for n in old_factors if n in safety.bases}))
     new_score = summarize(module_scores(new_factors, {n: safety.bases[n] for n in new_factors}))
     report = RetrainReport(
-        adapter=str(adapter_ref), source=source, train_examples=len(train_set), heldout_examples=len(examples),
+        adapter=str(adapter_ref), source=source, train_examples=len(train_set_examples),
+        heldout_examples=len(heldout),
         nll={"base": mean_nll(scores_base), "original": mean_nll(scores_old), "retrained": mean_nll(scores_new)},
         target_accuracy={"base": target_accuracy(scores_base), "original": target_accuracy(scores_old),
                          "retrained": target_accuracy(scores_new)},
@@ -164,7 +172,7 @@ def run_retrain(
         train=trained.report.to_json(),
     )
     trained.report = replace(trained.report, merged=str(merge_to) if merge_to else None)
-    note = (f"\nRetrained from `{adapter_ref}` ({source}). On {len(examples)} held-out examples: NLL per target "
+    note = (f"\nRetrained from `{adapter_ref}` ({source}). On {len(heldout)} held-out examples: NLL per target "
             f"token {report.nll['original']:.3f} (original) vs {report.nll['retrained']:.3f} (retrained), "
             f"base {report.nll['base']:.3f}; argmax agreement {report.agreement:.3f}. Safety-subspace energy "
             f"share {old_score.rho:.2e} -> {new_score.rho:.2e}. Figures: `{REPORT_NAME}`.\n")

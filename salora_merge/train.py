@@ -361,7 +361,7 @@ def train_adapter(
     fingerprint: str,
     safety: SafetyModule,
     safety_path: Path,
-    conversations,
+    examples: Sequence[TokenizedExample],
     data_label: str,
     data_digest: str,
     out: Path,
@@ -373,10 +373,8 @@ def train_adapter(
     echo: Callable[[str], None] | None = None,
     callbacks: Sequence[object] = (),
 ) -> TrainedAdapter:
-    """Initialize, train (resuming from a checkpoint when asked) and export, in memory."""
+    """Initialize, train on tokenized ``examples`` (resuming from a checkpoint when asked) and export, in memory."""
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(out).parent / f"{Path(out).name}.checkpoints"
-    tokenizer = load_tokenizer(base.folder)
-    examples = train_examples(tokenizer, conversations, options.max_length, data_label)
     key = _run_key(fingerprint, Path(safety_path), data_digest, options)
     resume_from = _resume_point(checkpoint_dir, key, resume, overwrite)
     resume_state = read_state(resume_from) if resume_from is not None else None
@@ -457,7 +455,8 @@ def run_train(
     """Train a SaLoRA adapter on ``conversations`` and write the portable PEFT adapter to ``out``."""
     options.validate()
     base, fingerprint, safety = prepare_run(base_ref, safety_path, out, overwrite, merge_to)
-    trained = train_adapter(base, fingerprint, safety, safety_path, conversations, data_label, data_digest, out,
+    examples = train_examples(load_tokenizer(base.folder), conversations, options.max_length, data_label)
+    trained = train_adapter(base, fingerprint, safety, safety_path, examples, data_label, data_digest, out,
                             options, checkpoint_dir, resume, overwrite, progress, echo, callbacks)
     trained.report = replace(trained.report, merged=str(merge_to) if merge_to else None)
     write_trained(trained, out, overwrite)

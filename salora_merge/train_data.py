@@ -20,7 +20,8 @@ from typing import Sequence
 from .errors import InputError
 
 __all__ = ["Conversation", "TokenizedExample", "load_conversations", "conversations_from_pairs",
-           "tokenize_conversation", "tokenize_all", "conversations_digest", "split_holdout"]
+           "tokenize_conversation", "tokenize_all", "conversations_digest", "examples_digest", "split_holdout",
+           "example_from_ids"]
 
 IGNORE = -100
 _ROLES = ("system", "user", "assistant")
@@ -110,6 +111,20 @@ def conversations_from_pairs(prompts: Sequence[str], responses: Sequence[str]) -
 
 def conversations_digest(conversations: Sequence[Conversation]) -> str:
     return hashlib.sha256(json.dumps(list(conversations), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def examples_digest(examples: Sequence[TokenizedExample]) -> str:
+    payload = json.dumps([[e.input_ids, e.labels] for e in examples])
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def example_from_ids(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int) -> TokenizedExample | None:
+    """An example from token ids (a generated response kept exactly as generated, never re-tokenized)."""
+    ids = (list(prompt_ids) + list(response_ids))[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + list(response_ids))[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None
+    return TokenizedExample(ids, labels)
 
 
 def split_holdout(items: Sequence, fraction: float, at_most: int) -> tuple[list, list]:

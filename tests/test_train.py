@@ -374,3 +374,58 @@ def test_multi_turn_conversations_learn_only_assistant_turns(tiny_model_dir):
     single = tokenize_conversation(tokenizer, (("user", "Hi"), ("assistant", "Hello")), 512)
     assert single.input_ids[: single.prompt_length] == prompt
     assert tokenize_conversation(tokenizer, conversation, 5) is None  # truncation left no learned token
+
+
+# ---------------------------------------------------------------- retrain
+
+
+def _cli_retrain(tiny_model_dir, safety_file, adapter, out, *extra):
+    return CliRunner().invoke(main, [
+        "retrain", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--safety", str(safety_file),
+        "--task-rank", "6", "--lr", "1e-2", "--batch-size", "4", "--grad-accum", "1", "--device", "cpu", "--quiet",
+        "--max-new-tokens", "8", "-o", str(out), *extra])
+
+
+def test_retrain_by_distillation_reports_the_comparison(tiny_model_dir, safety_file, tmp_path):
+    from conftest import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "old", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    prompts = tmp_path / "task.txt"
+    prompts.write_text("".join(f"Spell the word {w} backwards.\n" for w in WORDS))
+    out = tmp_path / "new"
+    result = _cli_retrain(tiny_model_dir, safety_file, adapter, out, "--prompts", str(prompts), "--max-steps", "8",
+                          "--holdout", "0.25", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["source"] == "distilled" and report["heldout_examples"] == 4 and report["train_examples"] == 12
+    train = report["train"]
+    assert train["rank"] == 4 and train["alpha"] == 8 and train["export_rank"] == 8  # the old adapter's r and alpha
+    for key in ("base", "original", "retrained"):
+        assert math.isfinite(report["nll"][key]) and 0 <= report["target_accuracy"][key] <= 1
+    # The held-out targets are the original adapter's own greedy answers: it predicts them best.
+    assert report["target_accuracy"]["original"] == 1.0
+    assert report["target_accuracy"]["base"] < 1.0  # so the adapter changes the answers
+    assert 0 <= report["agreement"] <= 1 and 0 <= report["exact_match"] <= 1
+    assert report["weight_space"]["original"] > 1e-3 and report["weight_space"]["retrained"] < 1e-10
+    assert (out / "salora_retrain.json").is_file() and (out / "adapter_config.json").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_retrain_with_task_data_and_bad_input(tiny_model_dir, safety_file, data_file, tmp_path):
+    from conftest import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "old", r=2, lora_alpha=4, target_modules=["v_proj"])
+    out = tmp_path / "new"
+    result = _cli_retrain(tiny_model_dir, safety_file, adapter, out, "--data", str(data_file), "--max-steps", "4",
+                          "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["source"] == "data" and report["exact_match"] is None
+    assert report["heldout_examples"] == 2 and report["train"]["rank"] == 2
+    both = _cli_retrain(tiny_model_dir, safety_file, adapter, tmp_path / "x", "--data", str(data_file),
+                        "--prompts", "p.txt")
+    assert both.exit_code == 1 and "exactly one of --data" in both.output
+    missing = _cli_retrain(tiny_model_dir, safety_file, tmp_path / "nope", tmp_path / "x", "--data", str(data_file))
+    assert missing.exit_code == 1 and "not a folder and not a Hub id" in missing.output
+    assert not (tmp_path / "x").exists()
