@@ -112,3 +112,54 @@ def test_audit_smollm2_adapter_and_its_realigned_copy(tmp_path):
     assert refs == {"q_proj": pytest.approx(32 / 576), "v_proj": pytest.approx(32 / 192)}
     assert report["behavior"]["prompt_sets"]["harmful"]["name"].startswith("harmbench-standard")
     assert all(e["behavior"]["adapter"]["n"] == {"harmful": 3, "benign": 3, "overrefusal": 3} for e in report["adapters"])
+
+
+def test_salora_training_on_smollm2(tmp_path):
+    """A short real SaLoRA run: outputs equal the base at step 0, the loss falls, and the exported rank-2r
+    adapter loaded by stock PEFT on the untouched base gives the trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from salora_merge.io.adapter import write_adapter
+    from salora_merge.models import load_tokenizer
+    from salora_merge.resolve import resolve_model
+    from salora_merge.train import TrainOptions, adapter_config, export_modules, prepare_model, train_examples
+    from salora_merge.train_data import conversations_from_pairs
+    from salora_merge.trainer import FitOptions, fit
+
+    safety_path = tmp_path / "safety.safetensors"
+    result = CliRunner().invoke(main, ["calibrate", "--base", "smollm2-135m-instruct", "--max-prompts", "8",
+                                       "--max-new-tokens", "16", "--targets", "q_proj,v_proj", "--device", "cpu",
+                                       "-o", str(safety_path)])
+    assert result.exit_code == 0, result.output
+    words = ("apple river stone cloud maple tiger violin harbor candle forest pepper silver rocket garden lemon "
+             "castle").split()
+    conversations = conversations_from_pairs([f"Write the word '{w}' in capital letters, nothing else." for w in words],
+                                             [w.upper() for w in words])
+    base = resolve_model("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(base.folder)
+    examples = train_examples(tokenizer, conversations, 128, "words")
+    options = TrainOptions(rank=8, alpha=16, task_rank=32, device="cpu", fit=FitOptions(
+        max_steps=16, lr=1e-3, batch_size=4, grad_accum=1, logging_steps=1, show_progress=False, warmup_ratio=0.0))
+    prepared = prepare_model(base, load_safety_module(safety_path), examples, options)
+    reference = AutoModelForCausalLM.from_pretrained(str(base.folder), dtype=torch.float32).eval()
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        start = prepared.model.eval()(input_ids=ids).logits
+    assert (start - want).abs().max() < 1e-3 * want.abs().max()  # W_res + s C B0 A0 = W
+
+    result = fit(prepared.model, examples, tokenizer.pad_token_id, options.fit, tmp_path / "ckpt")
+    losses = [loss for _, loss in result.losses]
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    write_adapter(folder, adapter_config(options, base.model_id, ["q_proj", "v_proj"], True),
+                  export_modules(prepared.layers), {})
+    peft_model = PeftModel.from_pretrained(reference, str(folder)).eval()
+    with torch.no_grad():
+        trained = prepared.model.eval()(input_ids=ids).logits
+        exported = peft_model(input_ids=ids).logits
+    assert (trained - start).abs().max() > 1.0  # training moved the logits
+    assert (exported - trained).abs().max() < 1e-3 * trained.abs().max()
