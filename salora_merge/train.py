@@ -1,8 +1,9 @@
 """SaLoRA training: task-specific initialization, training under the fixed safety module, portable export.
 
-Order (method.md sections 2-4): every statistic is collected from the unmodified model first; then
-``W`` becomes ``W_res = W - s C B0 A0`` and ``A``, ``B`` train with ``C`` fixed; the result is written
-as a plain PEFT LoRA of rank ``2r`` that stock PEFT loads on the untouched base.
+Order (method.md sections 2-4): every statistic is collected from the unmodified model first; then each
+target layer computes ``W_res x + s C (B (A x))`` with ``W_res = W - s C B0 A0`` (applied as a fixed
+low-rank term, the base weight is never changed) and ``A``, ``B`` train with ``C`` fixed; the result is
+written as a plain PEFT LoRA of rank ``2r`` that stock PEFT loads on the untouched base.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from .safety import SafetyModule, check_same_base, compute_safety_bases
 from .salora_layer import LayerInit, SaLoRALinear, inject
 from .train_data import TokenizedExample, tokenize_all
 from .trainer import FitOptions, FitResult, fit, last_checkpoint, read_state
-from .training_math import (INITS, export_alpha, export_factors, gaussian_init, pissa_init, residual_weight,
-                            salora_init)
+from .training_math import INITS, export_alpha, export_factors, gaussian_init, pissa_init, salora_init
 
 __all__ = ["TrainOptions", "TrainReport", "PreparedModel", "TrainedAdapter", "prepare_model", "export_modules",
            "adapter_config", "prepare_run", "train_adapter", "write_trained", "finish", "run_train",
@@ -242,12 +242,10 @@ def prepare_model(
         else:
             a0, b0 = (salora_init(weight, options.rank, task_bases[name]) if options.init == "salora"
                       else pissa_init(weight, options.rank))
-            # Rounded to float32 before W_res is formed: the checkpoint stores these float32 values, so a
-            # resumed run rebuilds exactly the same W_res.
+            # The layers hold float32 factors (what checkpoints store), so a resumed run is rebuilt exactly.
             a0, b0 = a0.to(torch.float32), b0.to(torch.float32)
             a, b = a0, b0
-        residual = residual_weight(weight, a0, b0, basis, s) if a0 is not None else weight.clone()
-        inits[name] = LayerInit(a=a, b=b, a0=a0, b0=b0, residual=residual, safety_basis=basis, scaling=s)
+        inits[name] = LayerInit(a=a, b=b, a0=a0, b0=b0, safety_basis=basis, scaling=s)
     layers = inject(model, inits, options.dropout)
     model.config.use_cache = False
     return PreparedModel(model=model, tokenizer=tokenizer, layers=layers, safety=safety, base=base,

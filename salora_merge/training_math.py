@@ -65,7 +65,7 @@ def salora_init(weight: torch.Tensor, rank: int, task_basis: torch.Tensor) -> tu
     if task_basis.shape[0] != weight.shape[0]:
         raise ValueError(f"task basis has {task_basis.shape[0]} rows, the weight has d_out = {weight.shape[0]}")
     a0, b0 = pissa_init(weight, rank)
-    ut = task_basis.to(torch.float64)
+    ut = task_basis.to(device=b0.device, dtype=torch.float64)
     return a0, ut @ (ut.T @ b0)
 
 
@@ -88,8 +88,10 @@ def residual_weight(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, sa
 
     ``U_s^T W_res = U_s^T W``: the residual keeps the base model's safety features exactly.
     """
-    b0c = project_out(b0.to(torch.float64).T, safety_basis.to(torch.float64)).T  # C B0, (d_out, r)
-    w = weight.to(torch.float64) - scaling * (b0c @ a0.to(torch.float64))
+    device = weight.device
+    u = safety_basis.to(device=device, dtype=torch.float64)
+    b0c = project_out(b0.to(device=device, dtype=torch.float64).T, u).T  # C B0, (d_out, r)
+    w = weight.to(torch.float64) - scaling * (b0c @ a0.to(device=device, dtype=torch.float64))
     return w.to(weight.dtype)
 
 
@@ -100,12 +102,12 @@ def export_factors(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor | None, b0
     ``W + s [C B, -C B0] [A ; A0] = W_res + s C B A``. Without an initial part (``a0 is None``, the
     gaussian initialization) the export keeps rank ``r``: ``(A, C B)``.
     """
-    u = safety_basis.to(torch.float64)
+    u = safety_basis.to(device=b.device, dtype=torch.float64)
     cb = project_out(b.detach().to(torch.float64).T, u).T
     if a0 is None or b0 is None:
         return a.detach().to(torch.float32).clone(), cb.to(torch.float32)
-    cb0 = project_out(b0.to(torch.float64).T, u).T
-    lora_a = torch.cat([a.detach().to(torch.float64), a0.to(torch.float64)], dim=0)
+    cb0 = project_out(b0.to(device=b.device, dtype=torch.float64).T, u).T
+    lora_a = torch.cat([a.detach().to(torch.float64), a0.to(device=a.device, dtype=torch.float64)], dim=0)
     lora_b = torch.cat([cb, -cb0], dim=1)
     return lora_a.to(torch.float32), lora_b.to(torch.float32)
 
