@@ -48,6 +48,8 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_calibration.py
 	$(VENV)/bin/python benchmarks/bench_merge.py
 	$(VENV)/bin/python benchmarks/bench_audit.py
+	$(VENV)/bin/python benchmarks/bench_train.py --device cpu --batch 4 --length 256 --steps 8 --repeats 2 --output docs/train-benchmark-cpu.md
+	$(VENV)/bin/python benchmarks/bench_train.py --device cpu --batch 4 --length 256 --steps 8 --repeats 2 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --output docs/train-benchmark-cpu-all7.md
 
 clean:
 	rm -rf out .pytest_cache

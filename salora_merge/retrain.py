@@ -10,6 +10,7 @@ and in the weight-space safety score.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -109,6 +110,9 @@ def run_retrain(
     """
     options.validate()
     train_options.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("retrain generates and compares on one process; launch it without torchrun/accelerate "
+                         "(train supports multi-process runs)")
     from .resolve import resolve_adapter
 
     base, fingerprint, safety = prepare_run(base_ref, safety_path, out, overwrite, merge_to)

@@ -1,11 +1,9 @@
 """The SaLoRA linear layer used while training, and putting it into (and reading it out of) a model.
 
-``SaLoRALinear`` computes ``W_res x + b + s C (B (A x))`` (method.md section 3) with ``W``, the bias,
-``A0``, ``B0`` and ``C`` frozen; only ``lora_A`` and ``lora_B`` train. Neither ``W_res`` nor ``C`` is ever a
-dense matrix: ``W_res x = W x - s C B0 (A0 x)``, and ``C`` is applied to the factor,
-``C B = B - U_s (U_s^T B)`` (``d_out x r``, once per forward), which gives the same output as projecting
-every token's ``B (A x)`` at a cost that does not grow with the tokens. The LoRA path runs in the
-factors' dtype (float32, or the autocast dtype), as PEFT's does.
+``SaLoRALinear`` computes ``W_res x + b + s C (B (A x))`` (method.md section 3) with ``W_res``, the bias,
+``A0``, ``B0`` and ``C`` frozen; only ``lora_A`` and ``lora_B`` train. ``C`` is never a dense matrix: it is
+applied to the factor, ``C B = B - U_s (U_s^T B)``. The LoRA path runs in the factors' dtype (float32,
+or the autocast dtype), as PEFT's does.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ STATE_KEYS = ("lora_A", "lora_B", "lora_A0", "lora_B0")
 @dataclass(frozen=True)
 class LayerInit:
     """What one layer starts from: trainable ``A``/``B``, the fixed part ``A0``/``B0`` (None for gaussian),
-    the safety basis and the scaling."""
+    the safety basis and the scaling. The layer's weight already holds ``W_res``."""
 
     a: torch.Tensor  # (r, d_in)
     b: torch.Tensor  # (d_out, r)
@@ -38,24 +36,23 @@ class LayerInit:
 
 
 class SaLoRALinear(nn.Module):
-    """``y = W_res x + b + s C (B (A x))`` with ``W_res = W - s C B0 A0`` and ``C = I - U_s U_s^T`` fixed.
+    """``y = W_res x + b + s C (B (A x))`` with ``C = I - U_s U_s^T`` fixed.
 
-    ``W_res`` is never materialized: the layer keeps the base ``W`` untouched (no copy, no rounding of a
-    residual into the base dtype) and computes ``W x + [s C B, -s C B0] [A ; A0] x``, which is the same
-    function and exactly the exported rank-2r adapter's. At initialization (``A = A0``, ``B = B0``) the two
-    halves cancel exactly, so the layer returns ``W x + b`` bit for bit.
+    ``base.weight`` must already hold ``W_res = W - s C B0 A0`` (``prepare_model`` writes it in place, so the
+    layer costs no memory beyond the factors). The forward pass has the kernels of a PEFT LoRA layer plus
+    the projection of the factor ``s C B`` (two ``d_out x r`` products), so the safety constraint holds
+    by construction whatever optimizer or engine updates ``B``.
     """
 
     def __init__(self, base: nn.Linear, init: LayerInit, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
+        self.weight = base.weight  # W_res
         self.weight.requires_grad_(False)
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        device = base.weight.device
-        f32 = dict(device=device, dtype=torch.float32)
+        f32 = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(init.a.to(**f32).clone())
         self.lora_B = nn.Parameter(init.b.to(**f32).clone())
         a0 = init.a0 if init.a0 is not None else torch.zeros(0, self.in_features)
@@ -64,9 +61,6 @@ class SaLoRALinear(nn.Module):
         self.register_buffer("lora_B0", b0.to(**f32).clone())
         self.register_buffer("safety_basis", init.safety_basis.to(**f32).contiguous())
         self.scaling = float(init.scaling)
-        # The fixed half of the update's factor, -s C B0, formed once (d_out x r).
-        self.register_buffer("fixed_B", (-self.scaling * project_out(self.lora_B0.T, self.safety_basis).T).contiguous(),
-                             persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
@@ -74,21 +68,17 @@ class SaLoRALinear(nn.Module):
         return self.lora_A0.shape[0] > 0
 
     def projected_B(self) -> torch.Tensor:
-        """``s C B = s (B - U_s (U_s^T B))``, ``(d_out, r)``: the projection applied to the factor, once per
-        forward, costs ``O(d_out r r_s)`` whatever the number of tokens; ``C (B (A x)) = (C B)(A x)``."""
-        return self.scaling * project_out(self.lora_B.T, self.safety_basis).T
+        """``s C B = s B - s U_s (U_s^T B)``, ``(d_out, r)``, in one fused product after ``U_s^T B``.
+
+        Projecting the factor once per forward gives the same output as projecting every token's
+        ``B (A x)``, at a cost ``O(d_out r r_s)`` that does not grow with the tokens.
+        """
+        u = self.safety_basis
+        return torch.addmm(self.lora_B, u, u.T @ self.lora_B, beta=self.scaling, alpha=-self.scaling)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``s C (B A - B0 A0) x`` in float32 (or the autocast dtype)."""
-        h = x.to(self.lora_A.dtype)
-        cb = self.projected_B()
-        if not self.has_initial_part:
-            return F.linear(F.linear(self.dropout(h), self.lora_A), cb)
-        if isinstance(self.dropout, nn.Identity) or not self.training:  # one rank-2r path
-            a = torch.cat([self.lora_A, self.lora_A0], dim=0)
-            return F.linear(F.linear(h, a), torch.cat([cb, self.fixed_B], dim=1))
-        # Dropout acts on the trained path only; the fixed part stands for W_res and sees x itself.
-        return F.linear(F.linear(self.dropout(h), self.lora_A), cb) + F.linear(F.linear(h, self.lora_A0), self.fixed_B)
+        """``s C (B (A x))`` in float32 (or the autocast dtype)."""
+        return F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.projected_B())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)

@@ -1,14 +1,15 @@
 """SaLoRA training: task-specific initialization, training under the fixed safety module, portable export.
 
 Order (method.md sections 2-4): every statistic is collected from the unmodified model first; then each
-target layer computes ``W_res x + s C (B (A x))`` with ``W_res = W - s C B0 A0`` (applied as a fixed
-low-rank term, the base weight is never changed) and ``A``, ``B`` train with ``C`` fixed; the result is
-written as a plain PEFT LoRA of rank ``2r`` that stock PEFT loads on the untouched base.
+target weight is replaced in place by ``W_res = W - s C B0 A0`` and the layer computes
+``W_res x + s C (B (A x))`` while ``A``, ``B`` train with ``C`` fixed; the result is written as a plain PEFT
+LoRA of rank ``2r`` that stock PEFT loads on the untouched base.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -35,11 +36,12 @@ from .safety import SafetyModule, check_same_base, compute_safety_bases
 from .salora_layer import LayerInit, SaLoRALinear, inject
 from .train_data import TokenizedExample, tokenize_all
 from .trainer import FitOptions, FitResult, fit, last_checkpoint, read_state
-from .training_math import INITS, export_alpha, export_factors, gaussian_init, pissa_init, salora_init
+from .training_math import (INITS, export_alpha, export_factors, gaussian_init, pissa_init, residual_weight,
+                            salora_init)
 
 __all__ = ["TrainOptions", "TrainReport", "PreparedModel", "TrainedAdapter", "prepare_model", "export_modules",
            "adapter_config", "prepare_run", "train_adapter", "write_trained", "finish", "run_train",
-           "train_examples", "REPORT_NAME", "RUN_NAME"]
+           "train_examples", "is_main_process", "REPORT_NAME", "RUN_NAME"]
 
 REPORT_NAME = "salora_train.json"
 RUN_NAME = "salora_train_run.json"
@@ -213,6 +215,14 @@ def prepare_model(
         if options.init == "salora" and options.task_rank > d_out:
             raise InputError(f"--task-rank {options.task_rank} exceeds d_out {d_out} of {name}")
     _check_safety_covers(safety, names, safety_label)
+    shared = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(param.data_ptr(), []).append(pname)
+    for name in names:
+        owners = shared.get(linear[name].weight.data_ptr(), [])
+        if len(owners) > 1:
+            raise InputError(f"--targets: {name}.weight is shared with {owners[1] if owners[0].startswith(name) else owners[0]} "
+                             "(tied weights); SaLoRA rewrites the weight as W_res, so leave this module out")
 
     t0 = time.perf_counter()
     task_tokens = 0
@@ -242,9 +252,15 @@ def prepare_model(
         else:
             a0, b0 = (salora_init(weight, options.rank, task_bases[name]) if options.init == "salora"
                       else pissa_init(weight, options.rank))
-            # The layers hold float32 factors (what checkpoints store), so a resumed run is rebuilt exactly.
+            # Rounded to float32 before W_res is formed: checkpoints store these float32 values, so a resumed
+            # run rebuilds exactly the same W_res.
             a0, b0 = a0.to(torch.float32), b0.to(torch.float32)
             a, b = a0, b0
+        if a0 is not None:
+            # W_res = W - s C B0 A0 (float64, rounded once to the weight's dtype), written into W's own storage:
+            # no second copy of the weight, and a memory-mapped checkpoint's pages are copied on write only.
+            with torch.no_grad():
+                weight.copy_(residual_weight(weight, a0, b0, basis, s))
         inits[name] = LayerInit(a=a, b=b, a0=a0, b0=b0, safety_basis=basis, scaling=s)
     layers = inject(model, inits, options.dropout)
     model.config.use_cache = False
@@ -323,8 +339,15 @@ def _resume_point(folder: Path, key: dict, resume: bool, overwrite: bool) -> Pat
     return None
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun / accelerate launch: only rank 0 writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _start_checkpoints(folder: Path, key: dict) -> None:
     """A fresh checkpoint folder holding the run's key (replacing one without checkpoints, or with --overwrite)."""
+    if not is_main_process():
+        return
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -457,6 +480,8 @@ def run_train(
     trained = train_adapter(base, fingerprint, safety, safety_path, examples, data_label, data_digest, out,
                             options, checkpoint_dir, resume, overwrite, progress, echo, callbacks)
     trained.report = replace(trained.report, merged=str(merge_to) if merge_to else None)
+    if not is_main_process():
+        return trained.report
     write_trained(trained, out, overwrite)
     finish(base_ref, out, checkpoint_dir, keep_checkpoints, merge_to, overwrite, progress)
     return trained.report

@@ -161,8 +161,9 @@ def test_initialization_leaves_outputs_unchanged(tiny_model_dir, safety_file, da
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("init", ["salora", "gaussian"])
 def test_training_keeps_safety_features_loss_falls_and_export_equals_model(
-        tiny_model_dir, safety_file, data_file, tmp_path):
+        tiny_model_dir, safety_file, data_file, tmp_path, init):
     """During training U_s^T of every adapted layer's output equals the base layer's on the same input; the
     loss falls; the exported rank-2r adapter, loaded by stock PEFT on the untouched base, equals the model."""
     from peft import PeftModel
@@ -172,7 +173,7 @@ def test_training_keeps_safety_features_loss_falls_and_export_equals_model(
     from salora_merge.train import adapter_config, export_modules
     from salora_merge.trainer import fit
 
-    prepared, examples, options = _prepared(tiny_model_dir, safety_file, data_file, steps=30, lr=5e-2)
+    prepared, examples, options = _prepared(tiny_model_dir, safety_file, data_file, steps=30, lr=5e-2, init=init)
     base = _base_model(tiny_model_dir)
     original = {name: base.get_submodule(name) for name in prepared.layers}
     checks: list[float] = []
@@ -208,9 +209,10 @@ def test_training_keeps_safety_features_loss_falls_and_export_equals_model(
     modules = export_modules(prepared.layers)
     folder = tmp_path / "adapter"
     folder.mkdir()
-    write_adapter(folder, adapter_config(options, str(tiny_model_dir), list(TARGETS), True), modules, {})
+    doubled = init != "gaussian"  # gaussian has no fixed part A0, B0: the export keeps rank r
+    write_adapter(folder, adapter_config(options, str(tiny_model_dir), list(TARGETS), doubled), modules, {})
     peft_model = PeftModel.from_pretrained(_base_model(tiny_model_dir), str(folder)).eval()
-    assert peft_model.peft_config["default"].r == 2 * options.rank
+    assert peft_model.peft_config["default"].r == (2 if doubled else 1) * options.rank
     prepared.model.eval()
     ids, mask = _batch(prepared.tokenizer)
     with torch.no_grad():
@@ -233,7 +235,7 @@ def test_cli_train_writes_a_peft_adapter_and_merges(tiny_model_dir, safety_file,
 
     out, merged = tmp_path / "adapter", tmp_path / "merged"
     result = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--use-rslora",
-                        "--merge-to", str(merged), "--json")
+                        "--gradient-checkpointing", "--merge-to", str(merged), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["global_step"] == 6 and report["export_rank"] == 8
