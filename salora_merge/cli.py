@@ -152,16 +152,43 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
               help="A safety module from 'salora-merge calibrate'; without it, calibrate first.")
 @click.option("--save-safety", type=click.Path(path_type=Path), default=None,
               help="When calibrating, also save the safety module here for reuse.")
+@click.option("--method", default="salora", show_default=True, type=click.Choice(["salora", "safelora"]),
+              help="salora: project off the safety subspace (--side); safelora: Safe LoRA (Hsu et al. 2024) "
+                   "with --aligned/--unaligned.")
+@click.option("--aligned", default=None, help="safelora: the aligned model [default: --base].")
+@click.option("--unaligned", default=None, help="safelora: the unaligned model the aligned one was tuned from.")
+@click.option("--threshold", default=None, type=float,
+              help="safelora: project modules whose cos(C dW, dW) is at most this [default: 0.5].")
+@click.option("--top-k", default=None, type=int, help="safelora: project the K modules with the lowest cosine instead.")
 @_calibration_options
 @_output_options("Output adapter folder.", "Print the full report as JSON.")
 @_friendly_errors
-def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, output: Path,
+def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, method: str,
+            aligned: str | None, unaligned: str | None, threshold: float | None, top_k: int | None, output: Path,
             overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
     """Re-project a LoRA adapter so it cannot move the base model's safety features."""
+    from .errors import InputError
     from .progress import tqdm_progress
     from .realign import run_realign
     from .report import render_realign
 
+    if method == "safelora":
+        from .report import render_safelora
+        from .safelora import run_safelora
+
+        if safety is not None or save_safety is not None:
+            raise InputError("--method safelora uses --aligned/--unaligned, not a safety module; drop --safety")
+        if unaligned is None:
+            raise InputError("--method safelora needs --unaligned MODEL (the model the aligned one was tuned from)")
+        if threshold is not None and top_k is not None:
+            raise InputError("give --threshold or --top-k, not both")
+        result = run_safelora(base, adapter, output, aligned, unaligned,
+                              threshold=0.5 if threshold is None else threshold, top_k=top_k,
+                              overwrite=overwrite, allow_pickle=allow_pickle)
+        click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_safelora(result))
+        return
+    if aligned or unaligned or threshold is not None or top_k is not None:
+        raise InputError("--aligned, --unaligned, --threshold and --top-k belong to --method safelora")
     calibration = None
     if safety is None:
         calibration = _build_calibration(kwargs, None)

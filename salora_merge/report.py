@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from .realign import REPORT_NAME, RealignReport
 
-__all__ = ["render_realign", "render_merge", "render_train", "render_retrain"]
+__all__ = ["render_realign", "render_merge", "render_train", "render_retrain", "render_safelora"]
 
 
 def render_realign(report: RealignReport, top: int = 5) -> str:
@@ -101,4 +101,17 @@ def render_retrain(report, output) -> str:
         f"{report.weight_space['retrained']:.2e} (random reference {report.weight_space['random_reference']:.4f})",
         f"Wrote {output}",
     ]
+    return "\n".join(lines)
+
+
+def render_safelora(report) -> str:
+    """Summary of a Safe LoRA run (``SafeLoraReport``)."""
+    rule = f"cosine <= {report.threshold}" if report.threshold is not None else f"{report.top_k} lowest cosines"
+    lines = [f"Safe LoRA on {report.adapter}: projected {report.projected} of {len(report.modules)} modules "
+             f"({rule}; V = {report.aligned} - {report.unaligned})", "",
+             f"{'module':<48}{'cosine':>9}{'projected':>11}{'norm before':>13}{'after':>10}"]
+    for m in sorted(report.modules, key=lambda m: m.cosine)[:10]:
+        lines.append(f"{m.module:<48}{m.cosine:>9.4f}{'yes' if m.projected else 'no':>11}"
+                     f"{m.update_norm:>13.4g}{m.norm_after:>10.4g}")
+    lines += ["", f"Wrote {report.output}"]
     return "\n".join(lines)
