@@ -24,6 +24,7 @@ from .models import (
 from .moments import TOKEN_POLICIES, MaskSlot, MomentAccumulator, group_modules_by_input, record_moments, token_masks
 from .progress import Progress, silent
 from .prompts import PromptSet, load_prompt_set
+from .subspace import contrastive_output_basis
 from .resolve import ResolvedModel
 from .safety import SIDES, SafetyModule, compute_safety_bases
 
@@ -59,6 +60,9 @@ class CalibrationOptions:
     max_new_tokens: int = 64
     device: str = "auto"
     accumulate_dtype: str = "float64"
+    energy: float | None = None  # keep the fewest directions capturing this share (rank = the cap)
+    contrast: str | None = None  # benign/task prompts: contrastive bases (generalized eigenproblem)
+    contrast_ridge: float = 1e-3
 
     def policy(self) -> str:
         if self.token_policy:
@@ -83,6 +87,15 @@ class CalibrationOptions:
                 problems.append(f"{name} must be positive, got {value}")
         if self.max_prompts is not None and self.max_prompts <= 0:
             problems.append(f"--max-prompts must be positive, got {self.max_prompts}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            problems.append(f"--energy must be in (0, 1], got {self.energy}")
+        if self.contrast is not None and self.side != "output":
+            problems.append("--contrast-prompts gives output-side bases; drop --side input")
+        if self.contrast is not None and self.energy is not None:
+            problems.append("--energy and --contrast-prompts cannot be combined (generalized eigenvalues are "
+                            "not shares of energy)")
+        if self.contrast_ridge <= 0:
+            problems.append(f"--contrast-ridge must be positive, got {self.contrast_ridge}")
         if self.accumulate_dtype not in ("float32", "float64"):
             problems.append(f"--accumulate-dtype must be float32 or float64, got {self.accumulate_dtype!r}")
         if problems:
@@ -212,6 +225,30 @@ def accumulate_moments(
     return groups, accumulator, output_sites
 
 
+def _responses(model, tokenizer, prompt_ids, prompt_set: PromptSet, mode: str, options: CalibrationOptions,
+               progress: Progress) -> list[list[int]] | None:
+    """Response token ids per prompt: the model's own greedy answers, none, or the given texts."""
+    eos = tokenizer.eos_token_id
+    if mode == "self":
+        with progress("generating the base model's responses", len(prompt_ids)) as advance:
+            generated = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens,
+                                        options.generation_batch_size, on_batch=advance)
+        # A response that stopped on EOS keeps it, as in supervised fine-tuning data.
+        return [r + [eos] if len(r) < options.max_new_tokens else r for r in generated]
+    if mode == "none":
+        return None
+    return [list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eos] for r in prompt_set.responses or ()]
+
+
+def _output_moment(weight: torch.Tensor, moment: torch.Tensor, is_output: bool, count: int) -> torch.Tensor:
+    """Per-token output moment ``W S W^T / N`` (the accumulated moment itself at output-moment sites)."""
+    m = moment.to(torch.float64)
+    if not is_output:
+        w = weight.to(torch.float64)
+        m = w @ m @ w.T
+    return m / max(count, 1)
+
+
 def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progress = silent) -> Calibration:
     """Run the calibration prompts through the base model and derive the safety module."""
     options.validate()
@@ -228,19 +265,7 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
 
     t0 = time.perf_counter()
-    responses: list[list[int]] | None
-    eos = tokenizer.eos_token_id
-    if options.responses == "self":
-        with progress("generating the base model's responses", len(prompt_ids)) as advance:
-            generated = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens,
-                                        options.generation_batch_size, on_batch=advance)
-        # A response that stopped on EOS keeps it, as in supervised fine-tuning data.
-        responses = [r + [eos] if len(r) < options.max_new_tokens else r for r in generated]
-    elif options.responses == "none":
-        responses = None
-    else:
-        responses = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eos]
-                     for r in prompt_set.responses or ()]
+    responses = _responses(model, tokenizer, prompt_ids, prompt_set, options.responses, options, progress)
     seconds_generate = time.perf_counter() - t0
 
     sequences = build_sequences(prompt_ids, responses, options.max_length)
@@ -261,10 +286,35 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
                              "check the prompts, --responses and --max-length")
     weights = {n: weight_matrix(linear[n]).detach().to("cpu", torch.float64) for n in names}
     moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
-    with progress("eigendecompositions", 1) as advance:
-        bases, values = compute_safety_bases(weights, moments, options.rank, options.side,
-                                             frozenset(n for n in names if site_of[n] in output_sites))
-        advance(1)
+    contrast_meta: dict = {}
+    if options.contrast is None:
+        with progress("eigendecompositions", 1) as advance:
+            bases, values = compute_safety_bases(weights, moments, options.rank, options.side,
+                                                 frozenset(n for n in names if site_of[n] in output_sites),
+                                                 energy=options.energy)
+            advance(1)
+    else:
+        contrast_set = load_prompt_set(options.contrast).head(options.max_prompts)
+        contrast_ids = [chat_prompt_ids(tokenizer, p) for p in contrast_set.prompts]
+        mode = "none" if options.responses == "none" else ("given" if contrast_set.responses else "self")
+        contrast_responses = _responses(model, tokenizer, contrast_ids, contrast_set, mode, options, progress)
+        c_groups, c_acc, c_output_sites = accumulate_moments(
+            model, {n: linear[n] for n in names}, build_sequences(contrast_ids, contrast_responses, options.max_length),
+            (policy,), options.batch_size, tokenizer.pad_token_id, getattr(torch, options.accumulate_dtype), progress,
+            allow_output_moments=not options.keep_moments)
+        c_site_of = {member: site for site, members in c_groups.items() for member in members}
+        bases, values = {}, {}
+        with progress("generalized eigenproblems", len(names)) as advance:
+            for n in names:
+                harmful = _output_moment(weights[n], moments[n], site_of[n] in output_sites,
+                                         accumulator.counts[(site_of[n], policy)])
+                benign = _output_moment(weights[n], c_acc.sums[(c_site_of[n], policy)].to("cpu"),
+                                        c_site_of[n] in c_output_sites, c_acc.counts[(c_site_of[n], policy)])
+                basis, eig = contrastive_output_basis(harmful, benign, options.rank, options.contrast_ridge)
+                bases[n], values[n] = basis.to(torch.float32).contiguous(), eig
+                advance(1)
+        contrast_meta = {"contrast_prompt_set": contrast_set.name, "contrast_prompt_set_sha256": contrast_set.digest(),
+                         "contrast_n_prompts": len(contrast_set.prompts), "contrast_ridge": options.contrast_ridge}
 
     n_tokens = accumulator.counts[(next(iter(groups)), policy)]
     metadata = {
@@ -284,7 +334,11 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
         "token_policy": policy,
         "statistics": list(policies),
         "rank": options.rank,
-        "method": f"{options.side}-side eigenvectors of W S W^T" if options.side == "output" else "input-side eigenvectors of S",
+        "method": ("contrastive: generalized eigenvectors of W S_h W^T against W S_b W^T" if options.contrast
+                   else f"{options.side}-side eigenvectors of W S W^T" if options.side == "output"
+                   else "input-side eigenvectors of S"),
+        "energy": options.energy,
+        **contrast_meta,
         "accumulate_dtype": options.accumulate_dtype,
         "output_moment_sites": sorted(output_sites),
     }

@@ -38,6 +38,13 @@ def _calibration_options(func: Callable) -> Callable:
         click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per example, prompt included."),
         click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Length of self-generated responses."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--energy", default=None, type=float,
+                     help="Keep per module the fewest directions capturing this share of the energy (--rank caps it)."),
+        click.option("--contrast-prompts", default=None,
+                     help="Benign or task prompts: contrastive bases, strong on the calibration prompts and weak on "
+                          "these (generalized eigenproblem; output side)."),
+        click.option("--contrast-ridge", default=1e-3, show_default=True, type=float,
+                     help="Ridge on the contrast moment, as a share of its mean eigenvalue."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -53,6 +60,7 @@ def _build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_momen
         batch_size=kwargs["batch_size"], generation_batch_size=kwargs["generation_batch_size"],
         max_length=kwargs["max_length"],
         max_new_tokens=kwargs["max_new_tokens"], device=kwargs["device"], keep_moments=keep_moments,
+        energy=kwargs["energy"], contrast=kwargs["contrast_prompts"], contrast_ridge=kwargs["contrast_ridge"],
     )
 
 
@@ -152,9 +160,11 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
               help="A safety module from 'salora-merge calibrate'; without it, calibrate first.")
 @click.option("--save-safety", type=click.Path(path_type=Path), default=None,
               help="When calibrating, also save the safety module here for reuse.")
-@click.option("--method", default="salora", show_default=True, type=click.Choice(["salora", "safelora"]),
-              help="salora: project off the safety subspace (--side); safelora: Safe LoRA (Hsu et al. 2024) "
-                   "with --aligned/--unaligned.")
+@click.option("--method", default="salora", show_default=True, type=click.Choice(["salora", "random", "safelora"]),
+              help="salora: project off the safety subspace (--side); random: the control, a random subspace "
+                   "of the same size per module (--seed); safelora: Safe LoRA (Hsu et al. 2024) with "
+                   "--aligned/--unaligned.")
+@click.option("--seed", default=0, show_default=True, type=int, help="random: seed of the random subspaces.")
 @click.option("--aligned", default=None, help="safelora: the aligned model [default: --base].")
 @click.option("--unaligned", default=None, help="safelora: the unaligned model the aligned one was tuned from.")
 @click.option("--threshold", default=None, type=float,
@@ -163,7 +173,7 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
 @_calibration_options
 @_output_options("Output adapter folder.", "Print the full report as JSON.")
 @_friendly_errors
-def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, method: str,
+def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, method: str, seed: int,
             aligned: str | None, unaligned: str | None, threshold: float | None, top_k: int | None, output: Path,
             overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
     """Re-project a LoRA adapter so it cannot move the base model's safety features."""
@@ -195,7 +205,7 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
         calibration.validate()
     report = run_realign(base, adapter, output, safety_path=safety, calibration=calibration,
                          save_safety=save_safety, overwrite=overwrite, allow_pickle=allow_pickle,
-                         progress=tqdm_progress)
+                         progress=tqdm_progress, control_seed=seed if method == "random" else None)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -18,7 +18,7 @@ from .io.safety_file import load_safety_module, save_safety_module
 from .progress import Progress, silent
 from .projection import project_lora_A, project_lora_B, subspace_energy_fraction, update_norm_sq
 from .resolve import ResolvedModel, resolve_adapter, resolve_model
-from .safety import SafetyModule, check_same_base
+from .safety import SafetyModule, check_same_base, random_control
 
 __all__ = ["ModuleReport", "RealignReport", "realign_modules", "obtain_safety", "run_realign", "REPORT_NAME"]
 
@@ -133,8 +133,12 @@ def run_realign(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: Progress = silent,
+    control_seed: int | None = None,
 ) -> RealignReport:
-    """Load, check, (calibrate,) project and write a realigned adapter folder at ``out``."""
+    """Load, check, (calibrate,) project and write a realigned adapter folder at ``out``.
+
+    With ``control_seed``, every basis is replaced by a random one of the same shape (the control).
+    """
     out = Path(out)
     check_output_free(out, overwrite)
     if save_safety is not None:
@@ -147,6 +151,9 @@ def run_realign(
     safety, safety_label = obtain_safety(base, checkpoint, tuple(adapter.modules), safety_path, calibration,
                                          save_safety, overwrite, progress)
 
+    if control_seed is not None:
+        safety = random_control(safety, control_seed)
+        safety_label = f"random control (seed {control_seed}) shaped like {safety_label}"
     new_modules, reports = realign_modules(adapter.modules, safety, safety_label)
     report = RealignReport(
         base_model=base.model_id, adapter=str(adapter_ref), safety=safety_label, side=safety.side,

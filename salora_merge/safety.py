@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from .errors import SafetyModuleError
-from .subspace import input_basis, output_basis, output_basis_from_output_moment
+from .subspace import (energy_total, input_basis, output_basis, output_basis_from_output_moment, random_basis,
+                       rank_for_energy)
 
-__all__ = ["SIDES", "SafetyModule", "compute_safety_bases", "check_same_base"]
+__all__ = ["SIDES", "SafetyModule", "compute_safety_bases", "random_control", "check_same_base"]
 
 SIDES = ("output", "input")
 FORMAT_VERSION = 1
@@ -44,11 +46,14 @@ def compute_safety_bases(
     rank: int,
     side: str = "output",
     output_moments: frozenset[str] = frozenset(),
+    energy: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Safety bases for every module from its weight ``(d_out, d_in)`` and input second moment.
 
     Modules named in ``output_moments`` carry the output moment ``W S W^T`` instead of ``S``
-    (output side only). Returns float32 bases and float64 eigenvalues, keyed like ``weights``.
+    (output side only). With ``energy``, each module keeps the fewest directions that capture that share
+    of its whole spectrum (``rank`` is then the cap). Returns float32 bases and float64 eigenvalues,
+    keyed like ``weights``.
     """
     if output_moments and side != "output":
         raise ValueError("output moments only determine output-side bases")
@@ -62,9 +67,27 @@ def compute_safety_bases(
             basis, eig = output_basis(weight, moments[name], rank)
         else:
             basis, eig = input_basis(moments[name], rank)
+        if energy is not None:
+            total = energy_total(weight, moments[name], name in output_moments, side)
+            k = rank_for_energy(eig, energy, total)
+            basis, eig = basis[:, :k], eig[:k]
         bases[name] = basis.to(torch.float32).contiguous()
         values[name] = eig
     return bases, values
+
+
+def random_control(safety: SafetyModule, seed: int = 0) -> SafetyModule:
+    """The same module with every basis replaced by a random orthonormal one of the same shape (seeded per
+    module name): the control a safety basis must beat in any evaluation."""
+    bases = {}
+    for name, basis in safety.bases.items():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        bases[name] = random_basis(basis.shape[0], basis.shape[1], generator).to(torch.float32).contiguous()
+    metadata = {**safety.metadata, "method": f"random control (seed {seed}) of: {safety.metadata.get('method')}",
+                "random_control_seed": seed}
+    return SafetyModule(bases=bases, eigenvalues={n: torch.zeros(b.shape[1], dtype=torch.float64)
+                                                  for n, b in bases.items()},
+                        side=safety.side, metadata=metadata, sites=dict(safety.sites))
 
 
 def check_same_base(safety: SafetyModule, fingerprint: str, base_label: str, source: str) -> None:

@@ -15,6 +15,9 @@ __all__ = [
     "output_basis_from_output_moment",
     "input_basis",
     "rank_for_energy",
+    "energy_total",
+    "random_basis",
+    "contrastive_output_basis",
 ]
 
 
@@ -114,13 +117,58 @@ def input_basis(second_moment: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     return _canonical_signs(vectors), values
 
 
-def rank_for_energy(eigenvalues: torch.Tensor, fraction: float) -> int:
-    """Smallest ``k`` whose top-``k`` eigenvalues hold at least ``fraction`` of the total."""
+def rank_for_energy(eigenvalues: torch.Tensor, fraction: float, total: float | None = None) -> int:
+    """Smallest ``k`` whose top-``k`` eigenvalues hold at least ``fraction`` of the total energy.
+
+    ``total`` is the whole spectrum's sum (a trace) when ``eigenvalues`` holds only the top part; if the
+    given eigenvalues cannot reach ``fraction`` of it, all of them are used.
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
     values = eigenvalues.to(torch.float64).clamp_min(0.0)
-    total = values.sum()
-    if total <= 0:
+    denominator = float(values.sum()) if total is None else float(total)
+    if denominator <= 0:
         return 1
-    cumulative = values.cumsum(0) / total
-    return int((cumulative < fraction - 1e-12).sum().item()) + 1
+    cumulative = values.cumsum(0) / denominator
+    return min(int((cumulative < fraction - 1e-12).sum().item()) + 1, int(values.numel()))
+
+
+def energy_total(weight: torch.Tensor | None, moment: torch.Tensor, output_moment: bool, side: str) -> float:
+    """The whole spectrum's sum, ``tr(W S W^T) = sum(S * (W^T W))`` (or ``tr`` of the given moment)."""
+    m = moment.to(torch.float64)
+    if output_moment or side == "input" or weight is None:
+        return float(torch.diagonal(m).sum())
+    w = weight.to(torch.float64)
+    return float((m * (w.T @ w)).sum())
+
+
+def random_basis(dim: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random ``(dim, rank)`` orthonormal basis (QR of a Gaussian matrix, signs fixed): the
+    control a safety basis must beat."""
+    q, r = torch.linalg.qr(torch.randn(dim, rank, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).clamp_min(0).mul(2).sub(1)
+
+
+def contrastive_output_basis(harmful: torch.Tensor, benign: torch.Tensor, rank: int, ridge: float = 1e-3
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output directions strong on harmful inputs and weak on benign ones: the generalized eigenproblem
+    ``M_h u = lambda (M_b + eps I) u`` for per-token output moments ``M = W S W^T / N``.
+
+    ``eps = ridge * tr(M_b) / d`` keeps the benign side invertible. The top ``rank`` generalized
+    eigenvectors are not orthogonal; the returned basis is an orthonormal basis of their span (QR), with
+    the generalized eigenvalues, largest first.
+    """
+    h = harmful.to(torch.float64)
+    b = benign.to(torch.float64)
+    d = h.shape[0]
+    if not 0 < rank <= d:
+        raise ValueError(f"rank {rank} must be between 1 and d_out = {d}")
+    b = (b + b.T) * 0.5
+    b = b + ridge * float(torch.diagonal(b).sum()) / d * torch.eye(d, dtype=torch.float64)
+    values_b, vectors_b = torch.linalg.eigh(b)
+    inv_root = vectors_b * values_b.clamp_min(1e-300).rsqrt()  # B^{-1/2} up to rotation: inv_root^T B inv_root = I
+    whitened = inv_root.T @ ((h + h.T) * 0.5) @ inv_root
+    y, values = _top_eigh(whitened, rank)
+    directions = inv_root @ y  # generalized eigenvectors, (d, rank)
+    basis, _ = torch.linalg.qr(directions)
+    return _canonical_signs(basis), values
