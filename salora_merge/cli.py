@@ -165,6 +165,8 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
                    "of the same size per module (--seed); safelora: Safe LoRA (Hsu et al. 2024) with "
                    "--aligned/--unaligned.")
 @click.option("--seed", default=0, show_default=True, type=int, help="random: seed of the random subspaces.")
+@click.option("--input-safety", type=click.Path(path_type=Path), default=None,
+              help="Also project the input side with this input-side module (calibrate --side input): both sides.")
 @click.option("--aligned", default=None, help="safelora: the aligned model [default: --base].")
 @click.option("--unaligned", default=None, help="safelora: the unaligned model the aligned one was tuned from.")
 @click.option("--threshold", default=None, type=float,
@@ -174,7 +176,7 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
 @_output_options("Output adapter folder.", "Print the full report as JSON.")
 @_friendly_errors
 def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, method: str, seed: int,
-            aligned: str | None, unaligned: str | None, threshold: float | None, top_k: int | None, output: Path,
+            input_safety: Path | None, aligned: str | None, unaligned: str | None, threshold: float | None, top_k: int | None, output: Path,
             overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
     """Re-project a LoRA adapter so it cannot move the base model's safety features."""
     from .errors import InputError
@@ -186,7 +188,7 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
         from .report import render_safelora
         from .safelora import run_safelora
 
-        if safety is not None or save_safety is not None:
+        if safety is not None or save_safety is not None or input_safety is not None:
             raise InputError("--method safelora uses --aligned/--unaligned, not a safety module; drop --safety")
         if unaligned is None:
             raise InputError("--method safelora needs --unaligned MODEL (the model the aligned one was tuned from)")
@@ -205,7 +207,8 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
         calibration.validate()
     report = run_realign(base, adapter, output, safety_path=safety, calibration=calibration,
                          save_safety=save_safety, overwrite=overwrite, allow_pickle=allow_pickle,
-                         progress=tqdm_progress, control_seed=seed if method == "random" else None)
+                         progress=tqdm_progress, control_seed=seed if method == "random" else None,
+                         input_safety_path=input_safety)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -20,7 +20,8 @@ from .projection import project_lora_A, project_lora_B, subspace_energy_fraction
 from .resolve import ResolvedModel, resolve_adapter, resolve_model
 from .safety import SafetyModule, check_same_base, random_control
 
-__all__ = ["ModuleReport", "RealignReport", "realign_modules", "obtain_safety", "run_realign", "REPORT_NAME"]
+__all__ = ["ModuleReport", "RealignReport", "realign_modules", "both_sides_report", "obtain_safety", "run_realign",
+           "REPORT_NAME"]
 
 REPORT_NAME = "salora_realign.json"
 
@@ -100,6 +101,16 @@ def realign_modules(
     return out, reports
 
 
+def both_sides_report(outer: ModuleReport, inner: ModuleReport, before: LoraModule, after: LoraModule) -> ModuleReport:
+    """One module's figures after projecting both sides: the share of ``||dW||^2`` removed in total, and
+    what random subspaces of the same sizes would remove, ``1 - (1 - r_s/d_out)(1 - r_v/d_in)``."""
+    total = update_norm_sq(before.lora_B, before.lora_A)
+    kept = update_norm_sq(after.lora_B, after.lora_A) / total if total > 0 else 1.0
+    reference = 1.0 - (1.0 - outer.random_reference) * (1.0 - inner.random_reference)
+    return replace(outer, safety_rank=outer.safety_rank + inner.safety_rank, energy_removed=1.0 - kept,
+                   random_reference=reference)
+
+
 def obtain_safety(
     base: ResolvedModel,
     checkpoint: CheckpointIndex,
@@ -134,10 +145,13 @@ def run_realign(
     allow_pickle: bool = False,
     progress: Progress = silent,
     control_seed: int | None = None,
+    input_safety_path: Path | None = None,
 ) -> RealignReport:
     """Load, check, (calibrate,) project and write a realigned adapter folder at ``out``.
 
-    With ``control_seed``, every basis is replaced by a random one of the same shape (the control).
+    With ``control_seed``, every basis is replaced by a random one of the same shape (the control). With
+    ``input_safety_path`` (an input-side module), both sides are projected: ``B' = C B``, then
+    ``A' = A (I - V V^T)``, and the report gives the share of the energy the two together removed.
     """
     out = Path(out)
     check_output_free(out, overwrite)
@@ -155,8 +169,25 @@ def run_realign(
         safety = random_control(safety, control_seed)
         safety_label = f"random control (seed {control_seed}) shaped like {safety_label}"
     new_modules, reports = realign_modules(adapter.modules, safety, safety_label)
+    side = safety.side
+    if input_safety_path is not None:
+        if safety.side != "output":
+            raise SafetyModuleError(f"{safety_label}: --input-safety adds the input side to an output-side module; "
+                                    "give an output-side --safety")
+        inner = load_safety_module(Path(input_safety_path))
+        check_same_base(inner, checkpoint.fingerprint(), base.model_id, str(input_safety_path))
+        if inner.side != "input":
+            raise SafetyModuleError(f"{input_safety_path}: --input-safety must be an input-side module "
+                                    "(salora-merge calibrate --side input)")
+        if control_seed is not None:
+            inner = random_control(inner, control_seed + 1)
+        new_modules, inner_reports = realign_modules(new_modules, inner, str(input_safety_path))
+        reports = [both_sides_report(outer, inner_report, adapter.modules[outer.module], new_modules[outer.module])
+                   for outer, inner_report in zip(reports, inner_reports)]
+        side = "both"
+        safety_label = f"{safety_label} (output) + {input_safety_path} (input)"
     report = RealignReport(
-        base_model=base.model_id, adapter=str(adapter_ref), safety=safety_label, side=safety.side,
+        base_model=base.model_id, adapter=str(adapter_ref), safety=safety_label, side=side,
         rank=safety.rank, modules=tuple(reports), output=str(out),
     )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -123,3 +123,41 @@ def test_cli_random_control(tiny_model_dir, tiny_calibration_prompts, tmp_path):
     assert removed != [m["energy_removed"] for m in real_report["modules"]]
     for m in reports[0]["modules"]:  # same sizes as the safety module's bases
         assert m["safety_rank"] == 6 and 0 < m["energy_removed"] < 1
+
+
+def test_cli_both_sides(tiny_model_dir, tiny_calibration_prompts, tmp_path):
+    """--input-safety: B' = C B and A' = A (I - V V^T); the update then leaves U_s^T W x unchanged and
+    vanishes on span(V), and the report gives the energy removed by both together."""
+    from safetensors.torch import load_file
+
+    from conftest import make_peft_adapter
+
+    outer, inner = tmp_path / "out.safetensors", tmp_path / "in.safetensors"
+    assert _calibrate(tiny_model_dir, tiny_calibration_prompts, outer).exit_code == 0
+    assert _calibrate(tiny_model_dir, tiny_calibration_prompts, inner, "--side", "input").exit_code == 0
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora", target_modules=["q_proj", "v_proj", "down_proj"])
+    result = CliRunner().invoke(main, ["realign", "--base", str(tiny_model_dir), "--adapter", str(adapter),
+                                       "--safety", str(outer), "--input-safety", str(inner),
+                                       "-o", str(tmp_path / "both"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["side"] == "both"
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "both" / "adapter_model.safetensors"))
+    u_s, v = load_safety_module(outer), load_safety_module(inner)
+    for m in report["modules"]:
+        name = m["module"]
+        key = f"base_model.model.{name}"
+        dw0 = before[f"{key}.lora_B.weight"].double() @ before[f"{key}.lora_A.weight"].double()
+        dw = after[f"{key}.lora_B.weight"].double() @ after[f"{key}.lora_A.weight"].double()
+        u, vv = u_s.bases[name].double(), v.bases[name].double()
+        assert (u.T @ dw).abs().max() < 1e-6 * dw0.abs().max()
+        assert (dw @ vv).abs().max() < 1e-6 * dw0.abs().max()
+        # Dense reference: (I - U U^T) dW0 (I - V V^T).
+        want = (dw0 - u @ (u.T @ dw0)) - (dw0 - u @ (u.T @ dw0)) @ vv @ vv.T
+        assert torch.allclose(dw, want, atol=1e-6 * dw0.abs().max().item())
+        assert m["energy_removed"] == pytest.approx(1 - float(dw.norm() ** 2 / dw0.norm() ** 2), abs=1e-6)
+    wrong = CliRunner().invoke(main, ["realign", "--base", str(tiny_model_dir), "--adapter", str(adapter),
+                                      "--safety", str(outer), "--input-safety", str(outer), "-o", str(tmp_path / "x")])
+    assert wrong.exit_code == 1 and "must be an input-side module" in wrong.output
+    assert not (tmp_path / "x").exists()
