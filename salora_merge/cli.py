@@ -327,6 +327,8 @@ def _training_options(retrain: bool) -> Callable[[Callable], Callable]:
         click.option("--merge-to", type=click.Path(path_type=Path), default=None,
                      help="Also merge the exported adapter into the base and write the model here."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--random-control", type=int, default=None,
+                     help="The control: constrain against random subspaces of the safety module's sizes (this seed)."),
         click.option("--quiet", is_flag=True, help="No progress bar or loss lines."),
         click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
                      help="Output adapter folder (stock PEFT LoRA)."),
@@ -355,7 +357,7 @@ def _build_training(kw: dict):
         alpha=kw["alpha"] if kw["alpha"] is not None else 16.0,
         use_rslora=bool(kw["use_rslora"]), targets=_split_targets(kw["targets"]) or ("q_proj", "v_proj"),
         task_rank=kw["task_rank"], init=kw["init"], init_samples=kw["init_samples"], dropout=kw["dropout"],
-        max_length=kw["max_length"], device=kw["device"], fit=fit,
+        max_length=kw["max_length"], device=kw["device"], random_control=kw["random_control"], fit=fit,
     )
 
 

@@ -32,7 +32,7 @@ from .io.safety_file import load_safety_module
 from .models import linear_modules, load_causal_lm, load_tokenizer, pick_device, weight_matrix
 from .progress import Progress, silent
 from .resolve import ResolvedModel, resolve_model
-from .safety import SafetyModule, check_same_base, compute_safety_bases
+from .safety import SafetyModule, check_same_base, compute_safety_bases, random_control
 from .salora_layer import LayerInit, SaLoRALinear, inject
 from .train_data import TokenizedExample, tokenize_all
 from .trainer import FitOptions, FitResult, fit, last_checkpoint, read_state
@@ -59,6 +59,7 @@ class TrainOptions:
     dropout: float = 0.0
     max_length: int = 512
     device: str = "auto"
+    random_control: int | None = None  # seed: train against random subspaces of the same sizes (the control)
     fit: FitOptions = field(default_factory=FitOptions)
 
     @property
@@ -396,6 +397,8 @@ def train_adapter(
 ) -> TrainedAdapter:
     """Initialize, train on tokenized ``examples`` (resuming from a checkpoint when asked) and export, in memory."""
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(out).parent / f"{Path(out).name}.checkpoints"
+    if options.random_control is not None:
+        safety = random_control(safety, options.random_control)
     key = _run_key(fingerprint, Path(safety_path), data_digest, options)
     resume_from = _resume_point(checkpoint_dir, key, resume, overwrite)
     resume_state = read_state(resume_from) if resume_from is not None else None

@@ -236,6 +236,19 @@ def test_cli_train_writes_a_peft_adapter_and_merges(tiny_model_dir, safety_file,
     out, merged = tmp_path / "adapter", tmp_path / "merged"
     result = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--use-rslora",
                         "--gradient-checkpointing", "--merge-to", str(merged), "--json")
+    control = _cli_train(tiny_model_dir, safety_file, data_file, tmp_path / "control", "--max-steps", "2",
+                         "--random-control", "3", "--json")
+    assert control.exit_code == 0, control.output
+    from salora_merge.audit_math import module_scores, summarize
+    from salora_merge.io.adapter import read_adapter
+    from salora_merge.io.safety_file import load_safety_module
+
+    # The control's update avoids random subspaces, not the safety module's: it has energy inside U_s.
+    trained = read_adapter(tmp_path / "control").modules
+    bases = load_safety_module(safety_file).bases
+    rho = summarize(module_scores({n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.items()},
+                                  {n: bases[n] for n in trained})).rho
+    assert rho > 1e-3 and json.loads(control.stdout)["options"]["random_control"] == 3
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["global_step"] == 6 and report["export_rank"] == 8
