@@ -89,15 +89,15 @@ def _model(kind: str, args, device: torch.device):
     from salora_merge.io.safety_file import load_safety_module
     from salora_merge.models import load_tokenizer
     from salora_merge.prompts import load_prompt_set
-    from salora_merge.train import TrainOptions, prepare_model, train_examples
-    from salora_merge.train_data import conversations_from_pairs
+    from salora_merge.train import TrainOptions, prepare_model
+    from salora_merge.train_data import conversations_from_pairs, tokenize_all
 
     tokenizer = load_tokenizer(base.folder)
     start = time.perf_counter()  # setup: model loading plus SaLoRA's initialization
     prompts = load_prompt_set("benign-instructions").prompts[: args.init_samples]
     # Task statistics on instruction prompts with placeholder answers: the cost depends on the token count.
     conversations = conversations_from_pairs(prompts, ["Here is a short, helpful answer to that request."] * len(prompts))
-    examples = train_examples(tokenizer, conversations, 256, "benign-instructions")
+    examples = tokenize_all(tokenizer, conversations, 256, "benign-instructions")
     options = TrainOptions(rank=args.rank, alpha=float(args.rank), targets=targets, task_rank=32,
                            init_samples=args.init_samples, device=str(device))
     prepared = prepare_model(base, load_safety_module(Path(args.safety)), examples, options)

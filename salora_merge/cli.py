@@ -361,6 +361,13 @@ def _build_training(kw: dict):
     )
 
 
+def _run_control(kw: dict):
+    from .train import RunControl
+
+    return RunControl(out=kw["output"], checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"],
+                      keep_checkpoints=kw["keep_checkpoints"], overwrite=kw["overwrite"], merge_to=kw["merge_to"])
+
+
 def _progress(quiet: bool):
     from .progress import silent, tqdm_progress
 
@@ -386,10 +393,8 @@ def train(base: str, data: Path, **kw) -> None:
     options = _build_training(kw)
     options.validate()
     conversations = load_conversations(data)
-    report = run_train(base, conversations, str(data), conversations_digest(conversations), kw["safety"],
-                       kw["output"], options, checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"],
-                       keep_checkpoints=kw["keep_checkpoints"], overwrite=kw["overwrite"], merge_to=kw["merge_to"],
-                       progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
+    report = run_train(base, conversations, str(data), conversations_digest(conversations), kw["safety"], options,
+                       _run_control(kw), progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
     click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_train(report))
 
 
@@ -422,9 +427,7 @@ def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, hol
              "targets": _split_targets(kw["targets"])}
     options = defaults_from_adapter(adapter, _build_training(kw), given, allow_pickle)
     options.validate()
-    report = run_retrain(base, adapter, kw["safety"], kw["output"], retrain_options, options,
-                         checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"],
-                         keep_checkpoints=kw["keep_checkpoints"], overwrite=kw["overwrite"], merge_to=kw["merge_to"],
+    report = run_retrain(base, adapter, kw["safety"], retrain_options, options, _run_control(kw),
                          progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
     click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_retrain(report, kw["output"]))
 

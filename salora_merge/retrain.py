@@ -24,8 +24,9 @@ from .models import chat_prompt_ids, generate_greedy, load_causal_lm, load_token
 from .progress import Progress, silent
 from .prompts import load_prompt_set
 from .task_eval import agreement, mean_nll, score_examples, target_accuracy
-from .train import TrainOptions, finish, prepare_run, train_adapter, train_examples, write_trained
-from .train_data import TokenizedExample, example_from_ids, examples_digest, load_conversations, split_holdout
+from .train import RunControl, TrainOptions, prepare_run, train_adapter, write_trained
+from .train_data import (TokenizedExample, example_from_ids, examples_digest, load_conversations, split_holdout,
+                         tokenize_all)
 
 __all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
 
@@ -92,14 +93,9 @@ def run_retrain(
     base_ref: str,
     adapter_ref: str,
     safety_path: Path,
-    out: Path,
     options: RetrainOptions,
     train_options: TrainOptions,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    keep_checkpoints: bool = False,
-    overwrite: bool = False,
-    merge_to: Path | None = None,
+    run: RunControl,
     progress: Progress = silent,
     echo: Callable[[str], None] | None = None,
 ) -> RetrainReport:
@@ -115,7 +111,7 @@ def run_retrain(
                          "(train supports multi-process runs)")
     from .resolve import resolve_adapter
 
-    base, fingerprint, safety = prepare_run(base_ref, safety_path, out, overwrite, merge_to)
+    base, fingerprint, safety = prepare_run(base_ref, safety_path, run)
     adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=options.allow_pickle)
     check_adapter_fits(adapter, open_checkpoint(base.folder).linear_weight_shapes())
     old_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}
@@ -129,8 +125,8 @@ def run_retrain(
     if options.data is not None:
         conversations = load_conversations(Path(options.data))
         train_set, heldout_set = split_holdout(conversations, options.holdout, options.max_holdout)
-        train_set_examples = train_examples(tokenizer, train_set, max_length, str(options.data))
-        heldout = train_examples(tokenizer, heldout_set, max_length, f"{options.data} (held-out part)")
+        train_set_examples = tokenize_all(tokenizer, train_set, max_length, str(options.data))
+        heldout = tokenize_all(tokenizer, heldout_set, max_length, f"{options.data} (held-out part)")
         source, label = "data", str(options.data)
     else:
         prompts = list(load_prompt_set(str(options.prompts)).prompts)
@@ -144,18 +140,19 @@ def run_retrain(
             raise InputError(f"--prompts {options.prompts}: no answer of the adapter fits --max-length {max_length}; "
                              "raise --max-length")
         source, label = "distilled", f"{options.prompts} (greedy answers of {adapter_ref})"
-    del model
-
-    trained = train_adapter(base, fingerprint, safety, safety_path, train_set_examples, label,
-                            examples_digest(train_set_examples), out, train_options, checkpoint_dir, resume,
-                            overwrite, progress, echo)
-
-    model = load_causal_lm(base.folder, device)
-    new_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.modules.items()}
     pad = tokenizer.pad_token_id
     scores_base = score_examples(model, heldout, pad)
     with lora_applied(model, old_factors):
         scores_old = score_examples(model, heldout, pad)
+
+    # Training rewrites the target weights of the model it is given (W_res), so the new adapter is scored
+    # on a fresh load of the base: exactly as a user would load the exported adapter.
+    trained = train_adapter(base, fingerprint, safety, safety_path, train_set_examples, label,
+                            examples_digest(train_set_examples), train_options, run, progress, echo,
+                            model=model, tokenizer=tokenizer)
+    del model
+    model = load_causal_lm(base.folder, device)
+    new_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.modules.items()}
     with lora_applied(model, new_factors):
         scores_new = score_examples(model, heldout, pad)
     exact = None
@@ -175,14 +172,12 @@ def run_retrain(
                       "random_reference": new_score.random_reference},
         train=trained.report.to_json(),
     )
-    trained.report = replace(trained.report, merged=str(merge_to) if merge_to else None)
     note = (f"\nRetrained from `{adapter_ref}` ({source}). On {len(heldout)} held-out examples: NLL per target "
             f"token {report.nll['original']:.3f} (original) vs {report.nll['retrained']:.3f} (retrained), "
             f"base {report.nll['base']:.3f}; argmax agreement {report.agreement:.3f}. Safety-subspace energy "
             f"share {old_score.rho:.2e} -> {new_score.rho:.2e}. Figures: `{REPORT_NAME}`.\n")
-    write_trained(trained, out, overwrite, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
-                  card_note=note)
-    finish(base_ref, out, checkpoint_dir, keep_checkpoints, merge_to, overwrite, progress)
+    write_trained(trained, run, base_ref, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
+                  card_note=note, progress=progress)
     return report
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from .train_data import IGNORE, TokenizedExample
+from .train_data import IGNORE, TokenizedExample, pad_batch
 
 __all__ = ["ExampleScore", "token_metrics", "score_examples", "mean_nll", "target_accuracy", "agreement"]
 
@@ -53,16 +53,10 @@ def score_examples(model: torch.nn.Module, examples: Sequence[TokenizedExample],
     device = next(model.parameters()).device
     out: list[ExampleScore] = []
     for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, e in enumerate(batch):
-            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[row, : len(e.labels)] = torch.tensor(e.labels)
-            mask[row, : len(e.input_ids)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        batch = pad_batch(examples[start : start + batch_size], pad)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+        labels = batch["labels"]
         out.extend(token_metrics(logits.cpu(), labels))
     return out
 

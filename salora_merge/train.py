@@ -40,8 +40,8 @@ from .training_math import (INITS, export_alpha, export_factors, gaussian_init, 
                             salora_init)
 
 __all__ = ["TrainOptions", "TrainReport", "PreparedModel", "TrainedAdapter", "prepare_model", "export_modules",
-           "adapter_config", "prepare_run", "train_adapter", "write_trained", "finish", "run_train",
-           "train_examples", "is_main_process", "REPORT_NAME", "RUN_NAME"]
+           "adapter_config", "prepare_run", "train_adapter", "write_trained", "run_train",
+           "RunControl", "is_main_process", "REPORT_NAME", "RUN_NAME"]
 
 REPORT_NAME = "salora_train.json"
 RUN_NAME = "salora_train_run.json"
@@ -106,8 +106,6 @@ class PreparedModel:
     model: torch.nn.Module
     tokenizer: object
     layers: dict[str, SaLoRALinear]
-    safety: SafetyModule
-    base: ResolvedModel
     seconds_init: float
     task_tokens: int
     linear_names: list[str] = field(default_factory=list)  # every linear layer of the base, before injection
@@ -147,10 +145,6 @@ class TrainReport:
         data["losses"] = [list(item) for item in self.losses]
         data["tool_version"] = __version__
         return data
-
-
-def train_examples(tokenizer, conversations, max_length: int, source: str) -> list[TokenizedExample]:
-    return tokenize_all(tokenizer, conversations, max_length, source)
 
 
 def _init_sample(examples: Sequence[TokenizedExample], n: int, seed: int) -> list[TokenizedExample]:
@@ -196,15 +190,18 @@ def prepare_model(
     resume_state: Mapping[str, torch.Tensor] | None = None,
     progress: Progress = silent,
     safety_label: str = "safety module",
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
 ) -> PreparedModel:
-    """Load the base, collect the task statistics on the unmodified model, initialize and inject the layers.
+    """Load the base (or take ``model``/``tokenizer`` already loaded from it and unmodified), collect the
+    task statistics on the unmodified model, initialize and inject the layers. The model's target
+    weights are rewritten in place.
 
     With ``resume_state`` (a checkpoint's tensors) the initial parts ``A0``, ``B0`` are read from it
     instead of recomputed, so ``W_res`` is rebuilt exactly as it was.
     """
-    device = pick_device(options.device)
-    tokenizer = load_tokenizer(base.folder)
-    model = load_causal_lm(base.folder, device)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base.folder)
+    model = model if model is not None else load_causal_lm(base.folder, pick_device(options.device))
     linear = linear_modules(model)
     names = select_targets(list(linear), options.targets)
     for name in names:
@@ -220,10 +217,10 @@ def prepare_model(
     for pname, param in model.named_parameters(remove_duplicate=False):
         shared.setdefault(param.data_ptr(), []).append(pname)
     for name in names:
-        owners = shared.get(linear[name].weight.data_ptr(), [])
-        if len(owners) > 1:
-            raise InputError(f"--targets: {name}.weight is shared with {owners[1] if owners[0].startswith(name) else owners[0]} "
-                             "(tied weights); SaLoRA rewrites the weight as W_res, so leave this module out")
+        others = [o for o in shared.get(linear[name].weight.data_ptr(), []) if o != f"{name}.weight"]
+        if others:
+            raise InputError(f"--targets: {name}.weight is shared with {others[0]} (tied weights); SaLoRA "
+                             "rewrites the weight as W_res, so leave this module out")
 
     t0 = time.perf_counter()
     task_tokens = 0
@@ -265,8 +262,7 @@ def prepare_model(
         inits[name] = LayerInit(a=a, b=b, a0=a0, b0=b0, safety_basis=basis, scaling=s)
     layers = inject(model, inits, options.dropout)
     model.config.use_cache = False
-    return PreparedModel(model=model, tokenizer=tokenizer, layers=layers, safety=safety, base=base,
-                         seconds_init=time.perf_counter() - t0, task_tokens=task_tokens,
+    return PreparedModel(model=model, tokenizer=tokenizer, layers=layers, seconds_init=time.perf_counter() - t0, task_tokens=task_tokens,
                          linear_names=list(linear))
 
 
@@ -320,7 +316,11 @@ def _resume_point(folder: Path, key: dict, resume: bool, overwrite: bool) -> Pat
     if resume:
         if not run_file.is_file():
             raise InputError(f"--resume: {folder} holds no training run to resume; drop --resume")
-        stored = json.loads(run_file.read_text())
+        try:
+            stored = json.loads(run_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"--resume: {run_file} is not valid JSON ({exc}); drop --resume and pass --overwrite "
+                             "to start over") from None
         for part in ("base_fingerprint", "safety_sha256", "data_sha256", "tool_version"):
             if stored.get(part) != key[part]:
                 raise InputError(f"--resume: the run in {folder} used another {part.replace('_', ' ')}; "
@@ -355,6 +355,28 @@ def _start_checkpoints(folder: Path, key: dict) -> None:
     (folder / RUN_NAME).write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
 
 
+@dataclass(frozen=True)
+class RunControl:
+    """Where a training run writes and how it treats what is already there (shared by train and retrain)."""
+
+    out: Path
+    checkpoint_dir: Path | None = None  # default: OUT.checkpoints next to the output
+    resume: bool = False
+    keep_checkpoints: bool = False
+    overwrite: bool = False
+    merge_to: Path | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        out = Path(self.out)
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else out.parent / f"{out.name}.checkpoints"
+
+    def check_outputs_free(self) -> None:
+        check_output_free(Path(self.out), self.overwrite)
+        if self.merge_to is not None:
+            check_output_free(Path(self.merge_to), self.overwrite)
+
+
 @dataclass
 class TrainedAdapter:
     """A trained SaLoRA adapter exported in memory, before it is written."""
@@ -365,12 +387,9 @@ class TrainedAdapter:
     safety_meta: dict
 
 
-def prepare_run(base_ref: str, safety_path: Path, out: Path, overwrite: bool, merge_to: Path | None
-                ) -> tuple[ResolvedModel, str, SafetyModule]:
+def prepare_run(base_ref: str, safety_path: Path, run: RunControl) -> tuple[ResolvedModel, str, SafetyModule]:
     """Resolve the base and load the safety module (checked against it) before any work."""
-    check_output_free(Path(out), overwrite)
-    if merge_to is not None:
-        check_output_free(Path(merge_to), overwrite)
+    run.check_outputs_free()
     base = resolve_model(base_ref)
     fingerprint = open_checkpoint(base.folder).fingerprint()
     safety = load_safety_module(Path(safety_path))
@@ -386,24 +405,27 @@ def train_adapter(
     examples: Sequence[TokenizedExample],
     data_label: str,
     data_digest: str,
-    out: Path,
     options: TrainOptions,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
+    run: RunControl,
     progress: Progress = silent,
     echo: Callable[[str], None] | None = None,
     callbacks: Sequence[object] = (),
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
 ) -> TrainedAdapter:
-    """Initialize, train on tokenized ``examples`` (resuming from a checkpoint when asked) and export, in memory."""
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(out).parent / f"{Path(out).name}.checkpoints"
+    """Initialize, train on tokenized ``examples`` (resuming from a checkpoint when asked) and export, in memory.
+
+    ``model``/``tokenizer``: the unmodified base already loaded, to spare a load (its weights are rewritten).
+    """
+    checkpoint_dir = run.checkpoints
     if options.random_control is not None:
         safety = random_control(safety, options.random_control)
     key = _run_key(fingerprint, Path(safety_path), data_digest, options)
-    resume_from = _resume_point(checkpoint_dir, key, resume, overwrite)
+    resume_from = _resume_point(checkpoint_dir, key, run.resume, run.overwrite)
     resume_state = read_state(resume_from) if resume_from is not None else None
 
-    prepared = prepare_model(base, safety, examples, options, resume_state, progress, str(safety_path))
+    prepared = prepare_model(base, safety, examples, options, resume_state, progress, str(safety_path),
+                             model=model, tokenizer=tokenizer)
     device = next(prepared.model.parameters()).device
     fit_options = replace(options.fit, device=device.type)
     if resume_from is None:
@@ -430,33 +452,29 @@ def train_adapter(
         export_rank=int(config["r"]), export_alpha=float(config["lora_alpha"]), modules=len(modules),
         global_step=result.global_step, train_loss=result.train_loss, losses=result.losses,
         safety_energy=summarize(scores).rho, seconds_init=prepared.seconds_init, seconds_train=result.seconds,
-        resumed_from=str(resume_from) if resume_from else None, output=str(out), options=options.run_key(),
+        resumed_from=str(resume_from) if resume_from else None, output=str(run.out),
+        merged=str(run.merge_to) if run.merge_to else None, options=options.run_key(),
     )
     return TrainedAdapter(modules=modules, config=config, report=report, safety_meta=dict(safety.metadata))
 
 
-def write_trained(trained: TrainedAdapter, out: Path, overwrite: bool, extra: Mapping[str, str] | None = None,
-                  card_note: str | None = None) -> None:
-    """Write the adapter folder atomically: PEFT files, the report, the card and any ``extra`` text files."""
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+def write_trained(trained: TrainedAdapter, run: RunControl, base_ref: str, extra: Mapping[str, str] | None = None,
+                  card_note: str | None = None, progress: Progress = silent) -> None:
+    """Write the adapter folder atomically (PEFT files, the report, the card and any ``extra`` text files);
+    then merge it when asked, and drop the checkpoints unless kept."""
+    with atomic_output_dir(Path(run.out), overwrite=run.overwrite) as tmp:
         write_adapter(tmp, trained.config, trained.modules, {})
         (tmp / REPORT_NAME).write_text(json.dumps(trained.report.to_json(), indent=2) + "\n")
         (tmp / "README.md").write_text(trained_adapter_card(trained.report, trained.safety_meta, card_note))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-
-
-def finish(base_ref: str, out: Path, checkpoint_dir: Path | None, keep_checkpoints: bool,
-           merge_to: Path | None, overwrite: bool, progress: Progress) -> None:
-    """After the adapter is written: merge it when asked, and drop the checkpoints unless kept."""
-    if merge_to is not None:
+    if run.merge_to is not None:
         from .merge import AdapterInput, MergeOptions, run_merge
 
-        run_merge(base_ref, [AdapterInput(str(out), 1.0)], Path(merge_to), MergeOptions(), overwrite=overwrite,
-                  progress=progress)
-    if not keep_checkpoints:
-        folder = Path(checkpoint_dir) if checkpoint_dir else Path(out).parent / f"{Path(out).name}.checkpoints"
-        shutil.rmtree(folder, ignore_errors=True)
+        run_merge(base_ref, [AdapterInput(str(run.out), 1.0)], Path(run.merge_to), MergeOptions(),
+                  overwrite=run.overwrite, progress=progress)
+    if not run.keep_checkpoints:
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
 
 
 def run_train(
@@ -465,26 +483,19 @@ def run_train(
     data_label: str,
     data_digest: str,
     safety_path: Path,
-    out: Path,
     options: TrainOptions,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    keep_checkpoints: bool = False,
-    overwrite: bool = False,
-    merge_to: Path | None = None,
+    run: RunControl,
     progress: Progress = silent,
     echo: Callable[[str], None] | None = None,
     callbacks: Sequence[object] = (),
 ) -> TrainReport:
-    """Train a SaLoRA adapter on ``conversations`` and write the portable PEFT adapter to ``out``."""
+    """Train a SaLoRA adapter on ``conversations`` and write the portable PEFT adapter to ``run.out``."""
     options.validate()
-    base, fingerprint, safety = prepare_run(base_ref, safety_path, out, overwrite, merge_to)
-    examples = train_examples(load_tokenizer(base.folder), conversations, options.max_length, data_label)
-    trained = train_adapter(base, fingerprint, safety, safety_path, examples, data_label, data_digest, out,
-                            options, checkpoint_dir, resume, overwrite, progress, echo, callbacks)
-    trained.report = replace(trained.report, merged=str(merge_to) if merge_to else None)
-    if not is_main_process():
-        return trained.report
-    write_trained(trained, out, overwrite)
-    finish(base_ref, out, checkpoint_dir, keep_checkpoints, merge_to, overwrite, progress)
+    base, fingerprint, safety = prepare_run(base_ref, safety_path, run)
+    tokenizer = load_tokenizer(base.folder)
+    examples = tokenize_all(tokenizer, conversations, options.max_length, data_label)
+    trained = train_adapter(base, fingerprint, safety, safety_path, examples, data_label, data_digest, options, run,
+                            progress, echo, callbacks, tokenizer=tokenizer)
+    if is_main_process():
+        write_trained(trained, run, base_ref, progress=progress)
     return trained.report

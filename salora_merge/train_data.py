@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +23,7 @@ from .errors import InputError
 
 __all__ = ["Conversation", "TokenizedExample", "load_conversations", "conversations_from_pairs",
            "tokenize_conversation", "tokenize_all", "conversations_digest", "examples_digest", "split_holdout",
-           "example_from_ids"]
+           "example_from_ids", "pad_batch"]
 
 IGNORE = -100
 _ROLES = ("system", "user", "assistant")
@@ -195,3 +197,17 @@ def tokenize_all(tokenizer, conversations: Sequence[Conversation], max_length: i
         raise InputError(f"{source}: no example keeps a response token within --max-length {max_length}; "
                          "raise --max-length")
     return kept
+
+
+def pad_batch(examples: Sequence[TokenizedExample], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` (with ``pad``), ``labels`` (with ``IGNORE``) and ``attention_mask``."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import InputError
 from .salora_layer import salora_layers, state_tensors
-from .train_data import IGNORE, TokenizedExample
+from .train_data import TokenizedExample, pad_batch
 
 __all__ = ["FitOptions", "FitResult", "fit", "last_checkpoint", "read_state", "STATE_NAME"]
 
@@ -64,28 +64,18 @@ class _Dataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+    def __getitem__(self, index: int) -> TokenizedExample:
+        return self.examples[index]
 
 
 class _Collator:
-    """Right-pad ``input_ids`` with the pad token and ``labels`` with -100; build the attention mask."""
+    """Right-pad a batch of examples (``train_data.pad_batch``)."""
 
     def __init__(self, pad: int) -> None:
         self.pad = pad
 
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.tensor(f["input_ids"])
-            labels[row, :n] = torch.tensor(f["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        return pad_batch(examples, self.pad)
 
 
 def read_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -140,9 +130,9 @@ def _trainer_class():
             Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-            target = model if model is not None else self.model
-            _load_state_into(self.accelerator.unwrap_model(target) if model is not None else target,
-                             read_state(Path(resume_from_checkpoint)), str(Path(resume_from_checkpoint) / STATE_NAME))
+            target = self.accelerator.unwrap_model(model if model is not None else self.model)
+            _load_state_into(target, read_state(Path(resume_from_checkpoint)),
+                             str(Path(resume_from_checkpoint) / STATE_NAME))
 
     return SaloraTrainer
 

@@ -123,8 +123,8 @@ def test_salora_training_on_smollm2(tmp_path):
     from salora_merge.io.adapter import write_adapter
     from salora_merge.models import load_tokenizer
     from salora_merge.resolve import resolve_model
-    from salora_merge.train import TrainOptions, adapter_config, export_modules, prepare_model, train_examples
-    from salora_merge.train_data import conversations_from_pairs
+    from salora_merge.train import TrainOptions, adapter_config, export_modules, prepare_model
+    from salora_merge.train_data import conversations_from_pairs, tokenize_all
     from salora_merge.trainer import FitOptions, fit
 
     safety_path = tmp_path / "safety.safetensors"
@@ -138,7 +138,7 @@ def test_salora_training_on_smollm2(tmp_path):
                                              [w.upper() for w in words])
     base = resolve_model("smollm2-135m-instruct")
     tokenizer = load_tokenizer(base.folder)
-    examples = train_examples(tokenizer, conversations, 128, "words")
+    examples = tokenize_all(tokenizer, conversations, 128, "words")
     options = TrainOptions(rank=8, alpha=16, task_rank=32, device="cpu", fit=FitOptions(
         max_steps=16, lr=1e-3, batch_size=4, grad_accum=1, logging_steps=1, show_progress=False, warmup_ratio=0.0))
     prepared = prepare_model(base, load_safety_module(safety_path), examples, options)

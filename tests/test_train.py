@@ -120,12 +120,13 @@ def _prepared(tiny_model_dir, safety_file, data_file, **kw):
     from salora_merge.io.safety_file import load_safety_module
     from salora_merge.models import load_tokenizer
     from salora_merge.resolve import resolve_model
-    from salora_merge.train import prepare_model, train_examples
+    from salora_merge.train import prepare_model
+    from salora_merge.train_data import tokenize_all
     from salora_merge.train_data import load_conversations
 
     base = resolve_model(str(tiny_model_dir))
     tokenizer = load_tokenizer(base.folder)
-    examples = train_examples(tokenizer, load_conversations(data_file), 128, "data")
+    examples = tokenize_all(tokenizer, load_conversations(data_file), 128, "data")
     options = _options(**kw)
     return prepare_model(base, load_safety_module(safety_file), examples, options), examples, options
 
@@ -444,3 +445,12 @@ def test_retrain_with_task_data_and_bad_input(tiny_model_dir, safety_file, data_
     missing = _cli_retrain(tiny_model_dir, safety_file, tmp_path / "nope", tmp_path / "x", "--data", str(data_file))
     assert missing.exit_code == 1 and "not a folder and not a Hub id" in missing.output
     assert not (tmp_path / "x").exists()
+
+
+def test_resume_with_a_corrupt_run_file_is_one_line(tiny_model_dir, safety_file, data_file, tmp_path):
+    folder = tmp_path / "out.checkpoints"
+    folder.mkdir()
+    (folder / "salora_train_run.json").write_text("{not json")
+    result = _cli_train(tiny_model_dir, safety_file, data_file, tmp_path / "out", "--resume")
+    assert result.exit_code == 1 and "salora_train_run.json is not valid JSON" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
