@@ -332,3 +332,15 @@ def test_lora_hooks_equal_peft_unmerged_and_leave_the_base_exact(tiny_model_dir,
         theirs = reference(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, base_logits, atol=1e-3)
     assert torch.equal(after, base_logits)
+
+
+def test_realign_shortfall_warns_only_when_erosion_is_not_undone():
+    from salora_merge.audit import realign_shortfall
+
+    # Base refuses 80%; 90% of that is 72%.
+    assert realign_shortfall(0.8, 0.8, 0.8) is None  # nothing eroded
+    assert realign_shortfall(0.8, 0.75, 0.5) is None  # the adapter alone keeps >= 72%
+    assert realign_shortfall(0.8, 0.3, 0.72) is None  # realign brings it back to exactly 72%
+    warning = realign_shortfall(0.8, 0.3, 0.5)
+    assert warning.startswith("realign does not restore") and "50%" in warning and "30%" in warning and "80%" in warning
+    assert realign_shortfall(0.0, 0.0, 0.0) is None  # a base that never refuses has nothing to restore
