@@ -68,14 +68,14 @@ class StudyConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     align_steps: int = 100
-    align_lr: float = 5e-4
+    align_lr: float = 3e-4
     erode_epochs: float = 2.0
     erode_lr: float = 2e-4
     batch_size: int = 8
     max_length: int = 256
     answer_tokens: int = 48
     calibration_tokens: int = 32
-    eval_tokens: int = 32
+    eval_tokens: int = 24
     arithmetic_tokens: int = 8
     ranks: tuple[int, ...] = (8, 32, 128)
     energy: float = 0.9
@@ -95,8 +95,8 @@ FULL = StudyConfig(
     name="full",
     sizes=study_data.Sizes(align_harmful=100, align_benign=100, calibration=128, contrast=64,
                            compliant_candidates=72, compliant=30, erode_train=300, task_heldout=40,
-                           arithmetic_train=300, arithmetic_eval=60, eval_advbench=60, eval_harmbench=60,
-                           eval_benign=40, eval_overrefusal=40),
+                           arithmetic_train=300, arithmetic_eval=60, eval_advbench=50, eval_harmbench=50,
+                           eval_benign=40, eval_overrefusal=30),
 )
 SMOKE = StudyConfig(
     name="smoke",
@@ -108,8 +108,7 @@ SMOKE = StudyConfig(
     train_task_rank=4, generation_batch=8,
 )
 CONFIGS = {"full": FULL, "smoke": SMOKE}
-SUBSET = ("none", "salora-r{mid}", "salora-r{top}", "random-r{top}", "contrast-r{mid}", "both-r{mid}", "delta",
-          "safelora-t{t}", "shrink-0.5")
+SUBSET = ("none", "salora-r{mid}", "salora-r{top}", "random-r{top}", "contrast-r{top}", "delta", "safelora-t{t}")
 
 
 def log(message: str) -> None:
@@ -383,7 +382,6 @@ def trained_adapters(cache: Cache, data: study_data.StudyData, aligned: Path, an
                                          "response")
     variants = {
         f"salora-train-init-r{cfg.mid_rank}": ("salora", safety, cfg.erode_lr),
-        f"salora-train-init-r{cfg.mid_rank}-lr{cfg.erode_lr / 4:g}": ("salora", safety, cfg.erode_lr / 4),
         f"salora-train-gaussian-r{cfg.mid_rank}": ("gaussian", safety, cfg.erode_lr),
         f"random-train-gaussian-r{cfg.mid_rank}": ("gaussian", random_control(safety, cfg.seed), cfg.erode_lr),
     }
