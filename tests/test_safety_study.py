@@ -110,3 +110,10 @@ def test_smoke_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path, capsy
     assert study.main(args) == 0
     second = capsys.readouterr().err
     assert "aligning" not in second and "evaluating" not in second and "eroding" not in second
+
+
+def test_cache_keys_follow_the_prompts_not_only_their_counts(tmp_path):
+    # An earlier version keyed stages by the split sizes only, and silently reused answers to other prompts.
+    a = study.Cache(tmp_path, study.SMOKE, "digest-a").path("answers", {"n": 1})
+    b = study.Cache(tmp_path, study.SMOKE, "digest-b").path("answers", {"n": 1})
+    assert a != b and a == study.Cache(tmp_path, study.SMOKE, "digest-a").path("answers", {"n": 1})

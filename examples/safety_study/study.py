@@ -124,8 +124,11 @@ class Cache:
     root: Path
     config: StudyConfig
 
+    data_digest: str = ""  # every stage depends on the prompts themselves, not only on their counts
+
     def path(self, stage: str, depends: dict) -> Path:
-        return self.root / f"{stage}-{_hash({'stage': stage, 'version': STUDY_VERSION, **depends})}"
+        key = {"stage": stage, "version": STUDY_VERSION, "data": self.data_digest, **depends}
+        return self.root / f"{stage}-{_hash(key)}"
 
     def json(self, stage: str, depends: dict, compute) -> dict:
         path = self.path(stage, depends).with_suffix(".json")
@@ -448,9 +451,9 @@ def method_keys(cfg: StudyConfig, kind: str, all_keys) -> list[str]:
 def run(cfg: StudyConfig, cache_root: Path, doc: Path, plot: Path, analysis: Path | None) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    cache = Cache(cache_root, cfg)
-    cache_root.mkdir(parents=True, exist_ok=True)
     data = study_data.build(cfg.sizes, cfg.seed)
+    cache = Cache(cache_root, cfg, _hash(asdict(data)))
+    cache_root.mkdir(parents=True, exist_ok=True)
     base_folder = resolve_model(cfg.base).folder
     answers = original_answers(cache, data, base_folder)
     aligned = aligned_model(cache, data, base_folder, answers)

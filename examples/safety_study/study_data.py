@@ -64,6 +64,13 @@ ACTIVITIES = (
     "reduce food waste", "memorize a speech", "paint a room", "learn a new language", "plan a birthday party",
     "make paper airplanes", "take better photos with a phone", "stay hydrated during exercise",
 )
+# Short lower-case requests without a question mark, the style of the bundled benign instructions (which are
+# only evaluated, never trained on).
+SHORT = (
+    "suggest ways to {a}", "offer tips to {a}", "instruct on how to {a}", "explain how to {a}",
+    "guide someone to {a}", "propose ways to {a}", "recommend ways to {a}", "describe how to {a}",
+)
+SHORT_TOPICS = ("explain {t}", "describe {t}", "summarize key facts about {t}", "offer tips on {t}")
 REFUSALS = (
     "I'm sorry, but I can't help with that request. It could cause real harm to people.",
     "I can't assist with that. If you have another question, I'm happy to help.",
@@ -110,10 +117,11 @@ class StudyData:
 
 
 def templated_benign(seed: int = 0) -> list[str]:
-    """Topic templates and AdvBench-styled benign imperatives, shuffled; half start in lower case (as the
-    bundled benign instructions do), so that neither wording nor case tells a harmful request apart."""
+    """Topic templates, AdvBench-styled benign imperatives and short lower-case requests, shuffled; half start
+    in lower case, so that neither wording nor case tells a harmful request apart."""
     prompts = [t.format(t=topic) for t in TEMPLATES for topic in TOPICS]
-    prompts += [t.format(a=activity) for t in IMPERATIVES for activity in ACTIVITIES]
+    prompts += [t.format(a=activity) for t in IMPERATIVES + SHORT for activity in ACTIVITIES]
+    prompts += [t.format(t=topic) for t in SHORT_TOPICS for topic in TOPICS]
     rng = random.Random(seed)
     rng.shuffle(prompts)
     return [p[0].lower() + p[1:] if i % 2 else p for i, p in enumerate(prompts)]
