@@ -139,7 +139,7 @@ def test_salora_training_on_smollm2(tmp_path):
     base = resolve_model("smollm2-135m-instruct")
     tokenizer = load_tokenizer(base.folder)
     examples = tokenize_all(tokenizer, conversations, 128, "words")
-    options = TrainOptions(rank=8, alpha=16, task_rank=32, device="cpu", fit=FitOptions(
+    options = TrainOptions(rank=8, alpha=16, task_rank=32, init="salora", device="cpu", fit=FitOptions(
         max_steps=16, lr=1e-3, batch_size=4, grad_accum=1, logging_steps=1, show_progress=False, warmup_ratio=0.0))
     prepared = prepare_model(base, load_safety_module(safety_path), examples, options)
     reference = AutoModelForCausalLM.from_pretrained(str(base.folder), dtype=torch.float32).eval()

@@ -224,11 +224,12 @@ def test_training_keeps_safety_features_loss_falls_and_export_equals_model(
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
-def _cli_train(tiny_model_dir, safety_file, data_file, out, *extra):
+def _cli_train(tiny_model_dir, safety_file, data_file, out, *extra, init="salora"):
     return CliRunner().invoke(main, [
         "train", "--base", str(tiny_model_dir), "--data", str(data_file), "--safety", str(safety_file),
         "--rank", "4", "--alpha", "8", "--task-rank", "6", "--targets", "q_proj,v_proj", "--lr", "1e-2",
-        "--batch-size", "4", "--grad-accum", "1", "--device", "cpu", "--quiet", "-o", str(out), *extra])
+        "--batch-size", "4", "--grad-accum", "1", "--device", "cpu", "--quiet", "-o", str(out),
+        *(["--init", init] if init else []), *extra])
 
 
 def test_cli_train_writes_a_peft_adapter_and_merges(tiny_model_dir, safety_file, data_file, tmp_path):
@@ -238,8 +239,10 @@ def test_cli_train_writes_a_peft_adapter_and_merges(tiny_model_dir, safety_file,
     result = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--use-rslora",
                         "--gradient-checkpointing", "--merge-to", str(merged), "--json")
     control = _cli_train(tiny_model_dir, safety_file, data_file, tmp_path / "control", "--max-steps", "2",
-                         "--random-control", "3", "--json")
+                         "--random-control", "3", "--json", init=None)
     assert control.exit_code == 0, control.output
+    # The default init is PEFT's (gaussian): no initial part, so the export keeps rank r.
+    assert json.loads(control.stdout)["init"] == "gaussian" and json.loads(control.stdout)["export_rank"] == 4
     from salora_merge.audit_math import module_scores, summarize
     from salora_merge.io.adapter import read_adapter
     from salora_merge.io.safety_file import load_safety_module
@@ -415,7 +418,8 @@ def test_retrain_by_distillation_reports_the_comparison(tiny_model_dir, safety_f
     report = json.loads(result.stdout)
     assert report["source"] == "distilled" and report["heldout_examples"] == 4 and report["train_examples"] == 12
     train = report["train"]
-    assert train["rank"] == 4 and train["alpha"] == 8 and train["export_rank"] == 8  # the old adapter's r and alpha
+    # The old adapter's r and alpha; the default init (gaussian) exports rank r.
+    assert train["rank"] == 4 and train["alpha"] == 8 and train["export_rank"] == 4 and train["init"] == "gaussian"
     for key in ("base", "original", "retrained"):
         assert math.isfinite(report["nll"][key]) and 0 <= report["target_accuracy"][key] <= 1
     # The held-out targets are the original adapter's own greedy answers: it predicts them best.
