@@ -91,7 +91,9 @@ def test_smoke_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path, capsy
     for key in methods:
         assert f"| `{key}` |" in text
     svg = ET.parse(doc.with_suffix(".svg")).getroot()
-    points = [c for c in svg.iter("{http://www.w3.org/2000/svg}circle")]
+    # Data points carry a <title> (the method); the legend's circles do not.
+    points = [c for c in svg.iter("{http://www.w3.org/2000/svg}circle")
+              if c.find("{http://www.w3.org/2000/svg}title") is not None]
     plotted = [k for k in results if k.split("/")[0] in study_report.KINDS and study_report.improvement_kept(
         results[k], results["aligned"], results[f"{k.split('/')[0]}/none"], k.split("/")[0]) is not None]
     assert len(points) == len(plotted) > 0
