@@ -14,7 +14,29 @@ if TYPE_CHECKING:
     from .realign import RealignReport
     from .train import TrainReport
 
-__all__ = ["adapter_card", "trained_adapter_card", "front_matter", "merged_card", "base_license"]
+__all__ = ["adapter_card", "trained_adapter_card", "front_matter", "merged_card", "base_license",
+           "REALIGN_CAVEAT", "TRAIN_CAVEAT"]
+
+# What the safety study (docs/safety-study.md) measured; cards and realign's summary say it instead of
+# promising safety the projection did not give.
+REALIGN_CAVEAT = (
+    "Removing the update's component in the safety subspace is a constraint on the weights, not a measured "
+    "guarantee of safe behaviour. In salora-merge's safety study (`docs/safety-study.md` in its source) on "
+    "SmolLM2-135M-Instruct, this "
+    "projection restored no more of an eroded adapter's refusals than projecting off a random subspace of the "
+    "same size, at every rank tried (8, 32, 128), and no method tried (token policies, contrastive and "
+    "input-side subspaces, Safe LoRA) brought an eroded adapter back to 90% of the aligned model's refusal "
+    "rate while keeping 80% of its task improvement. Measure refusals on held-out harmful prompts "
+    "(`salora-merge audit --behavior`) before deployment."
+)
+TRAIN_CAVEAT = (
+    "Keeping the update out of the safety subspace is a constraint on the weights, not a measured guarantee "
+    "of safe behaviour. In salora-merge's safety study (`docs/safety-study.md` in its source) on "
+    "SmolLM2-135M-Instruct, training under "
+    "the fixed `C` eroded refusals as much as plain LoRA on the same data (and, with `--init salora` at the "
+    "same learning rate, much more). Measure refusals on held-out harmful prompts "
+    "(`salora-merge audit --behavior`) before deployment."
+)
 
 
 def is_hub_id(ref: str) -> bool:
@@ -75,9 +97,9 @@ Modules that lost the largest share (a random update would lose about the refere
 |---|---|---|
 {rows}
 
-The full per-module figures are in `salora_realign.json`. Removing the update's component in the
-safety subspace is not by itself a measured guarantee of safe behaviour: evaluate refusals on
-held-out harmful prompts before deployment.
+The full per-module figures are in `salora_realign.json`.
+
+{REALIGN_CAVEAT}
 """
     )
 
@@ -114,9 +136,7 @@ training) that stock PEFT loads on the untouched base.
 - Steps: {report.global_step}; logged training loss {first:.4f} -> {final:.4f}
 - Share of the update's energy inside the safety subspace: {report.safety_energy:.2e}
 {note or ""}
-Keeping the update out of the safety subspace is a constraint on the weights, not by itself a measured
-guarantee of safe behaviour: evaluate refusals on held-out harmful prompts
-(`salora-merge audit --behavior`) before deployment. Full figures: `salora_train.json`.
+{TRAIN_CAVEAT} Full figures: `salora_train.json`.
 """
     )
 
@@ -187,8 +207,7 @@ folder's `salora_realign.json`).
                    "model's refusals, and nothing here undoes that. `salora-merge merge --realign` projects the "
                    "updates off the safety subspace first.\n")
     if report.realign or prior:
-        realign += ("\nKeeping `U_s^T W x` unchanged on the adapted layers is not by itself a measured guarantee "
-                    "of safe behaviour: evaluate refusals on held-out harmful prompts before deployment.\n")
+        realign += "\n" + REALIGN_CAVEAT + "\n"
     audit_text = ""
     if audit:
         audit_text = "\n## Safety audit\n\n" + str(audit.get("markdown", "")).strip() + "\n"

@@ -35,6 +35,10 @@ def render_realign(report: RealignReport, top: int = 5) -> str:
         "",
         f"Energy of the whole update removed: {report.total_energy_removed:.4f}",
         f"Wrote {report.output} (per-module figures in {REPORT_NAME})",
+        "",
+        "Note: this is a constraint on the weights, not a measured safety guarantee. In the safety study "
+        "(docs/safety-study.md) it restored no more refusals than a random subspace of the same size; "
+        "measure refusals with `salora-merge audit --behavior` before deployment.",
     ]
     return "\n".join(lines)
 

@@ -154,5 +154,12 @@ def _card(report: SafeLoraReport) -> str:
 (Hsu et al., NeurIPS 2024): for each adapted module, `V = W_aligned - W_unaligned`
 (`{report.aligned}` minus `{report.unaligned}`), `C = V V^T / ||V||_F`, and `lora_B := C lora_B` where
 `cos(vec(C dW), vec(dW))` is {rule}. {report.projected} of {len(report.modules)} modules were projected.
-Per-module figures: `{REPORT_NAME}`. Evaluate refusals on held-out harmful prompts before deployment.
+Per-module figures: `{REPORT_NAME}`.
+
+A projected module keeps only the part of its update inside the alignment update's span, often a small
+share of it. In salora-merge's safety study (`docs/safety-study.md` in its source) on SmolLM2-135M-Instruct,
+the threshold 0.5 projected every module of an eroded adapter: the refusals came back and the adapter's task
+improvement went with them; fewer projected modules kept more of the task and restored fewer refusals.
+Evaluate refusals on held-out harmful prompts (`salora-merge audit --behavior`) and the adapter's task
+before deployment.
 """

@@ -57,6 +57,11 @@ def test_realign_cli_prints_summary(cli_safety, tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Realigned 4 modules" in result.output and "Energy of the whole update removed" in result.output
     assert str(tmp_path / "o") in result.output
+    # The summary and the card say what the safety study measured instead of promising safety.
+    assert "not a measured safety guarantee" in result.output and "audit --behavior" in result.output
+    from salora_merge.cards import REALIGN_CAVEAT
+
+    assert REALIGN_CAVEAT in (tmp_path / "o" / "README.md").read_text()
 
 
 def test_adapter_for_another_model(cli_safety, tiny_model_dir, wider_model_dir, tmp_path):
