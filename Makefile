@@ -51,7 +51,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_train.py --device cpu --batch 4 --length 256 --steps 8 --repeats 2 --output docs/train-benchmark-cpu.md
 	$(VENV)/bin/python benchmarks/bench_train.py --device cpu --batch 4 --length 256 --steps 8 --repeats 2 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --output docs/train-benchmark-cpu-all7.md
 
-# The real-model safety study (about 75 min on 2 cores the first time; stages cached under out/safety-study/).
+# The real-model safety study (about 80 min on 2 cores the first time; stages cached under out/safety-study/).
 study: setup
 	$(PY) examples/safety_study/study.py
 

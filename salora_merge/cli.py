@@ -306,7 +306,8 @@ def _training_options(retrain: bool) -> Callable[[Callable], Callable]:
         click.option("--init", "init", default="gaussian", show_default=True,
                      type=click.Choice(["salora", "pissa", "gaussian"]),
                      help="gaussian: PEFT's default; salora: task-specific (the paper's; its updates are several times "
-                          "larger at the same --lr, see docs/safety-study.md); pissa: principal singular vectors of W."),
+                          "larger at the same --lr: use about a fifth of a plain LoRA --lr, see docs/safety-study.md); "
+                          "pissa: principal singular vectors of W."),
         click.option("--init-samples", default=128, show_default=True, type=int,
                      help="Examples whose response tokens give the task statistics for --init salora."),
         click.option("--dropout", default=0.0, show_default=True, type=float, help="Dropout on the LoRA input."),

@@ -12,7 +12,8 @@ Stages, each cached under ``--cache`` in a folder named by a hash of the setting
    benign contrast moments, and every derived basis; plus the alignment delta ``W_aligned - W_original``;
 4. eroding adapters trained on the aligned model (plain LoRA): benign instructions; the same plus a few
    harmful-compliant examples; two-digit addition;
-5. SaLoRA-trained adapters on the benign data (paper init; plain init with the fixed C; the random control);
+5. SaLoRA-trained adapters on the benign data (paper init at the plain LoRA's lr and at a fifth of it; plain
+   init with the fixed C; the random control);
 6. every variant evaluated with the audit's behavioural evaluation (greedy, keyword judge) and the tasks;
 7. the report: a markdown document with the tables, the bar check and an SVG plot.
 """
@@ -385,6 +386,8 @@ def trained_adapters(cache: Cache, data: study_data.StudyData, aligned: Path, an
                                          "response")
     variants = {
         f"salora-train-init-r{cfg.mid_rank}": ("salora", safety, cfg.erode_lr),
+        # The paper's init at a fifth of the learning rate: does a smaller step remove its extra erosion?
+        f"salora-train-init-r{cfg.mid_rank}-lr{cfg.erode_lr / 5:g}": ("salora", safety, cfg.erode_lr / 5),
         f"salora-train-gaussian-r{cfg.mid_rank}": ("gaussian", safety, cfg.erode_lr),
         f"random-train-gaussian-r{cfg.mid_rank}": ("gaussian", random_control(safety, cfg.seed), cfg.erode_lr),
     }
