@@ -108,6 +108,13 @@ def test_smoke_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path, capsy
         u = bases["delta"][name].double()
         assert torch.linalg.norm(b - u @ (u.T @ b)) <= 1e-4 * torch.linalg.norm(b)
 
+    # The reported update norm is ||sum of s B A||_F over modules, checked against the dense float64 products.
+    for kind in ("benign", "arithmetic"):
+        folder = next(cache.glob(f"smoke/adapter-{kind}-{'?' * 12}"))  # not adapter-benign-harmful-*
+        dense = sum(float((m.scaling * m.lora_B.double() @ m.lora_A.double()).square().sum())
+                    for m in read_adapter(folder).modules.values()) ** 0.5
+        assert summary["train"][kind]["update_norm"] == pytest.approx(dense, rel=1e-9)
+
     # A second run reuses every stage.
     assert study.main(args) == 0
     second = capsys.readouterr().err

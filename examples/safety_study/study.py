@@ -26,7 +26,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,14 +37,15 @@ import study_data  # noqa: E402
 import study_methods  # noqa: E402
 import study_report  # noqa: E402
 
-from salora_merge.behavior import PromptSets  # noqa: E402
+from salora_merge.behavior import BehaviorOptions, PromptSets, evaluate_variant  # noqa: E402
 from salora_merge.calibrate import accumulate_moments, build_sequences, select_targets  # noqa: E402
 from salora_merge.io.adapter import LoraModule, read_adapter, write_adapter  # noqa: E402
 from salora_merge.io.checkpoint import open_checkpoint  # noqa: E402
-from salora_merge.judges import refused  # noqa: E402
+from salora_merge.judges import KeywordJudge, refused  # noqa: E402
 from salora_merge.merge import AdapterInput, MergeOptions, run_merge  # noqa: E402
 from salora_merge.models import (chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm,  # noqa: E402
                                  load_tokenizer, lora_applied, weight_matrix)
+from salora_merge.projection import update_norm_sq  # noqa: E402
 from salora_merge.prompts import PromptSet  # noqa: E402
 from salora_merge.resolve import resolve_model  # noqa: E402
 from salora_merge.safety import SafetyModule, random_control  # noqa: E402
@@ -203,8 +204,7 @@ def train(folder: Path, examples, cfg: StudyConfig, workdir: Path, *, lr: float,
     stats = {"steps": result.global_step, "train_loss": result.train_loss, "seconds": result.seconds,
              "first_loss": result.losses[0][1] if result.losses else None,
              "last_loss": result.losses[-1][1] if result.losses else None,
-             "update_norm": sum(m.scaling**2 * float((m.lora_B.double() @ m.lora_A.double()).square().sum())
-                                for m in modules.values()) ** 0.5}
+             "update_norm": sum(m.scaling**2 * update_norm_sq(m.lora_B, m.lora_A) for m in modules.values()) ** 0.5}
     return modules, config, stats
 
 
@@ -311,13 +311,8 @@ def derive_bases(cache: Cache, data: study_data.StudyData, base_folder: Path, al
             tensors[f"contrast::{n}"] = contrastive_output_basis(m_h, m_b, top_rank)[0]
             if i % 30 == 0:
                 log(f"  {i + 1}/{len(names)} modules")
-        original = open_checkpoint(base_folder)
-        aligned_index = open_checkpoint(aligned)
-        delta_rank = cfg.lora_rank
-        for n in names:
-            v = aligned_index.read(f"{n}.weight").to(torch.float64) - original.read(f"{n}.weight").to(torch.float64)
-            u = torch.linalg.svd(v, full_matrices=False)[0][:, :delta_rank]
-            tensors[f"delta::{n}"] = u
+        for n, v in alignments(base_folder, aligned, names).items():
+            tensors[f"delta::{n}"] = torch.linalg.svd(v, full_matrices=False)[0][:, : cfg.lora_rank]
         save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, str(tmp / "bases.safetensors"),
                   metadata={"calibration_refusal_share": str(refusal_share)})
 
@@ -412,35 +407,32 @@ def trained_adapters(cache: Cache, data: study_data.StudyData, aligned: Path, an
 # ------------------------------------------------------------------------------------------------- evaluation
 
 def evaluate(model, tokenizer, data: study_data.StudyData, cfg: StudyConfig, modules, task_examples) -> dict:
-    """Refusal rates (keyword judge, as the audit), the benign task NLL and the exact arithmetic accuracy."""
+    """The audit's behavioural evaluation (greedy, keyword judge) split into AdvBench and HarmBench rates, the
+    benign task NLL and the exact arithmetic accuracy."""
     factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in (modules or {}).items()}
     sets = PromptSets(harmful=PromptSet("harmful", data.eval_advbench + data.eval_harmbench),
                       benign=PromptSet("benign", data.eval_benign),
                       overrefusal=PromptSet("overrefusal", data.eval_overrefusal))
+    options = BehaviorOptions(max_new_tokens=cfg.eval_tokens, batch_size=cfg.generation_batch)
+    behavior = evaluate_variant(model, tokenizer, sets, KeywordJudge(), factors, options)
     with lora_applied(model, factors):
-        texts = {}
-        for name in ("harmful", "benign", "overrefusal"):
-            prompts = getattr(sets, name).prompts
-            out = generate_greedy(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts], cfg.eval_tokens,
-                                  cfg.generation_batch)
-            texts[name] = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
         sums = generate_greedy(model, tokenizer, [chat_prompt_ids(tokenizer, q) for q, _ in data.arithmetic_eval],
                                cfg.arithmetic_tokens, cfg.generation_batch)
         sums = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in sums]
         nll = mean_nll(score_examples(model, task_examples, tokenizer.pad_token_id, cfg.batch_size))
     n_adv = len(data.eval_advbench)
-    flags = [refused(t) for t in texts["harmful"]]
+    harmful = behavior.responses["harmful"]
+    flags = [refused(t) for t in harmful]
     return {
         "advbench_refusal": sum(flags[:n_adv]) / max(1, n_adv),
         "harmbench_refusal": sum(flags[n_adv:]) / max(1, len(flags) - n_adv),
-        "benign_refusal": sum(map(refused, texts["benign"])) / max(1, len(texts["benign"])),
-        "overrefusal": sum(map(refused, texts["overrefusal"])) / max(1, len(texts["overrefusal"])),
+        "benign_refusal": behavior.benign_refusal_rate,
+        "overrefusal": behavior.overrefusal_rate,
         "task_nll": nll,
-        "arithmetic_accuracy": sum(s == a for s, (_, a) in zip(sums, data.arithmetic_eval)) / len(sums),
-        "n": {"advbench": n_adv, "harmbench": len(flags) - n_adv, "benign": len(texts["benign"]),
-              "overrefusal": len(texts["overrefusal"]), "task": len(task_examples), "arithmetic": len(sums)},
-        "examples": {"harmful": texts["harmful"][:2] + texts["harmful"][n_adv : n_adv + 2],
-                     "arithmetic": sums[:3]},
+        "arithmetic_accuracy": sum(s == a for s, (_, a) in zip(sums, data.arithmetic_eval)) / max(1, len(sums)),
+        "n": {"advbench": n_adv, "harmbench": len(flags) - n_adv, "benign": behavior.n["benign"],
+              "overrefusal": behavior.n["overrefusal"], "task": len(task_examples), "arithmetic": len(sums)},
+        "examples": {"harmful": harmful[:2] + harmful[n_adv : n_adv + 2], "arithmetic": sums[:3]},
     }
 
 
