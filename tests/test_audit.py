@@ -344,3 +344,28 @@ def test_realign_shortfall_warns_only_when_erosion_is_not_undone():
     warning = realign_shortfall(0.8, 0.3, 0.5)
     assert warning.startswith("realign does not restore") and "50%" in warning and "30%" in warning and "80%" in warning
     assert realign_shortfall(0.0, 0.0, 0.0) is None  # a base that never refuses has nothing to restore
+
+
+@pytest.mark.parametrize("realigned_rate, warned", [(0.5, True), (0.75, False)])
+def test_audit_attaches_the_shortfall_warning_from_the_behaviour_rates(audit_setup, tiny_model_dir, tmp_path,
+                                                                      monkeypatch, realigned_rate, warned):
+    # The tiny model never refuses, so the rates come from a stand-in evaluation: base, adapter, realigned.
+    import salora_merge.audit as audit_module
+    from salora_merge.behavior import VariantResult
+
+    rates = iter([0.8, 0.3, realigned_rate])
+
+    def fake_evaluate(*args, **kwargs):
+        rate = next(rates)
+        return VariantResult(harmful_refusal_rate=rate, attack_success_rate=1 - rate, benign_refusal_rate=0.0,
+                             overrefusal_rate=0.0, n={"harmful": 1, "benign": 1, "overrefusal": 1},
+                             responses={"harmful": ["x"], "benign": ["x"], "overrefusal": ["x"]})
+
+    monkeypatch.setattr(audit_module, "evaluate_variant", fake_evaluate)
+    behavior = BehaviorOptions(max_prompts=1, max_new_tokens=2, batch_size=1, device="cpu")
+    report = run_audit(str(tiny_model_dir), [str(audit_setup / "adapters" / "a-random")],
+                       AuditOptions(behavior=behavior), safety_path=audit_setup / "safety.safetensors")
+    entry = report["adapters"][0]
+    assert entry["status"] == "pass"  # a warning, not a gate
+    shortfall = [w for w in entry["warnings"] if w.startswith("realign does not restore")]
+    assert bool(shortfall) == warned
