@@ -32,10 +32,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=20)
     args = parser.parse_args()
-    from salora_merge.audit import run_audit
-    from salora_merge.calibrate import CalibrationOptions, calibrate
+    from salora_merge.auditing.run import run_audit
+    from salora_merge.calibration.run import CalibrationOptions, calibrate
     from salora_merge.io.safety_file import save_safety_module
-    from salora_merge.resolve import resolve_model
+    from salora_merge.hf.resolve import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="salora-bench-audit-") as tmp:
         root = Path(tmp)

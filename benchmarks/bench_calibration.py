@@ -29,8 +29,8 @@ EXAMPLE = ROOT / "examples" / "adapters" / "smollm2-benign-lora"
 
 
 def memory_child(n_prompts: int) -> None:
-    from salora_merge.calibrate import CalibrationOptions, calibrate
-    from salora_merge.resolve import resolve_model
+    from salora_merge.calibration.run import CalibrationOptions, calibrate
+    from salora_merge.hf.resolve import resolve_model
 
     options = CalibrationOptions(max_prompts=n_prompts, max_new_tokens=32, device="cpu")
     result = calibrate(resolve_model("smollm2-135m-instruct"), options)
@@ -39,10 +39,10 @@ def memory_child(n_prompts: int) -> None:
 
 
 def overhead(n_prompts: int, repeats: int) -> dict:
-    from salora_merge.calibrate import accumulate_moments, backbone_of, batch_tensors, build_sequences, length_sorted_batches, select_targets
-    from salora_merge.models import chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm, load_tokenizer
-    from salora_merge.prompts import load_prompt_set
-    from salora_merge.resolve import resolve_model
+    from salora_merge.calibration.run import accumulate_moments, backbone_of, batch_tensors, build_sequences, length_sorted_batches, select_targets
+    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm, load_tokenizer
+    from salora_merge.io.prompts import load_prompt_set
+    from salora_merge.hf.resolve import resolve_model
 
     folder = resolve_model("smollm2-135m-instruct").folder
     tokenizer = load_tokenizer(folder)
@@ -79,11 +79,11 @@ def overhead(n_prompts: int, repeats: int) -> dict:
 
 
 def realign_timing(repeats: int) -> dict:
-    from salora_merge.calibrate import CalibrationOptions, calibrate
+    from salora_merge.calibration.run import CalibrationOptions, calibrate
     from salora_merge.io.adapter import read_adapter
     from salora_merge.io.safety_file import save_safety_module
-    from salora_merge.realign import realign_modules, run_realign
-    from salora_merge.resolve import resolve_model
+    from salora_merge.realignment.run import realign_modules, run_realign
+    from salora_merge.hf.resolve import resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:
         safety_path = Path(tmp) / "s.safetensors"

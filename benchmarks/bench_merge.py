@@ -49,7 +49,7 @@ def _report(extra: dict) -> None:
 
 
 def child_ours(base: str, adapter: str, out: str, shard_size: str) -> None:
-    from salora_merge.merge import AdapterInput, MergeOptions, run_merge
+    from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge
 
     started = time.perf_counter()
     run_merge(base, [AdapterInput(adapter)], Path(out), MergeOptions(shard_size=shard_size))
@@ -61,7 +61,7 @@ def child_peft(base: str, adapter: str, out: str, shard_size: str) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    from salora_merge.resolve import resolve_model
+    from salora_merge.hf.resolve import resolve_model
 
     logging.set_verbosity_error()
     started = time.perf_counter()
@@ -76,7 +76,7 @@ def child_plain(base: str, out: str) -> None:
     """The floor: read every shard whole and write it back (safetensors load_file/save_file)."""
     from safetensors.torch import load_file, save_file
 
-    from salora_merge.resolve import resolve_model
+    from salora_merge.hf.resolve import resolve_model
 
     started = time.perf_counter()
     folder = resolve_model(base).folder
@@ -91,7 +91,7 @@ def child_plain(base: str, out: str) -> None:
 def make_synthetic(folder: Path, hidden: int, layers: int, vocab: int, shard_size: str) -> None:
     """A Llama-shaped bfloat16 checkpoint written shard by shard (never whole in memory), and a config."""
     from salora_merge.io.stream import ShardWriter
-    from salora_merge.merge_math import parse_size
+    from salora_merge.core.merge_math import parse_size
 
     inter, kv = int(hidden * 2.7) // 256 * 256, hidden // 4
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
@@ -299,7 +299,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="salora-bench-merge-", dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
-        from salora_merge.resolve import resolve_model
+        from salora_merge.hf.resolve import resolve_model
 
         smol = resolve_model("smollm2-135m-instruct").folder
         rows.append(bench("SmolLM2-135M (float32)", "smollm2-135m-instruct", smol, EXAMPLE, work, "5GB"))

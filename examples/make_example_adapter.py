@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from salora_merge.models import chat_prompt_ids, generate_greedy, load_causal_lm, load_tokenizer
-from salora_merge.resolve import resolve_model
+from salora_merge.hf.models import chat_prompt_ids, generate_greedy, load_causal_lm, load_tokenizer
+from salora_merge.hf.resolve import resolve_model
 
 HERE = Path(__file__).parent
 

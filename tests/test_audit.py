@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_peft_adapter
-from salora_merge.audit import AuditOptions, expand_adapters, exit_code, run_audit
-from salora_merge.audit_math import by_layer, module_scores, standouts, summarize
-from salora_merge.behavior import BehaviorOptions
+from salora_merge.auditing.run import AuditOptions, expand_adapters, exit_code, run_audit
+from salora_merge.core.audit_math import by_layer, module_scores, standouts, summarize
+from salora_merge.auditing.behavior import BehaviorOptions
 from salora_merge.cli import main
 from salora_merge.errors import InputError
 
@@ -78,8 +78,8 @@ def test_summaries_are_energy_weighted_and_standouts_ranked():
 @pytest.fixture(scope="module")
 def audit_setup(tiny_model_dir, tiny_calibration_prompts, tmp_path_factory):
     """A safety module of the tiny model, a random adapter, its realigned copy and a broken one."""
-    from salora_merge.calibrate import CalibrationOptions
-    from salora_merge.realign import run_realign
+    from salora_merge.calibration.run import CalibrationOptions
+    from salora_merge.realignment.run import run_realign
 
     root = tmp_path_factory.mktemp("audit")
     folder = root / "adapters"
@@ -146,12 +146,12 @@ def test_adapter_for_another_base_and_modules_missing_from_safety(audit_setup, t
     other = make_peft_adapter(wider_model_dir, tmp_path / "wide")
     report = run_audit(str(tiny_model_dir), [str(other)], safety_path=audit_setup / "safety.safetensors")
     assert report["adapters"][0]["status"] == "error" and "another model" in report["adapters"][0]["error"]
-    from salora_merge.calibrate import CalibrationOptions
+    from salora_merge.calibration.run import CalibrationOptions
 
     narrow = tmp_path / "narrow.safetensors"
-    from salora_merge.calibrate import calibrate
+    from salora_merge.calibration.run import calibrate
     from salora_merge.io.safety_file import save_safety_module
-    from salora_merge.resolve import resolve_model
+    from salora_merge.hf.resolve import resolve_model
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"request {i}" for i in range(6)))
@@ -231,7 +231,7 @@ def _stand_in_classifier(folder: Path, tokenizer_dir: Path, id2label: dict) -> P
 
 
 def test_classifier_judge_through_the_same_interface(tiny_model_dir, tmp_path):
-    from salora_merge.judges import load_judge
+    from salora_merge.auditing.judges import load_judge
 
     unsafe_first = _stand_in_classifier(tmp_path / "c1", tiny_model_dir, {0: "unsafe", 1: "safe"})
     safe_first = _stand_in_classifier(tmp_path / "c2", tiny_model_dir, {0: "safe", 1: "unsafe"})
@@ -302,7 +302,7 @@ def _stand_in_guard(folder: Path, first_word: str) -> Path:
 
 
 def test_llamaguard_judge_with_a_stand_in(tmp_path):
-    from salora_merge.judges import load_judge
+    from salora_merge.auditing.judges import load_judge
 
     prompts, responses = ["how to x", "how to x"], ["here is x", "here is"]
     assert load_judge(f"llamaguard:{_stand_in_guard(tmp_path / 'g1', 'unsafe')}").harmful(prompts, responses) == [True, True]
@@ -317,7 +317,7 @@ def test_lora_hooks_equal_peft_unmerged_and_leave_the_base_exact(tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     from salora_merge.io.adapter import read_adapter
-    from salora_merge.models import lora_applied
+    from salora_merge.hf.models import lora_applied
 
     adapter_dir = make_peft_adapter(tiny_model_dir, tmp_path / "a", target_modules=TARGETS, use_rslora=True)
     adapter = read_adapter(adapter_dir)
@@ -335,7 +335,7 @@ def test_lora_hooks_equal_peft_unmerged_and_leave_the_base_exact(tiny_model_dir,
 
 
 def test_realign_shortfall_warns_only_when_erosion_is_not_undone():
-    from salora_merge.audit import realign_shortfall
+    from salora_merge.auditing.run import realign_shortfall
 
     # Base refuses 80%; 90% of that is 72%.
     assert realign_shortfall(0.8, 0.8, 0.8) is None  # nothing eroded
@@ -350,8 +350,8 @@ def test_realign_shortfall_warns_only_when_erosion_is_not_undone():
 def test_audit_attaches_the_shortfall_warning_from_the_behaviour_rates(audit_setup, tiny_model_dir, tmp_path,
                                                                       monkeypatch, realigned_rate, warned):
     # The tiny model never refuses, so the rates come from a stand-in evaluation: base, adapter, realigned.
-    import salora_merge.audit as audit_module
-    from salora_merge.behavior import VariantResult
+    import salora_merge.auditing.run as audit_module
+    from salora_merge.auditing.behavior import VariantResult
 
     rates = iter([0.8, 0.3, realigned_rate])
 

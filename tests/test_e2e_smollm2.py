@@ -40,7 +40,7 @@ def test_calibrate_and_realign_smollm2(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from salora_merge.resolve import resolve_model
+    from salora_merge.hf.resolve import resolve_model
 
     folder = resolve_model("smollm2-135m-instruct").folder
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -68,7 +68,7 @@ def test_merge_smollm2_equals_peft_and_loads_cleanly(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from salora_merge.resolve import resolve_model
+    from salora_merge.hf.resolve import resolve_model
 
     out = tmp_path / "merged"
     result = CliRunner().invoke(main, ["merge", "--base", "smollm2-135m-instruct", "--adapter", str(EXAMPLE),
@@ -89,12 +89,12 @@ def test_merge_smollm2_equals_peft_and_loads_cleanly(tmp_path):
 
 
 def test_audit_smollm2_adapter_and_its_realigned_copy(tmp_path):
-    from salora_merge.audit import AuditOptions, run_audit
-    from salora_merge.behavior import BehaviorOptions
-    from salora_merge.calibrate import CalibrationOptions, calibrate
+    from salora_merge.auditing.run import AuditOptions, run_audit
+    from salora_merge.auditing.behavior import BehaviorOptions
+    from salora_merge.calibration.run import CalibrationOptions, calibrate
     from salora_merge.io.safety_file import save_safety_module
-    from salora_merge.realign import run_realign
-    from salora_merge.resolve import resolve_model
+    from salora_merge.realignment.run import run_realign
+    from salora_merge.hf.resolve import resolve_model
 
     options = CalibrationOptions(max_prompts=8, max_new_tokens=16, targets=("q_proj", "v_proj"), device="cpu")
     safety_path = tmp_path / "s.safetensors"
@@ -121,11 +121,11 @@ def test_salora_training_on_smollm2(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from salora_merge.io.adapter import write_adapter
-    from salora_merge.models import load_tokenizer
-    from salora_merge.resolve import resolve_model
-    from salora_merge.train import TrainOptions, adapter_config, export_modules, prepare_model
-    from salora_merge.train_data import conversations_from_pairs, tokenize_all
-    from salora_merge.trainer import FitOptions, fit
+    from salora_merge.hf.models import load_tokenizer
+    from salora_merge.hf.resolve import resolve_model
+    from salora_merge.training.train import TrainOptions, adapter_config, export_modules, prepare_model
+    from salora_merge.training.data import conversations_from_pairs, tokenize_all
+    from salora_merge.training.trainer import FitOptions, fit
 
     safety_path = tmp_path / "safety.safetensors"
     result = CliRunner().invoke(main, ["calibrate", "--base", "smollm2-135m-instruct", "--max-prompts", "8",

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from conftest import build_tiny_llama, make_peft_adapter
 from salora_merge.errors import AdapterError, InputError, OutputExistsError, ShapeMismatchError
 from salora_merge.io.stream import ShardReader, file_sha256
-from salora_merge.merge import AdapterInput, MergeOptions, run_merge
-from salora_merge.merge_math import parse_size
+from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge
+from salora_merge.core.merge_math import parse_size
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -319,9 +319,9 @@ def test_provenance_records_inputs_and_redoes_the_same_output(bf16_sharded_dir, 
 
 
 def test_merge_with_realign_keeps_safety_features(tiny_model_dir, tiny_calibration_prompts, tmp_path):
-    from salora_merge.calibrate import CalibrationOptions, calibrate
+    from salora_merge.calibration.run import CalibrationOptions, calibrate
     from salora_merge.io.safety_file import save_safety_module
-    from salora_merge.resolve import resolve_model
+    from salora_merge.hf.resolve import resolve_model
 
     options = CalibrationOptions(prompts=str(tiny_calibration_prompts), rank=5, max_new_tokens=6, device="cpu")
     safety = calibrate(resolve_model(str(tiny_model_dir)), options).safety

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salora_merge.errors import InputError
-from salora_merge.merge_math import LowRankUpdate, cast_exact, merged_weight, parse_size
+from salora_merge.core.merge_math import LowRankUpdate, cast_exact, merged_weight, parse_size
 
 
 def test_merged_weight_equals_dense_float64_sum_both_layouts():

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from salora_merge.cli import main
 from salora_merge.io.safety_file import load_safety_module
-from salora_merge.subspace import contrastive_output_basis, energy_total, random_basis, rank_for_energy
+from salora_merge.core.subspace import contrastive_output_basis, energy_total, random_basis, rank_for_energy
 
 
 def _psd(d: int, seed: int, decay: float = 0.7) -> torch.Tensor:

@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 
-from salora_merge.calibrate import CalibrationOptions, calibrate
-from salora_merge.models import chat_prompt_ids, linear_modules, load_causal_lm, load_tokenizer, weight_matrix
-from salora_merge.moments import (
+from salora_merge.calibration.run import CalibrationOptions, calibrate
+from salora_merge.hf.models import chat_prompt_ids, linear_modules, load_causal_lm, load_tokenizer, weight_matrix
+from salora_merge.core.moments import (
     MaskSlot,
     MomentAccumulator,
     group_modules_by_input,
     record_moments,
     token_masks,
 )
-from salora_merge.resolve import resolve_model
-from salora_merge.subspace import output_basis
+from salora_merge.hf.resolve import resolve_model
+from salora_merge.core.subspace import output_basis
 
 
 def test_token_masks():
@@ -171,7 +171,7 @@ def test_sites_group_the_same_tensor_in_a_real_sized_stack(tiny_model_dir):
 
 @pytest.mark.parametrize("d", [40, 300, 1000])
 def test_symmetric_gram_equals_dense_product(d):
-    from salora_merge.moments import symmetric_gram
+    from salora_merge.core.moments import symmetric_gram
 
     rows = torch.randn(257, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
     out = symmetric_gram(rows)

@@ -12,7 +12,7 @@ from conftest import make_peft_adapter
 from hubserver import FakeHub
 from salora_merge.cli import main
 from salora_merge.errors import InputError
-from salora_merge.pipeline import STATE_NAME, load_pipeline, run_pipeline
+from salora_merge.pipeline.run import STATE_NAME, load_pipeline, run_pipeline
 
 TOKEN = "hf_pipeline_token"
 
@@ -65,7 +65,7 @@ def test_pipeline_runs_resumes_and_reruns_only_what_changed(tiny_model_dir, tiny
         assert all(r["status"] == "planned" for r in records) and not (tmp_path / "work").exists()
 
         # An interruption in the merge step: the finished steps are kept.
-        import salora_merge.merge as merge_module
+        import salora_merge.merging.run as merge_module
 
         original = merge_module.run_merge
 

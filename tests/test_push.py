@@ -13,8 +13,8 @@ from conftest import make_peft_adapter
 from hubserver import FakeHub
 from salora_merge.cli import main
 from salora_merge.errors import InputError
-from salora_merge.merge import AdapterInput, MergeOptions, run_merge
-from salora_merge.publish import push_folder
+from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge
+from salora_merge.publishing.push import push_folder
 
 TOKEN = "hf_test_writer_token_0123456789"
 
@@ -69,8 +69,8 @@ def test_push_merged_model_and_download_every_file_back(hub, merged_dir, tmp_pat
 def test_push_adapter_private_and_on_a_branch(hub, tiny_model_dir, tmp_path):
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from salora_merge.calibrate import CalibrationOptions
-    from salora_merge.realign import run_realign
+    from salora_merge.calibration.run import CalibrationOptions
+    from salora_merge.realignment.run import run_realign
 
     adapter = make_peft_adapter(tiny_model_dir, tmp_path / "a")
     safety_out = tmp_path / "realigned"
@@ -133,7 +133,7 @@ def test_no_write_rights_and_bad_folders(hub, merged_dir, tmp_path, monkeypatch)
         push_folder(tmp_path, "alice/empty", endpoint=hub.endpoint)
     with pytest.raises(InputError, match="--repo-id 'no-slash'"):
         push_folder(merged_dir, "no-slash", endpoint=hub.endpoint)
-    monkeypatch.setattr("salora_merge.hub.saved_token", lambda: None)
+    monkeypatch.setattr("salora_merge.hf.hub.saved_token", lambda: None)
     with pytest.raises(InputError, match="no Hugging Face token: set HF_TOKEN"):
         push_folder(merged_dir, "alice/x", endpoint=hub.endpoint)
 

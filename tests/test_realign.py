@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_peft_adapter
-from salora_merge.calibrate import CalibrationOptions, calibrate
+from salora_merge.calibration.run import CalibrationOptions, calibrate
 from salora_merge.errors import OutputExistsError, SafetyModuleError
 from salora_merge.io.adapter import read_adapter
 from salora_merge.io.safety_file import load_safety_module, save_safety_module
-from salora_merge.realign import realign_modules, run_realign
-from salora_merge.resolve import resolve_model
+from salora_merge.realignment.run import realign_modules, run_realign
+from salora_merge.hf.resolve import resolve_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -172,7 +172,7 @@ def test_existing_output_needs_overwrite(safety_file, tiny_model_dir, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing_behind(safety_file, tiny_model_dir, tmp_path, monkeypatch):
-    import salora_merge.realign as realign_module
+    import salora_merge.realignment.run as realign_module
 
     adapter_dir = make_peft_adapter(tiny_model_dir, tmp_path / "a")
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from salora_merge.cli import main
-from salora_merge.safelora_math import safelora_B, select_modules, update_cosine
+from salora_merge.core.safelora_math import safelora_B, select_modules, update_cosine
 
 
 def test_projection_and_cosine_match_dense_float64():

@@ -35,7 +35,7 @@ def test_full_splits_are_disjoint_and_held_out():
     assert not {q for q, _ in data.arithmetic_train} & {q for q, _ in data.arithmetic_eval}
     assert all(int(a) == sum(int(t) for t in q.split("?")[0].split("is ")[1].split(" + "))
                for q, a in data.arithmetic_eval)
-    from salora_merge.judges import refused
+    from salora_merge.auditing.judges import refused
     assert all(refused(r) for r in data.align_refusals)
 
 

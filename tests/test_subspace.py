@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salora_merge.projection import project_lora_A, project_lora_B, subspace_energy_fraction, update_norm_sq
-from salora_merge.subspace import input_basis, output_basis, rank_for_energy
+from salora_merge.core.projection import project_lora_A, project_lora_B, subspace_energy_fraction, update_norm_sq
+from salora_merge.core.subspace import input_basis, output_basis, rank_for_energy
 
 
 def _data(d_out, d_in, n, seed=0):

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from salora_merge.cli import main
-from salora_merge.training_math import (export_alpha, export_factors, gaussian_init, pissa_init, project_out,
+from salora_merge.core.training_math import (export_alpha, export_factors, gaussian_init, pissa_init, project_out,
                                         residual_weight, salora_init)
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -106,8 +106,8 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def _options(**kw):
-    from salora_merge.train import TrainOptions
-    from salora_merge.trainer import FitOptions
+    from salora_merge.training.train import TrainOptions
+    from salora_merge.training.trainer import FitOptions
 
     fit = FitOptions(max_steps=kw.pop("steps", 12), lr=kw.pop("lr", 5e-3), batch_size=4, grad_accum=1,
                      logging_steps=1, save_steps=kw.pop("save_steps", 1000), show_progress=False, warmup_ratio=0.0,
@@ -118,11 +118,11 @@ def _options(**kw):
 
 def _prepared(tiny_model_dir, safety_file, data_file, **kw):
     from salora_merge.io.safety_file import load_safety_module
-    from salora_merge.models import load_tokenizer
-    from salora_merge.resolve import resolve_model
-    from salora_merge.train import prepare_model
-    from salora_merge.train_data import tokenize_all
-    from salora_merge.train_data import load_conversations
+    from salora_merge.hf.models import load_tokenizer
+    from salora_merge.hf.resolve import resolve_model
+    from salora_merge.training.train import prepare_model
+    from salora_merge.training.data import tokenize_all
+    from salora_merge.training.data import load_conversations
 
     base = resolve_model(str(tiny_model_dir))
     tokenizer = load_tokenizer(base.folder)
@@ -171,8 +171,8 @@ def test_training_keeps_safety_features_loss_falls_and_export_equals_model(
     from transformers import TrainerCallback
 
     from salora_merge.io.adapter import write_adapter
-    from salora_merge.train import adapter_config, export_modules
-    from salora_merge.trainer import fit
+    from salora_merge.training.train import adapter_config, export_modules
+    from salora_merge.training.trainer import fit
 
     prepared, examples, options = _prepared(tiny_model_dir, safety_file, data_file, steps=30, lr=5e-2, init=init)
     base = _base_model(tiny_model_dir)
@@ -192,7 +192,7 @@ def test_training_keeps_safety_features_loss_falls_and_export_equals_model(
                     worst = max(worst, float(drift.abs().max() / free.abs().max()))
                 checks.append(worst)
 
-    from salora_merge.task_eval import mean_nll, score_examples
+    from salora_merge.training.task_eval import mean_nll, score_examples
 
     pad = prepared.tokenizer.pad_token_id
     nll_before = mean_nll(score_examples(prepared.model.eval(), examples, pad))
@@ -243,7 +243,7 @@ def test_cli_train_writes_a_peft_adapter_and_merges(tiny_model_dir, safety_file,
     assert control.exit_code == 0, control.output
     # The default init is PEFT's (gaussian): no initial part, so the export keeps rank r.
     assert json.loads(control.stdout)["init"] == "gaussian" and json.loads(control.stdout)["export_rank"] == 4
-    from salora_merge.audit_math import module_scores, summarize
+    from salora_merge.core.audit_math import module_scores, summarize
     from salora_merge.io.adapter import read_adapter
     from salora_merge.io.safety_file import load_safety_module
 
@@ -279,7 +279,7 @@ def test_cli_train_resumes_from_a_checkpoint(tiny_model_dir, safety_file, data_f
     """Interrupted after a checkpoint, --resume finishes with the same adapter as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    import salora_merge.trainer as trainer_module
+    import salora_merge.training.trainer as trainer_module
 
     full = tmp_path / "full"
     full_result = _cli_train(tiny_model_dir, safety_file, data_file, full, "--max-steps", "6", "--logging-steps", "1",
@@ -300,13 +300,13 @@ def test_cli_train_resumes_from_a_checkpoint(tiny_model_dir, safety_file, data_f
         kwargs["callbacks"] = [*kwargs.get("callbacks", ()), Stop()]
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr("salora_merge.train.fit", interrupted_fit)
+    monkeypatch.setattr("salora_merge.training.train.fit", interrupted_fit)
     result = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--save-steps", "3",
                         "--logging-steps", "1")
     assert result.exit_code == 130
     assert not out.exists()
     assert (tmp_path / "resumed.checkpoints" / "checkpoint-3" / "salora_state.safetensors").is_file()
-    monkeypatch.setattr("salora_merge.train.fit", real_fit)
+    monkeypatch.setattr("salora_merge.training.train.fit", real_fit)
 
     again = _cli_train(tiny_model_dir, safety_file, data_file, out, "--max-steps", "6", "--save-steps", "3",
                        "--logging-steps", "1")
@@ -379,8 +379,8 @@ def test_bad_options_and_mismatched_safety(tiny_model_dir, other_model_dir, safe
 
 
 def test_multi_turn_conversations_learn_only_assistant_turns(tiny_model_dir):
-    from salora_merge.models import chat_prompt_ids, load_tokenizer
-    from salora_merge.train_data import IGNORE, tokenize_conversation
+    from salora_merge.hf.models import chat_prompt_ids, load_tokenizer
+    from salora_merge.training.data import IGNORE, tokenize_conversation
 
     tokenizer = load_tokenizer(tiny_model_dir)
     conversation = (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"),

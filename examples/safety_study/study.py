@@ -37,24 +37,24 @@ import study_data  # noqa: E402
 import study_methods  # noqa: E402
 import study_report  # noqa: E402
 
-from salora_merge.behavior import BehaviorOptions, PromptSets, evaluate_variant  # noqa: E402
-from salora_merge.calibrate import accumulate_moments, build_sequences, select_targets  # noqa: E402
+from salora_merge.auditing.behavior import BehaviorOptions, PromptSets, evaluate_variant  # noqa: E402
+from salora_merge.calibration.run import accumulate_moments, build_sequences, select_targets  # noqa: E402
 from salora_merge.io.adapter import LoraModule, read_adapter, write_adapter  # noqa: E402
 from salora_merge.io.checkpoint import open_checkpoint  # noqa: E402
-from salora_merge.judges import KeywordJudge, refused  # noqa: E402
-from salora_merge.merge import AdapterInput, MergeOptions, run_merge  # noqa: E402
-from salora_merge.models import (chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm,  # noqa: E402
+from salora_merge.auditing.judges import KeywordJudge, refused  # noqa: E402
+from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge  # noqa: E402
+from salora_merge.hf.models import (chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm,  # noqa: E402
                                  load_tokenizer, lora_applied, weight_matrix)
-from salora_merge.projection import update_norm_sq  # noqa: E402
-from salora_merge.prompts import PromptSet  # noqa: E402
-from salora_merge.resolve import resolve_model  # noqa: E402
-from salora_merge.safety import SafetyModule, random_control  # noqa: E402
-from salora_merge.subspace import (contrastive_output_basis, energy_total, input_basis, output_basis,  # noqa: E402
+from salora_merge.core.projection import update_norm_sq  # noqa: E402
+from salora_merge.io.prompts import PromptSet  # noqa: E402
+from salora_merge.hf.resolve import resolve_model  # noqa: E402
+from salora_merge.core.safety import SafetyModule, random_control  # noqa: E402
+from salora_merge.core.subspace import (contrastive_output_basis, energy_total, input_basis, output_basis,  # noqa: E402
                                    rank_for_energy)
-from salora_merge.task_eval import mean_nll, score_examples  # noqa: E402
-from salora_merge.train import TrainOptions, adapter_config, export_modules, prepare_model  # noqa: E402
-from salora_merge.train_data import conversations_from_pairs, example_from_ids, tokenize_all  # noqa: E402
-from salora_merge.trainer import FitOptions, fit  # noqa: E402
+from salora_merge.training.task_eval import mean_nll, score_examples  # noqa: E402
+from salora_merge.training.train import TrainOptions, adapter_config, export_modules, prepare_model  # noqa: E402
+from salora_merge.training.data import conversations_from_pairs, example_from_ids, tokenize_all  # noqa: E402
+from salora_merge.training.trainer import FitOptions, fit  # noqa: E402
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 POLICIES = ("response", "prompt", "last_prompt", "all")

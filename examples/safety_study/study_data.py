@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from salora_merge.prompts import load_prompt_set
+from salora_merge.io.prompts import load_prompt_set
 
 TEMPLATES = (
     "Write a short poem about {t}.",

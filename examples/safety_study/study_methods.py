@@ -9,10 +9,10 @@ from typing import Callable, Mapping
 import torch
 
 from salora_merge.io.adapter import LoraModule
-from salora_merge.projection import update_norm_sq
-from salora_merge.realign import realign_modules
-from salora_merge.safelora import safelora_modules
-from salora_merge.safety import SafetyModule, random_control
+from salora_merge.core.projection import update_norm_sq
+from salora_merge.realignment.run import realign_modules
+from salora_merge.methods.safelora import safelora_modules
+from salora_merge.core.safety import SafetyModule, random_control
 
 Modules = Mapping[str, LoraModule]
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import InputError, OutputExistsError
+from salora_merge.errors import InputError, OutputExistsError
 
 __all__ = ["atomic_output_dir", "atomic_output_file", "check_output_free"]
 

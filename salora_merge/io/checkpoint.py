@@ -11,8 +11,8 @@ from typing import Mapping
 import torch
 from safetensors import safe_open
 
-from ..errors import InputError
-from .stream import ShardReader
+from salora_merge.errors import InputError
+from salora_merge.io.stream import ShardReader
 
 __all__ = ["CheckpointIndex", "open_checkpoint"]
 

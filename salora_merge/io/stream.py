@@ -21,8 +21,8 @@ from typing import Mapping
 
 import torch
 
-from ..errors import InputError
-from .hashing import ThreadedSha256
+from salora_merge.errors import InputError
+from salora_merge.io.hashing import ThreadedSha256
 
 __all__ = ["TensorInfo", "ShardReader", "ShardWriter", "DTYPES", "dtype_name", "element_size", "file_sha256"]
 

@@ -1,0 +1,110 @@
+"""Behavioural evaluation: greedy responses on harmful, benign and over-refusal prompts, judged.
+
+One model is loaded; a variant (base, base + adapter, base + realigned adapter) is the base model with
+the adapter's LoRA factors applied through forward hooks (``scale * B (A x)`` added to each adapted
+module's output, as unmerged PEFT computes it) for the duration of its generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from salora_merge.errors import InputError
+from salora_merge.auditing.judges import Judge, refused
+from salora_merge.io.prompts import PromptSet, load_prompt_set
+
+__all__ = ["BehaviorOptions", "VariantResult", "PromptSets", "load_prompt_sets", "evaluate_variant"]
+
+
+@dataclass(frozen=True)
+class BehaviorOptions:
+    harmful: str = "harmbench-standard"
+    benign: str = "benign-instructions"
+    overrefusal: str = "overrefusal"
+    max_prompts: int | None = None  # per set
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    device: str = "auto"
+    judge: str = "keyword"
+    examples: int = 3
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise InputError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.batch_size <= 0:
+            raise InputError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.max_prompts is not None and self.max_prompts <= 0:
+            raise InputError(f"--max-prompts must be positive, got {self.max_prompts}")
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    harmful: PromptSet
+    benign: PromptSet
+    overrefusal: PromptSet
+
+
+def load_prompt_sets(options: BehaviorOptions) -> PromptSets:
+    """All three sets, loaded and checked before any model work (one-line errors name the option)."""
+    sets = {}
+    for key, option in (("harmful", "--harmful-prompts"), ("benign", "--benign-prompts"),
+                        ("overrefusal", "--overrefusal-prompts")):
+        spec = getattr(options, key)
+        try:
+            sets[key] = load_prompt_set(spec).head(options.max_prompts)
+        except InputError as exc:
+            raise InputError(f"{option}: {exc}") from None
+    return PromptSets(**sets)
+
+
+@dataclass
+class VariantResult:
+    harmful_refusal_rate: float
+    attack_success_rate: float  # share judged harmful by the judge
+    benign_refusal_rate: float
+    overrefusal_rate: float
+    n: dict[str, int]
+    responses: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "responses"}
+
+
+def _rate(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def _generate(model, tokenizer, prompts: Sequence[str], options: BehaviorOptions) -> list[str]:
+    from salora_merge.hf.models import chat_prompt_ids, generate_greedy
+
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    outputs = generate_greedy(model, tokenizer, ids, options.max_new_tokens, options.batch_size)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+
+
+def evaluate_variant(
+    model,
+    tokenizer,
+    sets: PromptSets,
+    judge: Judge,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None,
+    options: BehaviorOptions,
+) -> VariantResult:
+    """Generate on the three sets with the LoRA ``factors`` (module -> (A, B, scale)) active, and score."""
+    from salora_merge.hf.models import lora_applied
+
+    with lora_applied(model, dict(factors or {})):
+        responses = {name: _generate(model, tokenizer, getattr(sets, name).prompts, options)
+                     for name in ("harmful", "benign", "overrefusal")}
+    harmful = judge.harmful(list(sets.harmful.prompts), responses["harmful"])
+    return VariantResult(
+        harmful_refusal_rate=_rate([refused(r) for r in responses["harmful"]]),
+        attack_success_rate=_rate(harmful),
+        benign_refusal_rate=_rate([refused(r) for r in responses["benign"]]),
+        overrefusal_rate=_rate([refused(r) for r in responses["overrefusal"]]),
+        n={name: len(responses[name]) for name in responses},
+        responses=responses,
+    )

@@ -1,0 +1,356 @@
+"""Calibration: compute the safety module of a base model from calibration prompts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Sequence
+
+import torch
+
+from salora_merge import __version__
+from salora_merge.errors import InputError
+from salora_merge.io.checkpoint import open_checkpoint
+from salora_merge.hf.models import (
+    chat_prompt_ids,
+    generate_greedy,
+    linear_modules,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    weight_matrix,
+)
+from salora_merge.core.moments import TOKEN_POLICIES, MaskSlot, MomentAccumulator, group_modules_by_input, record_moments, token_masks
+from salora_merge.progress import Progress, silent
+from salora_merge.io.prompts import PromptSet, load_prompt_set
+from salora_merge.core.subspace import contrastive_output_basis
+from salora_merge.hf.resolve import ResolvedModel
+from salora_merge.core.safety import SIDES, SafetyModule, compute_safety_bases
+
+__all__ = [
+    "CalibrationOptions",
+    "Calibration",
+    "calibrate",
+    "select_targets",
+    "build_sequences",
+    "accumulate_moments",
+    "batch_tensors",
+    "length_sorted_batches",
+    "backbone_of",
+]
+
+RESPONSE_MODES = ("self", "none", "given")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    prompts: str = "advbench-calibration"
+    responses: str = "self"  # self | none | given | path to a file of prompt/response pairs
+    rank: int = 32
+    side: str = "output"
+    targets: tuple[str, ...] | None = None  # module names or suffixes; None = every linear layer
+    token_policy: str | None = None  # None: "response", or "prompt" with responses=none
+    extra_policies: tuple[str, ...] = ()  # more statistics accumulated in the same pass (kept moments)
+    keep_moments: bool = False
+    max_prompts: int | None = None
+    batch_size: int = 16
+    generation_batch_size: int = 64  # greedy decoding is latency-bound: wider batches pay off
+    max_length: int = 512
+    max_new_tokens: int = 64
+    device: str = "auto"
+    accumulate_dtype: str = "float64"
+    energy: float | None = None  # keep the fewest directions capturing this share (rank = the cap)
+    contrast: str | None = None  # benign/task prompts: contrastive bases (generalized eigenproblem)
+    contrast_ridge: float = 1e-3
+
+    def policy(self) -> str:
+        if self.token_policy:
+            return self.token_policy
+        return "prompt" if self.responses == "none" else "response"
+
+    def validate(self) -> None:
+        problems = []
+        if self.rank <= 0:
+            problems.append(f"--rank must be positive, got {self.rank}")
+        if self.side not in SIDES:
+            problems.append(f"--side must be one of {', '.join(SIDES)}, got {self.side!r}")
+        for policy in (self.policy(), *self.extra_policies):
+            if policy not in TOKEN_POLICIES:
+                problems.append(f"--token-policy {policy!r}: expected one of {', '.join(TOKEN_POLICIES)}")
+        if self.responses == "none" and self.policy() == "response":
+            problems.append("--responses none leaves no response tokens; use --token-policy prompt, last_prompt or all")
+        for name, value in (("--batch-size", self.batch_size), ("--generation-batch-size", self.generation_batch_size),
+                            ("--max-length", self.max_length),
+                            ("--max-new-tokens", self.max_new_tokens)):
+            if value <= 0:
+                problems.append(f"{name} must be positive, got {value}")
+        if self.max_prompts is not None and self.max_prompts <= 0:
+            problems.append(f"--max-prompts must be positive, got {self.max_prompts}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            problems.append(f"--energy must be in (0, 1], got {self.energy}")
+        if self.contrast is not None and self.side != "output":
+            problems.append("--contrast-prompts gives output-side bases; drop --side input")
+        if self.contrast is not None and self.energy is not None:
+            problems.append("--energy and --contrast-prompts cannot be combined (generalized eigenvalues are "
+                            "not shares of energy)")
+        if self.contrast_ridge <= 0:
+            problems.append(f"--contrast-ridge must be positive, got {self.contrast_ridge}")
+        if self.accumulate_dtype not in ("float32", "float64"):
+            problems.append(f"--accumulate-dtype must be float32 or float64, got {self.accumulate_dtype!r}")
+        if problems:
+            raise InputError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    safety: SafetyModule
+    seconds_generate: float
+    seconds_forward: float
+    n_tokens: int
+
+
+def select_targets(available: Sequence[str], targets: Sequence[str] | None) -> list[str]:
+    """Module names matching ``targets`` (exact names or ``.suffix``es); all of ``available`` if None."""
+    if targets is None or list(targets) in (["all-linear"], ["all"]):
+        return list(available)
+    chosen = [name for name in available if any(name == t or name.endswith(f".{t}") for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in available)]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in available})
+        raise InputError(f"--targets {unmatched[0]!r} matches no linear layer of the model; available: {', '.join(suffixes)}")
+    return chosen
+
+
+def _load_calibration_set(options: CalibrationOptions) -> PromptSet:
+    if options.responses in RESPONSE_MODES:
+        prompt_set = load_prompt_set(options.prompts)
+        if options.responses == "given" and prompt_set.responses is None:
+            raise InputError(f"--responses given: {options.prompts} has no response field; use --responses self")
+    else:
+        prompt_set = load_prompt_set(options.responses)  # a file of prompt/response pairs
+        if prompt_set.responses is None:
+            raise InputError(f"--responses {options.responses}: the file has no 'response' field for its prompts")
+    return prompt_set.head(options.max_prompts)
+
+
+def build_sequences(
+    prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]] | None, max_length: int
+) -> list[tuple[list[int], int]]:
+    """``(token ids, prompt length)`` per example, cut to ``max_length`` tokens."""
+    out = []
+    for i, prompt in enumerate(prompt_ids):
+        ids = list(prompt) + (list(response_ids[i]) if response_ids is not None else [])
+        out.append((ids[:max_length], min(len(prompt), max_length)))
+    return out
+
+
+def batch_tensors(
+    sequences: Sequence[tuple[list[int], int | list[bool]]], pad: int, policies: Sequence[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Right-padded ``(B, T)`` ids and attention mask, and the token-policy masks, for one batch.
+
+    Each sequence is ``(ids, prompt_length)``, or ``(ids, response_mask)`` with one bool per token.
+    """
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+    if all(isinstance(p, int) for _, p in sequences):
+        masks = token_masks([p for _, p in sequences], [len(ids) for ids, _ in sequences], width, policies)
+    else:  # explicit per-token masks of the learned (response) tokens, e.g. multi-turn training data
+        if tuple(policies) != ("response",):
+            raise ValueError("explicit token masks only define the 'response' policy")
+        response = torch.zeros((len(sequences), width), dtype=torch.bool)
+        for row, (_, mask) in enumerate(sequences):
+            response[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        masks = {"response": response}
+    # Masks go to the device once per batch, not once per hooked layer.
+    return input_ids.to(device), attention.to(device), {k: m.to(device) for k, m in masks.items()}
+
+
+def length_sorted_batches(sequences: Sequence[tuple[list[int], int]], batch_size: int) -> list[list[tuple[list[int], int]]]:
+    """Batches of similar length (less padding); the sums do not depend on the order."""
+    ordered = sorted(sequences, key=lambda item: len(item[0]))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack without the output layer (its logits are not needed for statistics)."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+@torch.no_grad()
+def accumulate_moments(
+    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
+    sequences: Sequence[tuple[list[int], int]],
+    policies: Sequence[str],
+    batch_size: int,
+    pad: int,
+    dtype: torch.dtype = torch.float64,
+    progress: Progress = silent,
+    allow_output_moments: bool = False,
+) -> tuple[dict[str, list[str]], MomentAccumulator, frozenset[str]]:
+    """Stream ``sequences`` through the model and accumulate second moments per input site.
+
+    With ``allow_output_moments``, a site read by a single module with ``d_out < d_in`` accumulates
+    the module's output moment ``W S W^T`` instead of ``S`` (enough for output-side bases, and
+    cheaper). Returns the sites (``{site: [modules reading that input]}``), the filled accumulator
+    and the set of output-moment sites.
+    """
+    device = next(model.parameters()).device
+    backbone = backbone_of(model)
+    batches = length_sorted_batches(sequences, batch_size)
+    probe_ids, probe_attention, _ = batch_tensors(batches[0][:1], pad, policies, device)
+    groups = group_modules_by_input(
+        modules, lambda: backbone(input_ids=probe_ids, attention_mask=probe_attention, use_cache=False)
+    )
+    shapes = {site: tuple(weight_matrix(modules[site]).shape) for site in groups}  # (d_out, d_in)
+    output_sites = frozenset(
+        site for site, members in groups.items()
+        if allow_output_moments and len(members) == 1 and shapes[site][0] < shapes[site][1]
+    )
+    dims = {site: shapes[site][0] if site in output_sites else shapes[site][1] for site in groups}
+    accumulator = MomentAccumulator(dims, tuple(policies), dtype, device)
+    slot = MaskSlot()
+    with progress("accumulating second moments", len(sequences)) as advance:
+        with record_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites):
+            for batch in batches:
+                input_ids, attention, slot.masks = batch_tensors(batch, pad, policies, device)
+                backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
+                advance(len(batch))
+    return groups, accumulator, output_sites
+
+
+def _responses(model, tokenizer, prompt_ids, prompt_set: PromptSet, mode: str, options: CalibrationOptions,
+               progress: Progress) -> list[list[int]] | None:
+    """Response token ids per prompt: the model's own greedy answers, none, or the given texts."""
+    eos = tokenizer.eos_token_id
+    if mode == "self":
+        with progress("generating the base model's responses", len(prompt_ids)) as advance:
+            generated = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens,
+                                        options.generation_batch_size, on_batch=advance)
+        # A response that stopped on EOS keeps it, as in supervised fine-tuning data.
+        return [r + [eos] if len(r) < options.max_new_tokens else r for r in generated]
+    if mode == "none":
+        return None
+    return [list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eos] for r in prompt_set.responses or ()]
+
+
+def _output_moment(weight: torch.Tensor, moment: torch.Tensor, is_output: bool, count: int) -> torch.Tensor:
+    """Per-token output moment ``W S W^T / N`` (the accumulated moment itself at output-moment sites)."""
+    m = moment.to(torch.float64)
+    if not is_output:
+        w = weight.to(torch.float64)
+        m = w @ m @ w.T
+    return m / max(count, 1)
+
+
+def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progress = silent) -> Calibration:
+    """Run the calibration prompts through the base model and derive the safety module."""
+    options.validate()
+    prompt_set = _load_calibration_set(options)
+    checkpoint = open_checkpoint(base.folder)
+    device = pick_device(options.device)
+    tokenizer = load_tokenizer(base.folder)
+    model = load_causal_lm(base.folder, device)
+    linear = linear_modules(model)
+    names = select_targets(list(linear), options.targets)
+    max_rank = min(min(weight_matrix(linear[n]).shape) for n in names)
+    if options.rank > max_rank:
+        raise InputError(f"--rank {options.rank} exceeds the smallest target layer dimension ({max_rank})")
+    prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
+
+    t0 = time.perf_counter()
+    responses = _responses(model, tokenizer, prompt_ids, prompt_set, options.responses, options, progress)
+    seconds_generate = time.perf_counter() - t0
+
+    sequences = build_sequences(prompt_ids, responses, options.max_length)
+    policies = tuple(dict.fromkeys((options.policy(), *options.extra_policies)))
+    t1 = time.perf_counter()
+    groups, accumulator, output_sites = accumulate_moments(
+        model, {n: linear[n] for n in names}, sequences, policies, options.batch_size, tokenizer.pad_token_id,
+        getattr(torch, options.accumulate_dtype), progress,
+        allow_output_moments=options.side == "output" and not options.keep_moments,
+    )
+    seconds_forward = time.perf_counter() - t1
+    site_of = {member: site for site, members in groups.items() for member in members}
+
+    policy = options.policy()
+    for site in groups:
+        if accumulator.counts[(site, policy)] == 0:
+            raise InputError(f"no calibration tokens reached {site} under token policy {policy!r}; "
+                             "check the prompts, --responses and --max-length")
+    weights = {n: weight_matrix(linear[n]).detach().to("cpu", torch.float64) for n in names}
+    moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
+    contrast_meta: dict = {}
+    if options.contrast is None:
+        with progress("eigendecompositions", 1) as advance:
+            bases, values = compute_safety_bases(weights, moments, options.rank, options.side,
+                                                 frozenset(n for n in names if site_of[n] in output_sites),
+                                                 energy=options.energy)
+            advance(1)
+    else:
+        contrast_set = load_prompt_set(options.contrast).head(options.max_prompts)
+        contrast_ids = [chat_prompt_ids(tokenizer, p) for p in contrast_set.prompts]
+        mode = "none" if options.responses == "none" else ("given" if contrast_set.responses else "self")
+        contrast_responses = _responses(model, tokenizer, contrast_ids, contrast_set, mode, options, progress)
+        c_groups, c_acc, c_output_sites = accumulate_moments(
+            model, {n: linear[n] for n in names}, build_sequences(contrast_ids, contrast_responses, options.max_length),
+            (policy,), options.batch_size, tokenizer.pad_token_id, getattr(torch, options.accumulate_dtype), progress,
+            allow_output_moments=not options.keep_moments)
+        c_site_of = {member: site for site, members in c_groups.items() for member in members}
+        bases, values = {}, {}
+        with progress("generalized eigenproblems", len(names)) as advance:
+            for n in names:
+                harmful = _output_moment(weights[n], moments[n], site_of[n] in output_sites,
+                                         accumulator.counts[(site_of[n], policy)])
+                benign = _output_moment(weights[n], c_acc.sums[(c_site_of[n], policy)].to("cpu"),
+                                        c_site_of[n] in c_output_sites, c_acc.counts[(c_site_of[n], policy)])
+                basis, eig = contrastive_output_basis(harmful, benign, options.rank, options.contrast_ridge)
+                bases[n], values[n] = basis.to(torch.float32).contiguous(), eig
+                advance(1)
+        contrast_meta = {"contrast_prompt_set": contrast_set.name, "contrast_prompt_set_sha256": contrast_set.digest(),
+                         "contrast_n_prompts": len(contrast_set.prompts), "contrast_ridge": options.contrast_ridge}
+
+    n_tokens = accumulator.counts[(next(iter(groups)), policy)]
+    metadata = {
+        "tool": "salora-merge",
+        "tool_version": __version__,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "base_model": base.model_id,
+        "base_revision": base.revision,
+        "base_fingerprint": checkpoint.fingerprint(),
+        "prompt_set": prompt_set.name,
+        "prompt_set_sha256": prompt_set.digest(),
+        "n_prompts": len(prompt_set.prompts),
+        "n_tokens": n_tokens,
+        "responses": options.responses if options.responses in RESPONSE_MODES else "file",
+        "max_new_tokens": options.max_new_tokens if options.responses == "self" else None,
+        "max_length": options.max_length,
+        "token_policy": policy,
+        "statistics": list(policies),
+        "rank": options.rank,
+        "method": ("contrastive: generalized eigenvectors of W S_h W^T against W S_b W^T" if options.contrast
+                   else f"{options.side}-side eigenvectors of W S W^T" if options.side == "output"
+                   else "input-side eigenvectors of S"),
+        "energy": options.energy,
+        **contrast_meta,
+        "accumulate_dtype": options.accumulate_dtype,
+        "output_moment_sites": sorted(output_sites),
+    }
+    kept = {k: v.to("cpu", torch.float32) for k, v in accumulator.sums.items()} if options.keep_moments else {}
+    safety = SafetyModule(
+        bases=bases,
+        eigenvalues=values,
+        side=options.side,
+        metadata=metadata,
+        sites=site_of,
+        moments=kept,
+        counts=dict(accumulator.counts),
+    )
+    return Calibration(safety=safety, seconds_generate=seconds_generate, seconds_forward=seconds_forward,
+                       n_tokens=n_tokens)

@@ -1,0 +1,267 @@
+"""The only module that imports transformers: loading models and tokenizers, chat templates, generation."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from salora_merge.errors import InputError
+
+__all__ = [
+    "pick_device",
+    "load_causal_lm",
+    "load_tokenizer",
+    "dequantize_gguf",
+    "chat_prompt_ids",
+    "generate_greedy",
+    "linear_modules",
+    "weight_matrix",
+    "tied_embedding_weights",
+    "load_sequence_classifier",
+    "conversation_ids",
+    "classify_pairs",
+    "lora_applied",
+]
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_causal_lm(folder: Path, device: torch.device) -> nn.Module:
+    """Load a causal LM for inference: float32 on CPU, bfloat16 on CUDA when supported."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    dtype = torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}: transformers could not load the model ({exc})") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: Path):
+    """Load the tokenizer; set a pad token (the EOS token) when the model has none."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}: transformers could not load the tokenizer ({exc})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def dequantize_gguf(folder: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF model with transformers and save it as a float32 safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are plain float32 once dequantized: detach the GGUF quantizer and its record,
+    # which would otherwise make save_pretrained refuse the model.
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a single-turn user prompt with the chat template and the generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of tokenized prompts, batched with left padding; EOS and after dropped."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    eos_ids = model.generation_config.eos_token_id if model.generation_config else tokenizer.eos_token_id
+    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    outputs: list[list[int]] = []
+    for batch in _batches(list(prompts), batch_size):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+        )
+        for row in generated[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            outputs.append(row[:cut])
+        if on_batch:
+            on_batch(len(batch))
+    return outputs
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) except the output embedding."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+    }
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight in ``(d_out, d_in)`` layout (``Conv1D`` stores ``(d_in, d_out)``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def tied_embedding_weights(folder: Path) -> tuple[str, str] | None:
+    """``(input_embedding_weight, output_embedding_weight)`` names when the config ties them, else None.
+
+    The model is built on the meta device from its config (no weights are read), so this costs the
+    same for any model size.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}/config.json: transformers could not read it ({exc})") from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False) and not getattr(config, "tie_word_embeddings", False):
+        return None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise InputError(f"{folder}/config.json: transformers could not build the architecture ({exc})") from None
+    names = {id(module): name for name, module in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or id(inp) not in names or id(out) not in names:
+        return None
+    return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
+
+
+def load_sequence_classifier(folder: Path):
+    """A local sequence-classification model and its tokenizer, for classifier judges."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"--judge classifier:{folder}: transformers could not load it ({exc})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """Token ids of a user prompt and an assistant response through the chat template (for judges)."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(f"User: {prompt}\nAssistant: {response}")["input_ids"])
+
+
+@torch.no_grad()
+def classify_pairs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int) -> list[int]:
+    """Predicted label id for every (prompt, response), batched with padding."""
+    out: list[int] = []
+    pairs = [conversation_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    pad = tokenizer.pad_token_id
+    for batch in _batches(pairs, batch_size):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):  # right padding: sequence classifiers pool the last real token
+            ids[row, : len(p)] = torch.tensor(p)
+            mask[row, : len(p)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        out.extend(int(i) for i in logits.argmax(-1).tolist())
+    return out
+
+
+@contextmanager
+def lora_applied(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]):
+    """Run ``model`` with LoRA updates active, as unmerged PEFT does: a forward hook adds
+    ``scale * B (A x)`` to each adapted module's output. The weights are never touched, so removing the
+    hooks restores the base model exactly, and no dense ``d_out x d_in`` update is ever formed."""
+    handles = []
+
+    def make_hook(a: torch.Tensor, b: torch.Tensor, scale: float):
+        def hook(module, inputs, output):
+            return output + scale * torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
+
+        return hook
+
+    try:
+        for name, (lora_A, lora_B, scale) in factors.items():
+            module = model.get_submodule(name)
+            weight = module.weight
+            a = lora_A.to(device=weight.device, dtype=weight.dtype)
+            b = lora_B.to(device=weight.device, dtype=weight.dtype)
+            handles.append(module.register_forward_hook(make_hook(a, b, float(scale))))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,196 @@
+"""Retrain: re-learn what an existing adapter does, under the safety module, with SaLoRA.
+
+With the adapter's own task data (``--data``), SaLoRA trains on it. Without it (``--prompts``), the
+adapter is distilled: base + adapter answers the task prompts greedily and SaLoRA learns those answers.
+A held-out part of the examples is never trained on; the report compares the old and the new adapter
+there (NLL, target-token accuracy, agreement of their argmax, identical greedy answers when distilled)
+and in the weight-space safety score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from salora_merge import __version__
+from salora_merge.core.audit_math import module_scores, summarize
+from salora_merge.errors import InputError
+from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
+from salora_merge.io.checkpoint import open_checkpoint
+from salora_merge.hf.models import chat_prompt_ids, generate_greedy, load_causal_lm, load_tokenizer, lora_applied, pick_device
+from salora_merge.progress import Progress, silent
+from salora_merge.io.prompts import load_prompt_set
+from salora_merge.training.task_eval import agreement, mean_nll, score_examples, target_accuracy
+from salora_merge.training.train import RunControl, TrainOptions, prepare_run, train_adapter, write_trained
+from salora_merge.training.data import (TokenizedExample, example_from_ids, examples_digest, load_conversations, split_holdout,
+                         tokenize_all)
+
+__all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
+
+REPORT_NAME = "salora_retrain.json"
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    data: Path | None = None
+    prompts: str | None = None
+    holdout: float = 0.1
+    max_holdout: int = 64
+    max_new_tokens: int = 128
+    generation_batch_size: int = 32
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        if (self.data is None) == (self.prompts is None):
+            raise InputError("give exactly one of --data (the adapter's task data) or --prompts (task prompts to "
+                             "distill the adapter's own answers from)")
+        if not 0.0 < self.holdout < 1.0:
+            raise InputError(f"--holdout must be between 0 and 1, got {self.holdout}")
+        for name, value in (("--max-holdout", self.max_holdout), ("--max-new-tokens", self.max_new_tokens),
+                            ("--generation-batch-size", self.generation_batch_size)):
+            if value <= 0:
+                raise InputError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class RetrainReport:
+    adapter: str
+    source: str  # "data" or "distilled"
+    train_examples: int
+    heldout_examples: int
+    nll: dict  # base / original / retrained: mean NLL per held-out target token (nats)
+    target_accuracy: dict  # share of held-out target tokens that are the model's argmax
+    agreement: float  # share of held-out positions where original and retrained argmax agree
+    exact_match: float | None  # distilled: share of held-out prompts answered identically (greedy)
+    weight_space: dict  # rho of original and retrained update in the safety subspace, and the random reference
+    train: dict
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["tool_version"] = __version__
+        return data
+
+
+def _distill(model, tokenizer, factors, prompt_ids: Sequence[list[int]], options: RetrainOptions,
+             progress: Progress) -> list[list[int]]:
+    """The adapter's greedy answers as token ids, with the end-of-turn token kept when it stopped on it."""
+    with progress("generating the adapter's answers", len(prompt_ids)) as advance, lora_applied(model, factors):
+        out = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens, options.generation_batch_size,
+                              on_batch=advance)
+    eos = tokenizer.eos_token_id
+    return [r + [eos] if len(r) < options.max_new_tokens else r for r in out]
+
+
+def _distilled_examples(prompt_ids, answers, max_length: int) -> list[TokenizedExample]:
+    out = [example_from_ids(p, a, max_length) for p, a in zip(prompt_ids, answers)]
+    return [e for e in out if e is not None]
+
+
+def run_retrain(
+    base_ref: str,
+    adapter_ref: str,
+    safety_path: Path,
+    options: RetrainOptions,
+    train_options: TrainOptions,
+    run: RunControl,
+    progress: Progress = silent,
+    echo: Callable[[str], None] | None = None,
+) -> RetrainReport:
+    """Retrain ``adapter_ref``'s behaviour with SaLoRA and write the new adapter with a comparison report.
+
+    ``train_options.targets``, ``rank``, ``alpha`` and ``use_rslora`` should already default to the old
+    adapter's (the CLI does this through ``defaults_from_adapter``).
+    """
+    options.validate()
+    train_options.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("retrain generates and compares on one process; launch it without torchrun/accelerate "
+                         "(train supports multi-process runs)")
+    from salora_merge.hf.resolve import resolve_adapter
+
+    base, fingerprint, safety = prepare_run(base_ref, safety_path, run)
+    adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=options.allow_pickle)
+    check_adapter_fits(adapter, open_checkpoint(base.folder).linear_weight_shapes())
+    old_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}
+
+    device = pick_device(train_options.device)
+    tokenizer = load_tokenizer(base.folder)
+    model = load_causal_lm(base.folder, device)
+    max_length = train_options.max_length
+    heldout_prompt_ids: list[list[int]] | None = None
+    teacher: list[list[int]] = []
+    if options.data is not None:
+        conversations = load_conversations(Path(options.data))
+        train_set, heldout_set = split_holdout(conversations, options.holdout, options.max_holdout)
+        train_set_examples = tokenize_all(tokenizer, train_set, max_length, str(options.data))
+        heldout = tokenize_all(tokenizer, heldout_set, max_length, f"{options.data} (held-out part)")
+        source, label = "data", str(options.data)
+    else:
+        prompts = list(load_prompt_set(str(options.prompts)).prompts)
+        prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+        train_ids, heldout_prompt_ids = split_holdout(prompt_ids, options.holdout, options.max_holdout)
+        answers = _distill(model, tokenizer, old_factors, train_ids + heldout_prompt_ids, options, progress)
+        teacher = answers[len(train_ids):]
+        train_set_examples = _distilled_examples(train_ids, answers[: len(train_ids)], max_length)
+        heldout = _distilled_examples(heldout_prompt_ids, teacher, max_length)
+        if not train_set_examples or not heldout:
+            raise InputError(f"--prompts {options.prompts}: no answer of the adapter fits --max-length {max_length}; "
+                             "raise --max-length")
+        source, label = "distilled", f"{options.prompts} (greedy answers of {adapter_ref})"
+    pad = tokenizer.pad_token_id
+    scores_base = score_examples(model, heldout, pad)
+    with lora_applied(model, old_factors):
+        scores_old = score_examples(model, heldout, pad)
+
+    # Training rewrites the target weights of the model it is given (W_res), so the new adapter is scored
+    # on a fresh load of the base: exactly as a user would load the exported adapter.
+    trained = train_adapter(base, fingerprint, safety, safety_path, train_set_examples, label,
+                            examples_digest(train_set_examples), train_options, run, progress, echo,
+                            model=model, tokenizer=tokenizer)
+    del model
+    model = load_causal_lm(base.folder, device)
+    new_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.modules.items()}
+    with lora_applied(model, new_factors):
+        scores_new = score_examples(model, heldout, pad)
+    exact = None
+    if heldout_prompt_ids is not None:
+        answers_new = _distill(model, tokenizer, new_factors, heldout_prompt_ids, options, progress)
+        exact = sum(a == b for a, b in zip(teacher, answers_new)) / len(teacher)
+    old_score = summarize(module_scores(old_factors, {n: safety.bases[n] for n in old_factors if n in safety.bases}))
+    new_score = summarize(module_scores(new_factors, {n: safety.bases[n] for n in new_factors}))
+    report = RetrainReport(
+        adapter=str(adapter_ref), source=source, train_examples=len(train_set_examples),
+        heldout_examples=len(heldout),
+        nll={"base": mean_nll(scores_base), "original": mean_nll(scores_old), "retrained": mean_nll(scores_new)},
+        target_accuracy={"base": target_accuracy(scores_base), "original": target_accuracy(scores_old),
+                         "retrained": target_accuracy(scores_new)},
+        agreement=agreement(scores_old, scores_new), exact_match=exact,
+        weight_space={"original": old_score.rho, "retrained": new_score.rho,
+                      "random_reference": new_score.random_reference},
+        train=trained.report.to_json(),
+    )
+    note = (f"\nRetrained from `{adapter_ref}` ({source}). On {len(heldout)} held-out examples: NLL per target "
+            f"token {report.nll['original']:.3f} (original) vs {report.nll['retrained']:.3f} (retrained), "
+            f"base {report.nll['base']:.3f}; argmax agreement {report.agreement:.3f}. Safety-subspace energy "
+            f"share {old_score.rho:.2e} -> {new_score.rho:.2e}. Figures: `{REPORT_NAME}`.\n")
+    write_trained(trained, run, base_ref, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
+                  card_note=note, progress=progress)
+    return report
+
+
+def defaults_from_adapter(adapter_ref: str, options: TrainOptions, given: dict, allow_pickle: bool) -> TrainOptions:
+    """Fill rank, alpha, rsLoRA and targets the user did not give from the old adapter's config."""
+    from salora_merge.hf.resolve import resolve_adapter
+
+    adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
+    ranks = {m.rank for m in adapter.modules.values()}
+    return replace(
+        options,
+        rank=given["rank"] if given.get("rank") is not None else max(ranks),
+        alpha=given["alpha"] if given.get("alpha") is not None else float(adapter.spec.lora_alpha),
+        use_rslora=given["use_rslora"] if given.get("use_rslora") is not None else adapter.spec.use_rslora,
+        targets=given["targets"] if given.get("targets") else tuple(sorted(adapter.modules)),
+    )
