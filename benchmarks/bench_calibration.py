@@ -82,7 +82,8 @@ def realign_timing(repeats: int) -> dict:
     from salora_merge.calibration.run import CalibrationOptions, calibrate
     from salora_merge.io.adapter import read_adapter
     from salora_merge.io.safety_file import save_safety_module
-    from salora_merge.realignment.run import realign_modules, run_realign
+    from salora_merge.methods.projection import realign_modules
+    from salora_merge.realignment.run import run_realign
     from salora_merge.hf.resolve import resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:

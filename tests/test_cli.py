@@ -59,7 +59,7 @@ def test_realign_cli_prints_summary(cli_safety, tiny_model_dir, tmp_path):
     assert str(tmp_path / "o") in result.output
     # The summary and the card say what the safety study measured instead of promising safety.
     assert "not a measured safety guarantee" in result.output and "audit --behavior" in result.output
-    from salora_merge.hf.cards import REALIGN_CAVEAT
+    from salora_merge.realignment.report import REALIGN_CAVEAT
 
     assert REALIGN_CAVEAT in (tmp_path / "o" / "README.md").read_text()
 

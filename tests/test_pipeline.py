@@ -12,7 +12,8 @@ from conftest import make_peft_adapter
 from hubserver import FakeHub
 from salora_merge.cli import main
 from salora_merge.errors import InputError
-from salora_merge.pipeline.run import STATE_NAME, load_pipeline, run_pipeline
+from salora_merge.pipeline.config import load_pipeline
+from salora_merge.pipeline.run import STATE_NAME, run_pipeline
 
 TOKEN = "hf_pipeline_token"
 

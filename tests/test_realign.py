@@ -14,7 +14,8 @@ from salora_merge.calibration.run import CalibrationOptions, calibrate
 from salora_merge.errors import OutputExistsError, SafetyModuleError
 from salora_merge.io.adapter import read_adapter
 from salora_merge.io.safety_file import load_safety_module, save_safety_module
-from salora_merge.realignment.run import realign_modules, run_realign
+from salora_merge.methods.projection import realign_modules
+from salora_merge.realignment.run import run_realign
 from salora_merge.hf.resolve import resolve_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

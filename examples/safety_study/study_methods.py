@@ -10,7 +10,7 @@ import torch
 
 from salora_merge.io.adapter import LoraModule
 from salora_merge.core.projection import update_norm_sq
-from salora_merge.realignment.run import realign_modules
+from salora_merge.methods.projection import realign_modules
 from salora_merge.methods.safelora import safelora_modules
 from salora_merge.core.safety import SafetyModule, random_control
 

@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from salora_merge.errors import InputError
 from salora_merge.auditing.judges import Judge, refused
+from salora_merge.errors import InputError
 from salora_merge.io.prompts import PromptSet, load_prompt_set
 
 __all__ = ["BehaviorOptions", "VariantResult", "PromptSets", "load_prompt_sets", "evaluate_variant"]

@@ -13,16 +13,21 @@ from pathlib import Path
 from typing import Sequence
 
 from salora_merge import __version__
-from salora_merge.core.audit_math import by_layer, module_scores, standouts, summarize
-from salora_merge.auditing.behavior import BehaviorOptions, evaluate_variant, load_prompt_sets
+from salora_merge.auditing.behavior import (
+    BehaviorOptions,
+    evaluate_variant,
+    load_prompt_sets,
+)
+from salora_merge.calibration.obtain import obtain_safety
 from salora_merge.calibration.run import CalibrationOptions
+from salora_merge.core.audit_math import by_layer, module_scores, standouts, summarize
 from salora_merge.errors import InputError, SaloraError
-from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
-from salora_merge.io.checkpoint import open_checkpoint
-from salora_merge.io.stream import file_sha256
-from salora_merge.progress import Progress, silent
-from salora_merge.realignment.run import obtain_safety, realign_modules
+from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_adapter, resolve_model
+from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
+from salora_merge.io.stream import file_sha256
+from salora_merge.methods.projection import realign_modules
+from salora_merge.progress import Progress, silent
 
 __all__ = ["AuditOptions", "expand_adapters", "run_audit", "SCHEMA", "SCHEMA_VERSION", "EXIT_GATE_FAILED",
            "EXIT_SOME_ERRORS", "exit_code", "realign_shortfall", "RESTORE_SHARE"]
@@ -111,7 +116,7 @@ def realign_shortfall(base: float, adapter: float, realigned: float) -> str | No
 
 
 def run_audit(
-    base_ref: str,
+    base: "str | BaseModel",
     adapter_refs: Sequence[str],
     options: AuditOptions = AuditOptions(),
     safety_path: Path | None = None,
@@ -126,9 +131,8 @@ def run_audit(
     refs = expand_adapters(adapter_refs)
     if not refs:
         raise InputError("--adapter: give at least one adapter (or a folder of adapters)")
-    base = resolve_model(base_ref)
-    checkpoint = open_checkpoint(base.folder)
-    shapes = checkpoint.linear_weight_shapes()
+    base = resolve_model(base)
+    shapes = base.checkpoint.linear_weight_shapes()
     prompt_sets = None
     if options.behavior is not None:  # every input problem surfaces before any long step
         from salora_merge.auditing.judges import load_judge
@@ -156,7 +160,7 @@ def run_audit(
     safety_label, safety = None, None
     if adapters:
         targets = tuple(sorted({m for a in adapters.values() for m in a.modules}))
-        safety, safety_label = obtain_safety(base, checkpoint, targets, safety_path, calibration, progress=progress)
+        safety, safety_label = obtain_safety(base, targets, safety_path, calibration, progress=progress)
     for index, adapter in list(adapters.items()):
         try:
             entries[index]["weight_space"] = _weight_space(adapter, safety, options.top)
@@ -167,11 +171,11 @@ def run_audit(
 
     base_behavior = None
     if options.behavior is not None and adapters:
-        from salora_merge.hf.models import load_causal_lm, load_tokenizer, pick_device
+        from salora_merge.hf.models import pick_device
 
         behavior = options.behavior
-        tokenizer = load_tokenizer(base.folder)
-        model = load_causal_lm(base.folder, pick_device(behavior.device))
+        tokenizer = base.tokenizer
+        model = base.load_model(pick_device(behavior.device))
         with progress("behaviour: base model", 1) as tick:
             base_result = evaluate_variant(model, tokenizer, prompt_sets, judge, None, behavior)
             tick(1)

@@ -10,23 +10,27 @@ from typing import Sequence
 import torch
 
 from salora_merge import __version__
+from salora_merge.core.moments import (
+    TOKEN_POLICIES,
+    MaskSlot,
+    MomentAccumulator,
+    group_modules_by_input,
+    record_moments,
+    token_masks,
+)
+from salora_merge.core.safety import SIDES, SafetyModule, compute_safety_bases
+from salora_merge.core.subspace import contrastive_output_basis
 from salora_merge.errors import InputError
-from salora_merge.io.checkpoint import open_checkpoint
+from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.models import (
     chat_prompt_ids,
     generate_greedy,
     linear_modules,
-    load_causal_lm,
-    load_tokenizer,
     pick_device,
     weight_matrix,
 )
-from salora_merge.core.moments import TOKEN_POLICIES, MaskSlot, MomentAccumulator, group_modules_by_input, record_moments, token_masks
-from salora_merge.progress import Progress, silent
 from salora_merge.io.prompts import PromptSet, load_prompt_set
-from salora_merge.core.subspace import contrastive_output_basis
-from salora_merge.hf.resolve import ResolvedModel
-from salora_merge.core.safety import SIDES, SafetyModule, compute_safety_bases
+from salora_merge.progress import Progress, silent
 
 __all__ = [
     "CalibrationOptions",
@@ -249,14 +253,13 @@ def _output_moment(weight: torch.Tensor, moment: torch.Tensor, is_output: bool, 
     return m / max(count, 1)
 
 
-def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progress = silent) -> Calibration:
+def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress = silent) -> Calibration:
     """Run the calibration prompts through the base model and derive the safety module."""
     options.validate()
     prompt_set = _load_calibration_set(options)
-    checkpoint = open_checkpoint(base.folder)
     device = pick_device(options.device)
-    tokenizer = load_tokenizer(base.folder)
-    model = load_causal_lm(base.folder, device)
+    tokenizer = base.tokenizer
+    model = base.load_model(device)
     linear = linear_modules(model)
     names = select_targets(list(linear), options.targets)
     max_rank = min(min(weight_matrix(linear[n]).shape) for n in names)
@@ -323,7 +326,7 @@ def calibrate(base: ResolvedModel, options: CalibrationOptions, progress: Progre
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "base_model": base.model_id,
         "base_revision": base.revision,
-        "base_fingerprint": checkpoint.fingerprint(),
+        "base_fingerprint": base.fingerprint,
         "prompt_set": prompt_set.name,
         "prompt_set_sha256": prompt_set.digest(),
         "n_prompts": len(prompt_set.prompts),

@@ -1,46 +1,9 @@
-"""Plain-text rendering of results for the terminal."""
+"""Plain-text rendering of the merge and training results for the terminal (the realign methods' reports
+render themselves: ``report.render()``)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-from salora_merge.realignment.run import REPORT_NAME, RealignReport
-
-__all__ = ["render_realign", "render_merge", "render_train", "render_retrain", "render_safelora"]
-
-
-def render_realign(report: RealignReport, top: int = 5) -> str:
-    """Per-module-kind summary, the modules that lost most, totals, and where the output is."""
-    by_kind: dict[str, list] = defaultdict(list)
-    for m in report.modules:
-        by_kind[m.module.rsplit(".", 1)[-1]].append(m)
-    lines = [
-        f"Realigned {len(report.modules)} modules of {report.adapter} against {report.base_model} "
-        f"({report.side} side, r_s = {report.rank}; safety module: {report.safety})",
-        "",
-        f"{'module kind':<16}{'count':>6}{'mean removed':>14}{'max removed':>13}{'random ref':>12}",
-    ]
-    for kind in sorted(by_kind):
-        ms = by_kind[kind]
-        mean = sum(m.energy_removed for m in ms) / len(ms)
-        lines.append(
-            f"{kind:<16}{len(ms):>6}{mean:>14.4f}{max(m.energy_removed for m in ms):>13.4f}"
-            f"{ms[0].random_reference:>12.4f}"
-        )
-    lines.append("")
-    lines.append("Largest shares removed:")
-    for m in sorted(report.modules, key=lambda m: m.energy_removed, reverse=True)[:top]:
-        lines.append(f"  {m.module:<48} {m.energy_removed:.4f}")
-    lines += [
-        "",
-        f"Energy of the whole update removed: {report.total_energy_removed:.4f}",
-        f"Wrote {report.output} (per-module figures in {REPORT_NAME})",
-        "",
-        "Note: this is a constraint on the weights, not a measured safety guarantee. In the safety study "
-        "(docs/safety-study.md) it restored no more refusals than a random subspace of the same size; "
-        "measure refusals with `salora-merge audit --behavior` before deployment.",
-    ]
-    return "\n".join(lines)
+__all__ = ["render_merge", "render_train", "render_retrain"]
 
 
 def render_merge(report) -> str:
@@ -105,17 +68,4 @@ def render_retrain(report, output) -> str:
         f"{report.weight_space['retrained']:.2e} (random reference {report.weight_space['random_reference']:.4f})",
         f"Wrote {output}",
     ]
-    return "\n".join(lines)
-
-
-def render_safelora(report) -> str:
-    """Summary of a Safe LoRA run (``SafeLoraReport``)."""
-    rule = f"cosine <= {report.threshold}" if report.threshold is not None else f"{report.top_k} lowest cosines"
-    lines = [f"Safe LoRA on {report.adapter}: projected {report.projected} of {len(report.modules)} modules "
-             f"({rule}; V = {report.aligned} - {report.unaligned})", "",
-             f"{'module':<48}{'cosine':>9}{'projected':>11}{'norm before':>13}{'after':>10}"]
-    for m in sorted(report.modules, key=lambda m: m.cosine)[:10]:
-        lines.append(f"{m.module:<48}{m.cosine:>9.4f}{'yes' if m.projected else 'no':>11}"
-                     f"{m.update_norm:>13.4g}{m.norm_after:>10.4g}")
-    lines += ["", f"Wrote {report.output}"]
     return "\n".join(lines)

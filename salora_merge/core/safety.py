@@ -8,9 +8,15 @@ from typing import Any, Mapping
 
 import torch
 
+from salora_merge.core.subspace import (
+    energy_total,
+    input_basis,
+    output_basis,
+    output_basis_from_output_moment,
+    random_basis,
+    rank_for_energy,
+)
 from salora_merge.errors import SafetyModuleError
-from salora_merge.core.subspace import (energy_total, input_basis, output_basis, output_basis_from_output_moment, random_basis,
-                       rank_for_energy)
 
 __all__ = ["SIDES", "SafetyModule", "compute_safety_bases", "random_control", "check_same_base"]
 

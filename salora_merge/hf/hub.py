@@ -110,7 +110,11 @@ def upload_folder(
     the command to re-run (``rerun``); the token never appears in a message.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     api = HfApi(endpoint=endpoint, token=token)
     where = api.endpoint

@@ -8,12 +8,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from salora_merge.hf import hub
 from salora_merge.errors import ModelResolutionError
+from salora_merge.hf import hub
+from salora_merge.hf.base_model import BaseModel
 from salora_merge.io.atomic import atomic_output_dir
 from salora_merge.io.stream import file_sha256
 
-__all__ = ["ResolvedModel", "resolve_model", "resolve_adapter", "cache_dir", "ALIASES"]
+__all__ = ["BaseModel", "resolve_model", "resolve_adapter", "cache_dir", "ALIASES"]
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,6 @@ ALIASES = {
         license="apache-2.0",
     ),
 }
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    ref: str  # what the user wrote
-    folder: Path
-    model_id: str  # for metadata and cards
-    revision: str | None = None
-    license: str | None = None  # known for aliases; read from the folder's card otherwise
 
 
 def cache_dir() -> Path:
@@ -71,7 +63,9 @@ def _materialize_alias(name: str, alias: Alias) -> Path:
                 return target
         except json.JSONDecodeError:
             pass
-    from salora_merge.hf.models import dequantize_gguf  # transformers is imported only when needed
+    from salora_merge.hf.models import (
+        dequantize_gguf,  # transformers is imported only when needed
+    )
 
     stamp["gguf_sha256"] = file_sha256(gguf)
     with atomic_output_dir(target, overwrite=True) as tmp:
@@ -80,14 +74,16 @@ def _materialize_alias(name: str, alias: Alias) -> Path:
     return target
 
 
-def resolve_model(ref: str) -> ResolvedModel:
-    """A local folder, a built-in alias (dequantized and cached once), or a Hub repo id."""
+def resolve_model(ref: "str | BaseModel") -> BaseModel:
+    """A handle that is passed in is returned as it is. Otherwise: a local folder, a built-in alias (dequantized and cached once), or a Hub repo id."""
+    if isinstance(ref, BaseModel):
+        return ref
     path = Path(ref).expanduser()
     if path.is_dir():
-        return ResolvedModel(ref=ref, folder=path.resolve(), model_id=str(path.resolve()))
+        return BaseModel(ref=ref, folder=path.resolve(), model_id=str(path.resolve()))
     if ref in ALIASES:
         alias = ALIASES[ref]
-        return ResolvedModel(ref=ref, folder=_materialize_alias(ref, alias), model_id=alias.model_id,
+        return BaseModel(ref=ref, folder=_materialize_alias(ref, alias), model_id=alias.model_id,
                              license=alias.license)
     parsed = hub.parse_repo_ref(ref)
     if parsed is None:
@@ -96,7 +92,7 @@ def resolve_model(ref: str) -> ResolvedModel:
             f"base model {ref!r}: not a folder, not a built-in alias ({known}) and not a Hub id org/name[@rev]"
         )
     repo_id, revision = parsed
-    return ResolvedModel(ref=ref, folder=hub.download_snapshot(repo_id, revision, "base model"),
+    return BaseModel(ref=ref, folder=hub.download_snapshot(repo_id, revision, "base model"),
                          model_id=repo_id, revision=revision)
 
 

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from salora_merge.errors import AdapterError, ShapeMismatchError
 from salora_merge.core.lora_config import LoraSpec, parse_lora_config
+from salora_merge.errors import AdapterError, ShapeMismatchError
 
 __all__ = [
     "LoraModule",

@@ -9,8 +9,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from salora_merge.errors import SafetyModuleError
 from salora_merge.core.safety import FORMAT_VERSION, SIDES, SafetyModule
+from salora_merge.errors import SafetyModuleError
 from salora_merge.io.atomic import atomic_output_file
 
 __all__ = ["save_safety_module", "load_safety_module"]

@@ -11,7 +11,7 @@ import yaml
 from salora_merge import __version__
 
 if TYPE_CHECKING:
-    from salora_merge.merging.run import MergeReport
+    from salora_merge.merging.report import MergeReport
 
 __all__ = ["provenance_record", "write_provenance", "redo_command"]
 

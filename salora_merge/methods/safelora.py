@@ -1,30 +1,26 @@
-"""``realign --method safelora``: Safe LoRA (Hsu et al., 2024) on a PEFT adapter, the baseline to compare with.
+"""``safelora``: Safe LoRA (Hsu et al., NeurIPS 2024) on a PEFT adapter, the baseline to compare with.
 
 Needs an aligned model and its unaligned base of the same architecture (for SmolLM2 the study's refusal
-fine-tune and the original). The alignment directions ``V = W_aligned - W_unaligned`` are read one
-module at a time from the two checkpoints and paired by tensor name, never by position.
+fine-tune and the original). The runner reads the alignment directions ``V = W_aligned - W_unaligned``
+from the two checkpoints, paired by tensor name (:func:`salora_merge.realignment.needs.alignments`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge import __version__
-from salora_merge.hf.cards import front_matter, is_hub_id
 from salora_merge.errors import InputError
-from salora_merge.io.adapter import Adapter, LoraModule, check_adapter_fits, read_adapter, write_adapter
-from salora_merge.io.atomic import atomic_output_dir, check_output_free
-from salora_merge.io.checkpoint import CheckpointIndex, open_checkpoint
-from salora_merge.core.projection import update_norm_sq
-from salora_merge.hf.resolve import resolve_adapter, resolve_model
-from salora_merge.core.safelora_math import safelora_B, select_modules, update_cosine
+from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.methods.base import Method, MethodContext, MethodOption
 
-__all__ = ["SafeLoraModule", "SafeLoraReport", "safelora_modules", "run_safelora", "REPORT_NAME"]
+if TYPE_CHECKING:
+    import torch
+
+    from salora_merge.io.adapter import LoraModule
+
+__all__ = ["SafeLoraModule", "SafeLoraReport", "safelora_modules", "METHOD", "REPORT_NAME"]
 
 REPORT_NAME = "salora_safelora.json"
 
@@ -53,6 +49,12 @@ class SafeLoraReport:
     def projected(self) -> int:
         return sum(m.projected for m in self.modules)
 
+    def card(self, adapter_config: Mapping[str, Any]) -> str:
+        return _card(self)
+
+    def render(self) -> str:
+        return render_safelora(self)
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["projected_modules"] = self.projected
@@ -62,11 +64,18 @@ class SafeLoraReport:
 
 
 def safelora_modules(
-    modules: Mapping[str, LoraModule], alignments: Mapping[str, torch.Tensor], threshold: float | None,
+    modules: Mapping[str, "LoraModule"], alignments: Mapping[str, "torch.Tensor"], threshold: float | None,
     top_k: int | None,
-) -> tuple[dict[str, LoraModule], list[SafeLoraModule]]:
+) -> tuple[dict[str, "LoraModule"], list[SafeLoraModule]]:
     """Project the selected modules' ``lora_B`` onto their alignment direction. ``alignments[m]`` is
     ``V``, ``(d_out, d_in)``."""
+    from salora_merge.core.projection import update_norm_sq
+    from salora_merge.core.safelora_math import (
+        safelora_B,
+        select_modules,
+        update_cosine,
+    )
+
     projected_b = {name: safelora_B(m.lora_B, alignments[name]) for name, m in modules.items()}
     cosines = {name: update_cosine(m.lora_B, projected_b[name], m.lora_A) for name, m in modules.items()}
     chosen = select_modules(cosines, threshold, top_k)
@@ -82,63 +91,32 @@ def safelora_modules(
     return out, reports
 
 
-def _alignment(aligned: CheckpointIndex, unaligned: CheckpointIndex, module: str, fan_in_fan_out: bool,
-               labels: tuple[str, str]) -> torch.Tensor:
-    name = f"{module}.weight"
-    for index, label in ((aligned, labels[0]), (unaligned, labels[1])):
-        if name not in index.files:
-            raise InputError(f"{label}: has no tensor {name}; --aligned and --unaligned must be the adapter's "
-                             "architecture")
-    if aligned.shapes[name] != unaligned.shapes[name]:
-        raise InputError(f"{name} has shape {aligned.shapes[name]} in --aligned but {unaligned.shapes[name]} in "
-                         "--unaligned; they must be two versions of one architecture")
-    v = aligned.read(name).to(torch.float64) - unaligned.read(name).to(torch.float64)
-    return v.T if fan_in_fan_out else v
+def apply_safelora(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
+                   options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], SafeLoraReport]:
+    top_k = options["top_k"]
+    threshold = None if top_k is not None else (0.5 if options["threshold"] is None else options["threshold"])
+    new, reports = safelora_modules(modules, ctx.alignments, threshold, top_k)
+    return new, SafeLoraReport(base_model=ctx.base_model, adapter=ctx.adapter, aligned=ctx.aligned,
+                               unaligned=ctx.unaligned, threshold=threshold, top_k=top_k, modules=tuple(reports),
+                               output=ctx.output)
 
 
-def run_safelora(
-    base_ref: str,
-    adapter_ref: str,
-    out: Path,
-    aligned_ref: str | None,
-    unaligned_ref: str,
-    threshold: float | None = 0.5,
-    top_k: int | None = None,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-) -> SafeLoraReport:
-    """Apply Safe LoRA to ``adapter_ref`` and write the adapter folder (with a report) at ``out``."""
-    if top_k is not None and top_k < 0:
-        raise InputError(f"--top-k must be at least 0, got {top_k}")
-    if top_k is not None:
-        threshold = None
-    out = Path(out)
-    check_output_free(out, overwrite)
-    adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
-    base = resolve_model(base_ref)
-    check_adapter_fits(adapter, open_checkpoint(base.folder).linear_weight_shapes())
-    aligned_label = aligned_ref or base_ref
-    aligned = open_checkpoint(resolve_model(aligned_label).folder)
-    unaligned = open_checkpoint(resolve_model(unaligned_ref).folder)
-    if aligned.fingerprint() == unaligned.fingerprint():
-        raise InputError(f"--aligned {aligned_label} and --unaligned {unaligned_ref} are the same weights; Safe LoRA "
-                         "needs an aligned model and its unaligned base")
-    labels = (f"--aligned {aligned_label}", f"--unaligned {unaligned_ref}")
-    alignments = {name: _alignment(aligned, unaligned, name, adapter.spec.fan_in_fan_out, labels)
-                  for name in adapter.modules}
-    for name, v in alignments.items():
-        if not torch.any(v != 0):
-            raise InputError(f"{name}.weight is identical in --aligned and --unaligned: no alignment direction "
-                             "for that module; leave it out of the adapter or pick the right pair")
-    new_modules, reports = safelora_modules(adapter.modules, alignments, threshold, top_k)
-    report = SafeLoraReport(base_model=base.model_id, adapter=str(adapter_ref), aligned=aligned_label,
-                            unaligned=unaligned_ref, threshold=threshold, top_k=top_k, modules=tuple(reports),
-                            output=str(out))
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_adapter(tmp, adapter.config, new_modules, adapter.passthrough)
-        (tmp / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        (tmp / "README.md").write_text(_card(report))
-    return report
+def _check(values: Mapping[str, Any]) -> None:
+    if values["threshold"] is not None and values["top_k"] is not None:
+        raise InputError("give --threshold or --top-k, not both")
+
+
+def render_safelora(report) -> str:
+    """Summary of a Safe LoRA run (``SafeLoraReport``)."""
+    rule = f"cosine <= {report.threshold}" if report.threshold is not None else f"{report.top_k} lowest cosines"
+    lines = [f"Safe LoRA on {report.adapter}: projected {report.projected} of {len(report.modules)} modules "
+             f"({rule}; V = {report.aligned} - {report.unaligned})", "",
+             f"{'module':<48}{'cosine':>9}{'projected':>11}{'norm before':>13}{'after':>10}"]
+    for m in sorted(report.modules, key=lambda m: m.cosine)[:10]:
+        lines.append(f"{m.module:<48}{m.cosine:>9.4f}{'yes' if m.projected else 'no':>11}"
+                     f"{m.update_norm:>13.4g}{m.norm_after:>10.4g}")
+    lines += ["", f"Wrote {report.output}"]
+    return "\n".join(lines)
 
 
 def _card(report: SafeLoraReport) -> str:
@@ -163,3 +141,18 @@ improvement went with them; fewer projected modules kept more of the task and re
 Evaluate refusals on held-out harmful prompts (`salora-merge audit --behavior`) and the adapter's task
 before deployment.
 """
+
+
+METHOD = Method(
+    name="safelora",
+    summary="Safe LoRA (Hsu et al. 2024): project the least aligned modules onto the alignment update's span.",
+    needs=("alignment",),
+    apply=apply_safelora,
+    options=(
+        MethodOption("threshold", float, None, "Project modules whose cos(C dW, dW) is at most this [default: 0.5].",
+                     minimum=-1.0, maximum=1.0),
+        MethodOption("top_k", int, None, "Project the K modules with the lowest cosine instead.", minimum=0),
+    ),
+    report_name=REPORT_NAME,
+    check=_check,
+)

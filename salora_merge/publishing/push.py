@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from salora_merge.hf import hub
 from salora_merge.errors import InputError
+from salora_merge.hf import hub
 
 __all__ = ["PushResult", "folder_kind", "check_card", "push_folder"]
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-
-import torch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from salora_merge.errors import InputError
 

@@ -15,8 +15,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from salora_merge.core.training_math import project_out
-
 __all__ = ["LayerInit", "SaLoRALinear", "inject", "salora_layers", "state_tensors", "STATE_KEYS"]
 
 STATE_KEYS = ("lora_A", "lora_B", "lora_A0", "lora_B0")

@@ -18,15 +18,38 @@ from typing import Callable, Sequence
 from salora_merge import __version__
 from salora_merge.core.audit_math import module_scores, summarize
 from salora_merge.errors import InputError
+from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.models import (
+    chat_prompt_ids,
+    generate_greedy,
+    lora_applied,
+    pick_device,
+)
+from salora_merge.hf.resolve import resolve_adapter
 from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
-from salora_merge.io.checkpoint import open_checkpoint
-from salora_merge.hf.models import chat_prompt_ids, generate_greedy, load_causal_lm, load_tokenizer, lora_applied, pick_device
-from salora_merge.progress import Progress, silent
 from salora_merge.io.prompts import load_prompt_set
-from salora_merge.training.task_eval import agreement, mean_nll, score_examples, target_accuracy
-from salora_merge.training.train import RunControl, TrainOptions, prepare_run, train_adapter, write_trained
-from salora_merge.training.data import (TokenizedExample, example_from_ids, examples_digest, load_conversations, split_holdout,
-                         tokenize_all)
+from salora_merge.progress import Progress, silent
+from salora_merge.training.data import (
+    TokenizedExample,
+    example_from_ids,
+    examples_digest,
+    load_conversations,
+    split_holdout,
+    tokenize_all,
+)
+from salora_merge.training.task_eval import (
+    agreement,
+    mean_nll,
+    score_examples,
+    target_accuracy,
+)
+from salora_merge.training.train import (
+    RunControl,
+    TrainOptions,
+    prepare_run,
+    train_adapter,
+    write_trained,
+)
 
 __all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
 
@@ -90,7 +113,7 @@ def _distilled_examples(prompt_ids, answers, max_length: int) -> list[TokenizedE
 
 
 def run_retrain(
-    base_ref: str,
+    base: "str | BaseModel",
     adapter_ref: str,
     safety_path: Path,
     options: RetrainOptions,
@@ -109,16 +132,14 @@ def run_retrain(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("retrain generates and compares on one process; launch it without torchrun/accelerate "
                          "(train supports multi-process runs)")
-    from salora_merge.hf.resolve import resolve_adapter
-
-    base, fingerprint, safety = prepare_run(base_ref, safety_path, run)
+    base, fingerprint, safety = prepare_run(base, safety_path, run)
     adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=options.allow_pickle)
-    check_adapter_fits(adapter, open_checkpoint(base.folder).linear_weight_shapes())
+    check_adapter_fits(adapter, base.checkpoint.linear_weight_shapes())
     old_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}
 
     device = pick_device(train_options.device)
-    tokenizer = load_tokenizer(base.folder)
-    model = load_causal_lm(base.folder, device)
+    tokenizer = base.tokenizer
+    model = base.load_model(device)
     max_length = train_options.max_length
     heldout_prompt_ids: list[list[int]] | None = None
     teacher: list[list[int]] = []
@@ -151,7 +172,7 @@ def run_retrain(
                             examples_digest(train_set_examples), train_options, run, progress, echo,
                             model=model, tokenizer=tokenizer)
     del model
-    model = load_causal_lm(base.folder, device)
+    model = base.load_model(device)
     new_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.modules.items()}
     with lora_applied(model, new_factors):
         scores_new = score_examples(model, heldout, pad)
@@ -176,15 +197,13 @@ def run_retrain(
             f"token {report.nll['original']:.3f} (original) vs {report.nll['retrained']:.3f} (retrained), "
             f"base {report.nll['base']:.3f}; argmax agreement {report.agreement:.3f}. Safety-subspace energy "
             f"share {old_score.rho:.2e} -> {new_score.rho:.2e}. Figures: `{REPORT_NAME}`.\n")
-    write_trained(trained, run, base_ref, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
+    write_trained(trained, run, base, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
                   card_note=note, progress=progress)
     return report
 
 
 def defaults_from_adapter(adapter_ref: str, options: TrainOptions, given: dict, allow_pickle: bool) -> TrainOptions:
     """Fill rank, alpha, rsLoRA and targets the user did not give from the old adapter's config."""
-    from salora_merge.hf.resolve import resolve_adapter
-
     adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
     ranks = {m.rank for m in adapter.modules.values()}
     return replace(

@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from salora_merge.errors import InputError
-from salora_merge.training.layer import salora_layers, state_tensors
 from salora_merge.training.data import TokenizedExample, pad_batch
+from salora_merge.training.layer import salora_layers, state_tensors
 
 __all__ = ["FitOptions", "FitResult", "fit", "last_checkpoint", "read_state", "STATE_NAME"]
 

@@ -1,0 +1,320 @@
+"""The commands: parse options, call one function of :mod:`salora_merge.api`, render the result."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from salora_merge import __version__
+from salora_merge.cli.help import SectionedCommand, option
+from salora_merge.cli.options import (
+    base_option,
+    build_calibration,
+    build_training,
+    calibration_options,
+    given_method_options,
+    method_options,
+    output_options,
+    run_control,
+    split_targets,
+    training_options,
+)
+from salora_merge.errors import SaloraError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _friendly_errors(func: Callable) -> Callable:
+    """Turn library errors into one line on stderr and a non-zero exit; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SaloraError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no output was written.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+def _progress(quiet: bool = False):
+    from salora_merge.progress import silent, tqdm_progress
+
+    return silent if quiet else tqdm_progress
+
+
+def _echo_err(quiet: bool) -> Callable[[str], None] | None:
+    return None if quiet else (lambda line: click.echo(line, err=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="salora-merge")
+def main() -> None:
+    """Keep LoRA-fine-tuned LLMs safe: compute safety modules, realign adapters."""
+
+
+@main.command(cls=SectionedCommand)
+@base_option
+@calibration_options
+@option("Calibration", "--targets", default=None,
+        help="Comma-separated module names or suffixes (q_proj,v_proj) [default: every linear layer].")
+@option("Calibration", "--keep-moments", is_flag=True,
+        help="Also store the input second moments (large) for later re-derivation.")
+@option("Output", "-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+        help="Safety module file to write (.safetensors).")
+@option("Output", "--overwrite", is_flag=True, help="Replace an existing output.")
+@option("Output", "--json", "as_json", is_flag=True, help="Print the safety module's metadata as JSON.")
+@_friendly_errors
+def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, overwrite: bool,
+              as_json: bool, **kwargs) -> None:
+    """Compute the safety module of a base model from calibration prompts."""
+    from salora_merge import api
+
+    options = build_calibration(kwargs, split_targets(targets), keep_moments)
+    result = api.calibrate(base, options, output=output, overwrite=overwrite, progress=_progress())
+    meta = dict(result.safety.metadata)
+    if as_json:
+        click.echo(json.dumps({"output": str(output), **meta}, indent=2))
+        return
+    click.echo(
+        f"Safety module for {meta['base_model']}: {len(result.safety.bases)} modules, rank {meta['rank']}, "
+        f"{meta['n_prompts']} prompts, {meta['n_tokens']} {meta['token_policy']} tokens "
+        f"(generation {result.seconds_generate:.1f}s, statistics {result.seconds_forward:.1f}s)"
+    )
+    click.echo(f"Wrote {output}")
+
+
+@main.command(cls=SectionedCommand)
+@base_option
+@option("Adapters", "--adapter", required=True, help="PEFT LoRA adapter: folder or Hub id org/name[@rev].")
+@option("Safety module", "--safety", type=click.Path(path_type=Path), default=None,
+        help="A safety module from 'salora-merge calibrate'; without it, methods that need one calibrate first.")
+@option("Safety module", "--save-safety", type=click.Path(path_type=Path), default=None,
+        help="When calibrating, also save the safety module here for reuse.")
+@method_options
+@option("Method", "--input-safety", type=click.Path(path_type=Path), default=None,
+        help="both-sides (and salora, random): the input-side module (calibrate --side input) to project lora_A with.")
+@option("Method", "--aligned", default=None, help="safelora: the aligned model [default: --base].")
+@option("Method", "--unaligned", default=None, help="safelora: the unaligned model the aligned one was tuned from.")
+@calibration_options
+@output_options("Output adapter folder.", "Print the full report as JSON.")
+@_friendly_errors
+def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | None, method: str,
+            input_safety: Path | None, aligned: str | None, unaligned: str | None, output: Path,
+            overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
+    """Re-project a LoRA adapter so it cannot move the base model's safety features (or apply another method)."""
+    from salora_merge import api
+    from salora_merge.methods import get_method
+
+    given = given_method_options(method, kwargs)
+    calibration = None
+    if safety is None and "safety" in get_method(method).needs:
+        calibration = build_calibration(kwargs, None)
+    report = api.realign(base, adapter, output, method=method, method_options=given, safety=safety,
+                         calibration=calibration, save_safety=save_safety, input_safety=input_safety,
+                         aligned=aligned, unaligned=unaligned, overwrite=overwrite, allow_pickle=allow_pickle,
+                         progress=_progress())
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
+
+
+@main.command(cls=SectionedCommand)
+@base_option
+@option("Adapters", "--adapter", "adapters", required=True, multiple=True,
+        help="PEFT LoRA adapter (folder or Hub id); repeat to merge several.")
+@option("Adapters", "--weight", "weights", multiple=True, type=float,
+        help="Weight of each --adapter, in order (default 1 each); the merge adds sum_i w_i * dW_i.")
+@option("Method", "--realign/--no-realign", default=None,
+        help="Project the adapters off the safety subspace before merging "
+             "[default: --realign when --safety is given, else --no-realign].")
+@option("Safety module", "--safety", type=click.Path(path_type=Path), default=None,
+        help="Safety module for --realign; without it, calibrate on the adapters' modules first.")
+@calibration_options
+@option("Merge", "--dtype", default="auto", show_default=True,
+        type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+        help="Output dtype of floating tensors; auto keeps each tensor's stored dtype.")
+@option("Merge", "--shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
+@option("Merge", "--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+        help="Copy the tokenizer files and chat template of the base.")
+@output_options("Output model folder.", "Print the merge report as JSON.")
+@_friendly_errors
+def merge(base: str, adapters: tuple[str, ...], weights: tuple[float, ...], realign: bool | None,
+          safety: Path | None, dtype: str, shard_size: str, copy_tokenizer: bool, output: Path, overwrite: bool,
+          allow_pickle: bool, as_json: bool, **kwargs) -> None:
+    """Merge LoRA adapters into the base weights, out of core, into a transformers checkpoint."""
+    from salora_merge import api
+    from salora_merge.cli.render import render_merge
+    from salora_merge.errors import InputError
+
+    if weights and len(weights) != len(adapters):
+        raise InputError(f"--weight given {len(weights)} times for {len(adapters)} --adapter; give one per adapter")
+    do_realign = (safety is not None) if realign is None else realign
+    if safety is not None and not do_realign:
+        raise InputError("--safety is only used with --realign; drop --no-realign or --safety")
+    calibration = build_calibration(kwargs, None) if do_realign and safety is None else None
+    options = api.MergeOptions(dtype=dtype, shard_size=shard_size, realign=do_realign, copy_tokenizer=copy_tokenizer)
+    inputs = [api.AdapterInput(ref, weights[i] if weights else 1.0) for i, ref in enumerate(adapters)]
+    report = api.merge(base, inputs, output, options, safety=safety, calibration=calibration, overwrite=overwrite,
+                       allow_pickle=allow_pickle, progress=_progress())
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_merge(report))
+
+
+@main.command(cls=SectionedCommand)
+@click.argument("folder", type=click.Path(path_type=Path))
+@option("Hub", "--repo-id", required=True, help="Target repo, org/name (created if missing).")
+@option("Hub", "--private", is_flag=True, help="Create the repo as private.")
+@option("Hub", "--revision", default=None, help="Branch to commit to (created from main if missing).")
+@option("Hub", "--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@option("Hub", "--commit-message", default=None,
+        help="Commit message [default: Upload model|adapter with salora-merge].")
+@option("Hub", "--endpoint", default=None, help="Hub URL [default: HF_ENDPOINT or https://huggingface.co].")
+@option("Output", "--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_friendly_errors
+def push(folder: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+         commit_message: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Publish a merged model folder or an adapter folder to the Hugging Face Hub (token: HF_TOKEN or login)."""
+    from salora_merge import api
+
+    result = api.push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                      commit_message=commit_message, endpoint=endpoint)
+    if as_json:
+        click.echo(json.dumps(result.__dict__, indent=2))
+        return
+    click.echo(f"Pushed {result.kind} folder {folder} ({result.files} files) to {result.repo_id}")
+    click.echo(f"Pull request: {result.pr_url}" if result.pr_url else f"Commit: {result.commit_url}")
+
+
+@main.command(cls=SectionedCommand)
+@base_option
+@option("Data", "--data", required=True, type=click.Path(path_type=Path),
+        help="JSONL: {messages: [...]}, {instruction, input, output} or {prompt, response} records.")
+@training_options(retrain=False)
+@_friendly_errors
+def train(base: str, data: Path, **kw) -> None:
+    """Train a new adapter the SaLoRA way and export it as a stock PEFT LoRA (rank 2r) for the untouched base."""
+    from salora_merge import api
+    from salora_merge.cli.render import render_train
+
+    report = api.train(base, data, kw["safety"], kw["output"], build_training(kw), control=run_control(kw),
+                       progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
+    click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_train(report))
+
+
+@main.command(cls=SectionedCommand)
+@base_option
+@option("Adapters", "--adapter", required=True, help="The PEFT LoRA adapter to re-learn: folder or Hub id.")
+@option("Data", "--data", type=click.Path(path_type=Path), default=None,
+        help="The adapter's task data (JSONL, as for train), when you have it.")
+@option("Data", "--prompts", default=None,
+        help="Task prompts (file or built-in set): the adapter's own greedy answers become the data.")
+@option("Data", "--holdout", default=0.1, show_default=True, type=float,
+        help="Share of examples held out for the comparison (at most --max-holdout).")
+@option("Data", "--max-holdout", default=64, show_default=True, type=int, help="Most held-out examples.")
+@option("Data", "--max-new-tokens", default=128, show_default=True, type=int, help="Length of distilled answers.")
+@option("Data", "--generation-batch-size", default=32, show_default=True, type=int,
+        help="Prompts per generation batch.")
+@option("Adapters", "--allow-pickle", is_flag=True, help="Accept a pickled adapter_model.bin (weights_only=True).")
+@training_options(retrain=True)
+@_friendly_errors
+def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, holdout: float, max_holdout: int,
+            max_new_tokens: int, generation_batch_size: int, allow_pickle: bool, **kw) -> None:
+    """Re-learn an existing adapter's task under the safety module (SaLoRA), from its data or by distillation."""
+    from salora_merge import api
+    from salora_merge.cli.render import render_retrain
+
+    options = api.RetrainOptions(data=data, prompts=prompts, holdout=holdout, max_holdout=max_holdout,
+                                 max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
+                                 allow_pickle=allow_pickle)
+    inherit = {"rank": kw["rank"], "alpha": kw["alpha"], "use_rslora": kw["use_rslora"],
+               "targets": split_targets(kw["targets"])}
+    report = api.retrain(base, adapter, kw["safety"], kw["output"], options, training=build_training(kw),
+                         inherit=inherit, control=run_control(kw), progress=_progress(kw["quiet"]),
+                         echo=_echo_err(kw["quiet"]))
+    click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_retrain(report, kw["output"]))
+
+
+@main.command(cls=SectionedCommand)
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@option("Run", "--dry-run", is_flag=True,
+        help="Validate the config and print the plan (what would run, what is up to date).")
+@option("Output", "--json", "as_json", is_flag=True, help="Print one JSON record per step at the end.")
+@_friendly_errors
+def run(pipeline: Path, dry_run: bool, as_json: bool) -> None:
+    """Run a publishing pipeline (calibrate, realign, merge, push) from a YAML config; resumable."""
+    from salora_merge import api
+
+    records = api.run(pipeline, dry_run=dry_run, echo=lambda line: click.echo(line, err=as_json),
+                      progress=_progress())
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+
+
+@main.command(cls=SectionedCommand)
+@base_option
+@option("Adapters", "--adapter", "adapters", required=True, multiple=True,
+        help="PEFT LoRA adapter (folder or Hub id), or a folder of adapter folders; repeatable.")
+@option("Safety module", "--safety", type=click.Path(path_type=Path), default=None,
+        help="Safety module from 'salora-merge calibrate' (seconds); without it, calibrate first (minutes).")
+@calibration_options
+@option("Behaviour", "--behavior", is_flag=True, help="Also generate on harmful, benign and over-refusal prompts and judge.")
+@option("Behaviour", "--harmful-prompts", default="harmbench-standard", show_default=True,
+        help="Held-out harmful prompts: a built-in set or a file.")
+@option("Behaviour", "--benign-prompts", default="benign-instructions", show_default=True, help="Benign prompts.")
+@option("Behaviour", "--overrefusal-prompts", default="overrefusal", show_default=True,
+        help="Benign but risky-sounding prompts.")
+@option("Behaviour", "--max-eval-prompts", default=None, type=int, help="Use only the first N prompts of each set.")
+@option("Behaviour", "--judge", default="keyword", show_default=True,
+        help="keyword, classifier:FOLDER (sequence classifier) or llamaguard:FOLDER (Llama-Guard-style).")
+@option("Audit", "--fail-above", type=float, default=None,
+        help="Gate: fail an adapter whose whole-update rho exceeds this share (exit code 3).")
+@option("Audit", "--fail-asr-above", type=float, default=None,
+        help="Gate (with --behavior): fail an adapter whose attack success rate exceeds this (exit code 3).")
+@option("Output", "--format", "fmt", default="table", show_default=True,
+        type=click.Choice(["table", "json", "markdown", "html"]), help="Report format.")
+@option("Output", "-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+        help="Write the report here (the table is still printed); default: print it.")
+@option("Output", "--overwrite", is_flag=True, help="Replace an existing report file.")
+@option("Adapters", "--allow-pickle", is_flag=True, help="Accept pickled adapter_model.bin files (weights_only=True).")
+@_friendly_errors
+def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: bool, harmful_prompts: str,
+          benign_prompts: str, overrefusal_prompts: str, max_eval_prompts: int | None, judge: str,
+          fail_above: float | None, fail_asr_above: float | None, fmt: str, output: Path | None, overwrite: bool,
+          allow_pickle: bool, **kwargs) -> None:
+    """Score adapters for safety drift (weight space, optionally behaviour); exit 3 when one fails the gate."""
+    from salora_merge import api
+    from salora_merge.auditing.render import render, render_table
+    from salora_merge.auditing.run import exit_code
+    from salora_merge.io.atomic import atomic_output_file, check_output_free
+
+    behavior_options = None
+    if behavior:
+        behavior_options = api.BehaviorOptions(
+            harmful=harmful_prompts, benign=benign_prompts, overrefusal=overrefusal_prompts,
+            max_prompts=max_eval_prompts, max_new_tokens=kwargs["max_new_tokens"],
+            batch_size=kwargs["generation_batch_size"], device=kwargs["device"], judge=judge)
+    options = api.AuditOptions(fail_above=fail_above, fail_asr_above=fail_asr_above, behavior=behavior_options,
+                               allow_pickle=allow_pickle)
+    options.validate()
+    calibration = build_calibration(kwargs, None) if safety is None else None
+    if calibration is not None:
+        calibration.validate()
+    if output is not None:
+        check_output_free(output, overwrite)
+    report = api.audit(base, adapters, options, safety=safety, calibration=calibration, progress=_progress())
+    if output is not None:
+        with atomic_output_file(output, overwrite=overwrite) as tmp:
+            tmp.write_text(render(report, fmt), encoding="utf-8")
+        click.echo(render_table(report))
+        click.echo(f"Wrote {output}")
+    else:
+        click.echo(render(report, fmt), nl=False)
+    sys.exit(exit_code(report))

@@ -1,0 +1,204 @@
+"""Options shared by several commands, each in its help section, and their conversion to option objects."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from salora_merge.cli.help import apply_options, option
+
+__all__ = ["base_option", "calibration_options", "build_calibration", "output_options", "training_options",
+           "build_training", "run_control", "split_targets", "method_options", "method_choices"]
+
+
+def split_targets(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def base_option(func: Callable) -> Callable:
+    return option("Model", "--base", required=True,
+                  help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")(func)
+
+
+def calibration_options(func: Callable) -> Callable:
+    """Options shared by ``calibrate`` and the commands that calibrate when given no --safety."""
+    s = "Calibration"
+    return apply_options(func, [
+        option(s, "--prompts", default="advbench-calibration", show_default=True,
+               help="Calibration prompts: a built-in set (advbench-calibration) or a .csv/.jsonl/.txt file."),
+        option(s, "--responses", default="self", show_default=True,
+               help="self: the base model's own greedy responses; none: prompt tokens only; "
+                    "given: the 'response' field of the prompts file; or a file of prompt/response pairs."),
+        option(s, "--rank", default=32, show_default=True, type=int, help="r_s, the safety subspace rank."),
+        option(s, "--side", default="output", show_default=True, type=click.Choice(["output", "input"]),
+               help="output: keep U_s^T W x unchanged (SaLoRA); input: make the update vanish on calibration inputs."),
+        option(s, "--token-policy", default=None, type=click.Choice(["response", "prompt", "last_prompt", "all"]),
+               help="Token positions whose inputs count [default: response; prompt with --responses none]."),
+        option(s, "--max-prompts", default=None, type=int, help="Use only the first N prompts."),
+        option(s, "--batch-size", default=16, show_default=True, type=int, help="Sequences per forward pass."),
+        option(s, "--generation-batch-size", default=64, show_default=True, type=int,
+               help="Prompts per batch when generating the base model's responses."),
+        option(s, "--max-length", default=512, show_default=True, type=int, help="Tokens per example, prompt included."),
+        option(s, "--max-new-tokens", default=64, show_default=True, type=int, help="Length of self-generated responses."),
+        option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        option(s, "--energy", default=None, type=float,
+               help="Keep per module the fewest directions capturing this share of the energy (--rank caps it)."),
+        option(s, "--contrast-prompts", default=None,
+               help="Benign or task prompts: contrastive bases, strong on the calibration prompts and weak on "
+                    "these (generalized eigenproblem; output side)."),
+        option(s, "--contrast-ridge", default=1e-3, show_default=True, type=float,
+               help="Ridge on the contrast moment, as a share of its mean eigenvalue."),
+    ])
+
+
+def build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_moments: bool = False):
+    from salora_merge.calibration.run import CalibrationOptions
+
+    return CalibrationOptions(
+        prompts=kwargs["prompts"], responses=kwargs["responses"], rank=kwargs["rank"], side=kwargs["side"],
+        targets=targets, token_policy=kwargs["token_policy"], max_prompts=kwargs["max_prompts"],
+        batch_size=kwargs["batch_size"], generation_batch_size=kwargs["generation_batch_size"],
+        max_length=kwargs["max_length"], max_new_tokens=kwargs["max_new_tokens"], device=kwargs["device"],
+        keep_moments=keep_moments, energy=kwargs["energy"], contrast=kwargs["contrast_prompts"],
+        contrast_ridge=kwargs["contrast_ridge"],
+    )
+
+
+def output_options(what: str, json_help: str) -> Callable[[Callable], Callable]:
+    """-o/--output (a folder), --overwrite, --allow-pickle and --json, shared by realign and merge."""
+    return lambda func: apply_options(func, [
+        option("Output", "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help=what),
+        option("Output", "--overwrite", is_flag=True, help="Replace an existing output."),
+        option("Adapters", "--allow-pickle", is_flag=True,
+               help="Accept pickled adapter_model.bin files (loaded with torch.load(weights_only=True))."),
+        option("Output", "--json", "as_json", is_flag=True, help=json_help),
+    ])
+
+
+def method_choices() -> list[str]:
+    from salora_merge.methods import REGISTRY
+
+    return list(REGISTRY)
+
+
+def method_options(func: Callable) -> Callable:
+    """``--method`` and every method's own options, made from the registry (``method_<name>`` parameters)."""
+    from salora_merge.methods import DEFAULT, REGISTRY
+
+    listing = " ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
+    options = [option("Method", "--method", default=DEFAULT, show_default=True,
+                      type=click.Choice(list(REGISTRY)), help=listing)]
+    owners: dict[str, list[str]] = {}
+    specs = {}
+    for method in REGISTRY.values():
+        for spec in method.options:
+            owners.setdefault(spec.name, []).append(method.name)
+            specs.setdefault(spec.name, spec)
+    for name, spec in specs.items():
+        default = f" [default: {spec.default}]" if spec.default is not None else ""
+        options.append(option("Method", spec.flag, f"method_{name}", default=None,
+                              type={int: int, float: float}.get(spec.type, str),
+                              help=f"{', '.join(owners[name])}: {spec.help}{default}"))
+    return apply_options(func, options)
+
+
+def given_method_options(method: str, kwargs: dict) -> dict:
+    """The method options given on the command line; one belonging to another method is an error."""
+    from salora_merge.errors import InputError
+    from salora_merge.methods import REGISTRY
+
+    given = {k[len("method_"):]: kwargs.pop(k) for k in [k for k in kwargs if k.startswith("method_")]}
+    given = {k: v for k, v in given.items() if v is not None}
+    own = {o.name for o in REGISTRY[method].options}
+    stray = sorted(set(given) - own)
+    if stray:
+        owners = sorted({m.name for m in REGISTRY.values() for o in m.options if o.name in stray})
+        flags = ", ".join("--" + s.replace("_", "-") for s in stray)
+        raise InputError(f"{flags} belong to --method {' or '.join(owners)}, not --method {method}")
+    return given
+
+
+def training_options(retrain: bool) -> Callable[[Callable], Callable]:
+    """Options shared by ``train`` and ``retrain``; retrain takes rank, alpha, rsLoRA and targets from the
+    old adapter unless given."""
+    what = " [default: the adapter's]" if retrain else ""
+    t, r, o = "Training", "Run", "Output"
+    return lambda func: apply_options(func, [
+        option("Safety module", "--safety", required=True, type=click.Path(path_type=Path),
+               help="Output-side safety module from 'salora-merge calibrate' for this base."),
+        option(t, "--rank", type=int, default=None if retrain else 16, show_default=not retrain,
+               help=f"LoRA rank r{what}; the exported adapter has rank 2r."),
+        option(t, "--alpha", type=float, default=None if retrain else 16.0, show_default=not retrain,
+               help=f"lora_alpha{what}; the scaling is alpha/r (alpha/sqrt(r) with rsLoRA)."),
+        option(t, "--use-rslora/--no-rslora", default=None if retrain else False, show_default=not retrain,
+               help=f"rsLoRA scaling{what}."),
+        option(t, "--targets", default=None if retrain else "q_proj,v_proj", show_default=not retrain,
+               help=f"Comma-separated module names or suffixes{what}."),
+        option(t, "--task-rank", default=32, show_default=True, type=int,
+               help="r_t: rank of the task subspace U_t for --init salora."),
+        option(t, "--init", "init", default="gaussian", show_default=True,
+               type=click.Choice(["salora", "pissa", "gaussian"]),
+               help="gaussian: PEFT's default; salora: task-specific (the paper's; its updates are several times "
+                    "larger at the same --lr: use about a fifth of a plain LoRA --lr, see docs/safety-study.md); "
+                    "pissa: principal singular vectors of W."),
+        option(t, "--init-samples", default=128, show_default=True, type=int,
+               help="Examples whose response tokens give the task statistics for --init salora."),
+        option(t, "--dropout", default=0.0, show_default=True, type=float, help="Dropout on the LoRA input."),
+        option(t, "--epochs", default=1.0, show_default=True, type=float, help="Passes over the data."),
+        option(t, "--max-steps", default=-1, show_default=True, type=int,
+               help="Stop after N optimizer steps (> 0 overrides --epochs)."),
+        option(t, "--lr", default=1e-4, show_default=True, type=float, help="Peak learning rate (AdamW, cosine decay)."),
+        option(t, "--warmup-ratio", default=0.03, show_default=True, type=float, help="Share of steps in linear warmup."),
+        option(t, "--batch-size", default=8, show_default=True, type=int, help="Examples per device per step."),
+        option(t, "--grad-accum", default=2, show_default=True, type=int, help="Gradient accumulation steps."),
+        option(t, "--max-length", default=512, show_default=True, type=int, help="Tokens per example (cut beyond)."),
+        option(t, "--gradient-checkpointing", is_flag=True,
+               help="Recompute activations in the backward pass (less memory)."),
+        option(t, "--seed", default=0, show_default=True, type=int, help="Seed of data order, sampling and init."),
+        option(r, "--logging-steps", default=10, show_default=True, type=int, help="Log the loss every N steps."),
+        option(r, "--save-steps", default=200, show_default=True, type=int, help="Checkpoint every N steps."),
+        option(r, "--checkpoint-dir", type=click.Path(path_type=Path), default=None,
+               help="Where checkpoints go [default: OUTPUT.checkpoints next to the output]."),
+        option(r, "--resume", is_flag=True, help="Continue the interrupted run from its newest checkpoint."),
+        option(r, "--keep-checkpoints", is_flag=True, help="Keep the checkpoint folder after success."),
+        option(o, "--merge-to", type=click.Path(path_type=Path), default=None,
+               help="Also merge the exported adapter into the base and write the model here."),
+        option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        option("Safety module", "--random-control", type=int, default=None,
+               help="The control: constrain against random subspaces of the safety module's sizes (this seed)."),
+        option(r, "--quiet", is_flag=True, help="No progress bar or loss lines."),
+        option(o, "-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+               help="Output adapter folder (stock PEFT LoRA)."),
+        option(o, "--overwrite", is_flag=True, help="Replace an existing output (and stale checkpoints)."),
+        option(o, "--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ])
+
+
+def build_training(kw: dict):
+    from salora_merge.training.options import TrainOptions
+    from salora_merge.training.trainer import FitOptions
+
+    fit = FitOptions(epochs=kw["epochs"], max_steps=kw["max_steps"], lr=kw["lr"], batch_size=kw["batch_size"],
+                     grad_accum=kw["grad_accum"], warmup_ratio=kw["warmup_ratio"],
+                     gradient_checkpointing=kw["gradient_checkpointing"], seed=kw["seed"],
+                     save_steps=kw["save_steps"], logging_steps=kw["logging_steps"],
+                     show_progress=not kw["quiet"] and sys.stderr.isatty())
+    return TrainOptions(
+        rank=kw["rank"] if kw["rank"] is not None else 16,
+        alpha=kw["alpha"] if kw["alpha"] is not None else 16.0,
+        use_rslora=bool(kw["use_rslora"]), targets=split_targets(kw["targets"]) or ("q_proj", "v_proj"),
+        task_rank=kw["task_rank"], init=kw["init"], init_samples=kw["init_samples"], dropout=kw["dropout"],
+        max_length=kw["max_length"], device=kw["device"], random_control=kw["random_control"], fit=fit,
+    )
+
+
+def run_control(kw: dict):
+    from salora_merge.training.runs import RunControl
+
+    return RunControl(out=kw["output"], checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"],
+                      keep_checkpoints=kw["keep_checkpoints"], overwrite=kw["overwrite"], merge_to=kw["merge_to"])

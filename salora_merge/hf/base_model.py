@@ -1,0 +1,60 @@
+"""The base-model handle: one resolved reference per command, with what every feature asks of it.
+
+A command resolves ``--base`` once (:func:`salora_merge.hf.resolve.resolve_model`) and passes this
+handle down. The checkpoint index (headers of every shard), the fingerprint and the tied-embedding
+facts are computed on first use and kept; the tokenizer is loaded once; the model is loaded on
+request (a fresh copy each time, since training rewrites its target weights in place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from salora_merge.io.checkpoint import CheckpointIndex
+
+__all__ = ["BaseModel"]
+
+
+@dataclass(frozen=True, eq=False)
+class BaseModel:
+    ref: str  # what the user wrote
+    folder: Path
+    model_id: str  # for metadata and cards
+    revision: str | None = None
+    license: str | None = None  # known for aliases; read from the folder's card otherwise
+
+    @cached_property
+    def checkpoint(self) -> "CheckpointIndex":
+        """The safetensors index of the folder, opened once."""
+        from salora_merge.io.checkpoint import open_checkpoint
+
+        return open_checkpoint(self.folder)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return self.checkpoint.fingerprint()
+
+    @cached_property
+    def tied_embeddings(self) -> tuple[str, str] | None:
+        """``(input, output)`` embedding weight names when the config ties them (architecture built on meta)."""
+        from salora_merge.hf.models import tied_embedding_weights
+
+        return tied_embedding_weights(self.folder)
+
+    @cached_property
+    def tokenizer(self):
+        from salora_merge.hf.models import load_tokenizer
+
+        return load_tokenizer(self.folder)
+
+    def load_model(self, device: "torch.device"):
+        """A fresh copy of the model on ``device`` (callers may rewrite its weights)."""
+        from salora_merge.hf.models import load_causal_lm
+
+        return load_causal_lm(self.folder, device)

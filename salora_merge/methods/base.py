@@ -1,0 +1,123 @@
+"""What a realign or repair method is: its name, its options, what it needs, and one function.
+
+A method turns an adapter's LoRA modules (plus what it declared it needs) into new modules and a
+report. It reads no files and loads no model: :mod:`salora_merge.realignment.run` gathers what the
+method needs (a safety module, an aligned/unaligned pair), calls it, and writes the adapter folder,
+the method's JSON report and its card.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+from salora_merge.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from salora_merge.core.safety import SafetyModule
+    from salora_merge.io.adapter import LoraModule
+
+__all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method"]
+
+# What a method can ask for, and how the user gives it (the CLI's options; the API's keywords).
+NEEDS = {
+    "safety": "a safety module: --safety FILE, or calibrated on the adapter's modules when not given",
+    "input_safety": "an input-side safety module: --input-safety FILE (calibrate --side input)",
+    "alignment": "an aligned model and the unaligned one it was tuned from: --aligned M (default --base) --unaligned M",
+}
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One option of a method: ``--name`` on the command line (``_`` as ``-``), ``name`` in the API and YAML."""
+
+    name: str
+    type: type  # int, float or str
+    default: Any
+    help: str
+    minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """The value, converted and range-checked; a one-line error naming the option otherwise."""
+        if value is None:
+            return None
+        try:
+            converted = self.type(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{self.flag}: expected {self.type.__name__}, got {value!r}") from None
+        if isinstance(converted, float) and not math.isfinite(converted):
+            raise InputError(f"{self.flag}: expected a finite number, got {value!r}")
+        if self.minimum is not None and converted < self.minimum:
+            raise InputError(f"{self.flag} must be at least {self.minimum:g}, got {value!r}")
+        if self.maximum is not None and converted > self.maximum:
+            raise InputError(f"{self.flag} must be at most {self.maximum:g}, got {value!r}")
+        return converted
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What the runner gathered for a method: labels for its report and the inputs it declared."""
+
+    base_model: str
+    adapter: str
+    output: str
+    safety: "SafetyModule | None" = None
+    safety_label: str = ""
+    input_safety: "SafetyModule | None" = None
+    input_safety_label: str = ""
+    alignments: "Mapping[str, torch.Tensor] | None" = None  # V = W_aligned - W_unaligned per module (d_out, d_in)
+    aligned: str = ""
+    unaligned: str = ""
+
+
+class MethodReport(Protocol):
+    """A method's result figures: written as JSON, as the adapter's card, and printed by the CLI."""
+
+    def to_json(self) -> dict: ...
+
+    def card(self, adapter_config: Mapping[str, Any]) -> str: ...
+
+    def render(self) -> str: ...
+
+
+Apply = Callable[["Mapping[str, LoraModule]", MethodContext, Mapping[str, Any]],
+                 "tuple[dict[str, LoraModule], MethodReport]"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # one line: the CLI's help, the docs' method table
+    needs: tuple[str, ...]  # keys of NEEDS
+    apply: Apply
+    options: tuple[MethodOption, ...] = ()
+    report_name: str = "salora_realign.json"
+    safety_side: str | None = None  # the side its safety module must have (None: either)
+    optional: tuple[str, ...] = field(default=())  # NEEDS it uses when given (not required)
+    check: Callable[[Mapping[str, Any]], None] | None = None  # cross-option rules
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in (*self.needs, *self.optional) if n not in NEEDS]
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown need {unknown[0]!r}")
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option with its default filled in, checked; unknown names are an error."""
+        known = {o.name: o for o in self.options}
+        extra = sorted(set(given) - set(known))
+        if extra:
+            flags = ", ".join("--" + e.replace("_", "-") for e in extra)
+            raise InputError(f"{flags}: not an option of --method {self.name}"
+                             + (f" (its options: {', '.join(o.flag for o in self.options)})" if self.options else ""))
+        values = {name: option.check(given.get(name, option.default)) for name, option in known.items()}
+        if self.check is not None:
+            self.check(values)
+        return values

@@ -1,0 +1,72 @@
+"""``shrink``: scale every update by ``gamma`` (``lora_B' = gamma lora_B``). The control that draws the
+trade-off curve every other method is compared with (docs/safety-study.md): a method counts only where it
+restores more refusals than shrinking does at the same task kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.methods.base import Method, MethodContext, MethodOption
+from salora_merge.realignment.report import ModuleReport, RealignReport
+
+if TYPE_CHECKING:
+    from salora_merge.io.adapter import LoraModule
+
+SHRINK_NOTE = (
+    "Scaling the update down is the control of salora-merge's safety study (`docs/safety-study.md` in its "
+    "source): on SmolLM2-135M-Instruct every projection it tried lay on the curve this traces, trading task "
+    "improvement for refusals. Measure refusals on held-out harmful prompts (`salora-merge audit --behavior`) "
+    "and the adapter's task before deployment."
+)
+
+
+@dataclass(frozen=True)
+class ShrinkReport(RealignReport):
+    gamma: float = 1.0
+
+    def card(self, adapter_config: Mapping[str, Any]) -> str:
+        hub_id = self.base_model if is_hub_id(self.base_model) else None
+        fields = {"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
+                  "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "salora", "shrink"]}
+        return front_matter(fields) + f"""
+# Shrunk LoRA adapter
+
+`{self.adapter}` with every update scaled by gamma = {self.gamma:g} (`lora_B' = gamma lora_B`) by
+[salora-merge](https://pypi.org/project/salora-merge/): {len(self.modules)} modules, rank, `lora_A` and
+config unchanged; the update keeps {self.gamma ** 2:.4f} of its energy.
+
+{SHRINK_NOTE}
+"""
+
+    def render(self) -> str:
+        return (f"Scaled the update of {len(self.modules)} modules of {self.adapter} by gamma = {self.gamma:g} "
+                f"(energy kept {self.gamma ** 2:.4f})\nWrote {self.output}")
+
+
+def shrink(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
+           options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], ShrinkReport]:
+    from salora_merge.core.projection import update_norm_sq
+
+    gamma = options["gamma"]
+    removed = 1.0 - gamma * gamma
+    out, reports = {}, []
+    for name, module in modules.items():
+        out[name] = replace(module, lora_B=(module.lora_B * gamma).to(module.lora_B.dtype))
+        norm = abs(module.scaling) * update_norm_sq(module.lora_B, module.lora_A) ** 0.5
+        reports.append(ModuleReport(module=name, rank=module.rank, safety_rank=0, d_out=int(module.lora_B.shape[0]),
+                                    scaling=module.scaling, update_norm=norm, energy_removed=removed,
+                                    random_reference=removed))
+    return out, ShrinkReport(base_model=ctx.base_model, adapter=ctx.adapter, safety=f"none (scaled by {gamma:g})",
+                             side="none", rank=0, modules=tuple(reports), output=ctx.output, gamma=gamma)
+
+
+METHOD = Method(
+    name="shrink",
+    summary="The control that draws the trade-off curve: scale every update by --gamma.",
+    needs=(),
+    apply=shrink,
+    options=(MethodOption("gamma", float, 0.5, "Scale of the update (lora_B' = gamma lora_B).",
+                          minimum=0.0, maximum=1.0),),
+)

@@ -1,0 +1,59 @@
+"""The card of an adapter trained (or retrained) with SaLoRA and exported as a plain LoRA."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+from salora_merge.hf.cards import front_matter, is_hub_id
+
+if TYPE_CHECKING:
+    from salora_merge.training.train import TrainReport
+
+__all__ = ["trained_adapter_card", "TRAIN_CAVEAT"]
+
+TRAIN_CAVEAT = (
+    "Keeping the update out of the safety subspace is a constraint on the weights, not a measured guarantee "
+    "of safe behaviour. In salora-merge's safety study (`docs/safety-study.md` in its source) on "
+    "SmolLM2-135M-Instruct, training under "
+    "the fixed `C` eroded refusals as much as plain LoRA on the same data (and, with `--init salora` at the "
+    "same learning rate, much more). Measure refusals on held-out harmful prompts "
+    "(`salora-merge audit --behavior`) before deployment."
+)
+
+
+
+def trained_adapter_card(report: "TrainReport", safety_meta: Mapping[str, Any], note: str | None = None) -> str:
+    """Card of an adapter trained (or retrained) with SaLoRA and exported as a plain LoRA."""
+    base = report.base_model
+    hub_id = base if is_hub_id(base) else None
+    fields = {
+        "base_model": hub_id,
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "salora", "safety"],
+    }
+    final = report.losses[-1][1] if report.losses else float("nan")
+    first = report.losses[0][1] if report.losses else float("nan")
+    return (
+        front_matter(fields)
+        + f"""
+# SaLoRA adapter
+
+Trained by [salora-merge](https://pypi.org/project/salora-merge/) with SaLoRA (Li et al., ICLR 2025)
+on `{base}`: each adapted layer computed `W_res x + s C (B (A x))` with the safety module
+`C = I - U_s U_s^T` fixed, so no training step could move the layer's output inside the top-{report.safety_rank}
+safety subspace. It is stored as a plain LoRA of rank {report.export_rank}
+(`lora_A = [A ; A0]`, `lora_B = [C B , -C B0]`, `lora_alpha = {report.export_alpha:g}`, the same scaling as in
+training) that stock PEFT loads on the untouched base.
+
+- Data: `{report.data}` ({report.examples} examples, {report.learned_tokens} learned tokens)
+- Initialization: `{report.init}` (rank {report.rank}, alpha {report.alpha:g}{", rsLoRA" if report.use_rslora else ""},
+  task rank {report.task_rank}); {report.modules} modules
+- Safety module: `{report.safety}` (prompts `{safety_meta.get('prompt_set')}`, token policy
+  `{safety_meta.get('token_policy')}`, rank {report.safety_rank})
+- Steps: {report.global_step}; logged training loss {first:.4f} -> {final:.4f}
+- Share of the update's energy inside the safety subspace: {report.safety_energy:.2e}
+{note or ""}
+{TRAIN_CAVEAT} Full figures: `salora_train.json`.
+"""
+    )

@@ -1,0 +1,104 @@
+"""Options of SaLoRA training and the report of a run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+from salora_merge import __version__
+from salora_merge.core.training_math import (
+    INITS,
+)
+from salora_merge.errors import InputError
+from salora_merge.training.trainer import (
+    FitOptions,
+)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    rank: int = 16
+    alpha: float = 16.0
+    use_rslora: bool = False
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    task_rank: int = 32
+    init: str = "gaussian"  # the safety study: the task-specific init moved the weights ~5x more at the same lr
+    init_samples: int = 128
+    dropout: float = 0.0
+    max_length: int = 512
+    device: str = "auto"
+    random_control: int | None = None  # seed: train against random subspaces of the same sizes (the control)
+    fit: FitOptions = field(default_factory=FitOptions)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank ** 0.5) if self.use_rslora else self.alpha / self.rank
+
+    def validate(self) -> None:
+        problems = []
+        for name, value in (("--rank", self.rank), ("--task-rank", self.task_rank),
+                            ("--init-samples", self.init_samples), ("--max-length", self.max_length),
+                            ("--batch-size", self.fit.batch_size), ("--grad-accum", self.fit.grad_accum),
+                            ("--save-steps", self.fit.save_steps)):
+            if value <= 0:
+                problems.append(f"{name} must be positive, got {value}")
+        if self.init not in INITS:
+            problems.append(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.fit.lr <= 0:
+            problems.append(f"--lr must be positive, got {self.fit.lr}")
+        if self.fit.max_steps <= 0 and self.fit.epochs <= 0:
+            problems.append(f"--epochs must be positive, got {self.fit.epochs}")
+        if self.alpha == 0:
+            problems.append("--alpha must not be 0 (the update would be switched off)")
+        if not self.targets:
+            problems.append("--targets is empty")
+        if problems:
+            raise InputError("; ".join(problems))
+
+    def run_key(self) -> dict:
+        """The options that change what is trained (not how it is shown or saved)."""
+        data = asdict(self)
+        fit_options = data.pop("fit")
+        for key in ("save_steps", "save_total_limit", "logging_steps", "show_progress", "device"):
+            fit_options.pop(key)
+        data.pop("device")
+        return json.loads(json.dumps({**data, **fit_options}))  # flat, and as it reads back from JSON
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    base_model: str
+    data: str
+    data_sha256: str
+    examples: int
+    learned_tokens: int
+    safety: str
+    safety_rank: int
+    init: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    task_rank: int
+    task_tokens: int
+    export_rank: int
+    export_alpha: float
+    modules: int
+    global_step: int
+    train_loss: float
+    losses: tuple[tuple[int, float], ...]
+    safety_energy: float  # share of the exported update's energy inside the safety subspace (0 by design)
+    seconds_init: float
+    seconds_train: float
+    resumed_from: str | None
+    output: str
+    merged: str | None = None
+    options: Mapping = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["losses"] = [list(item) for item in self.losses]
+        data["tool_version"] = __version__
+        return data
