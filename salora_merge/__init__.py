@@ -6,7 +6,7 @@ The public API (``docs/api.md``) is imported on first use, so that ``import salo
     from salora_merge import open_base, calibrate, realign, merge, audit, train, retrain, push, run
 """
 
-__version__ = "0.1.0"
+from salora_merge.version import __version__
 
 _API = (
     "open_base", "calibrate", "realign", "merge", "audit", "train", "retrain", "push", "run",

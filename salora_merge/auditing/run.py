@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from salora_merge import __version__
 from salora_merge.auditing.behavior import (
     BehaviorOptions,
     evaluate_variant,
@@ -28,6 +27,7 @@ from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
 from salora_merge.io.stream import file_sha256
 from salora_merge.methods.projection import realign_modules
 from salora_merge.progress import Progress, silent
+from salora_merge.version import __version__
 
 __all__ = ["AuditOptions", "expand_adapters", "run_audit", "SCHEMA", "SCHEMA_VERSION", "EXIT_GATE_FAILED",
            "EXIT_SOME_ERRORS", "exit_code", "realign_shortfall", "RESTORE_SHARE"]

@@ -9,7 +9,6 @@ from typing import Sequence
 
 import torch
 
-from salora_merge import __version__
 from salora_merge.core.moments import (
     TOKEN_POLICIES,
     MaskSlot,
@@ -31,6 +30,7 @@ from salora_merge.hf.models import (
 )
 from salora_merge.io.prompts import PromptSet, load_prompt_set
 from salora_merge.progress import Progress, silent
+from salora_merge.version import __version__
 
 __all__ = [
     "CalibrationOptions",

@@ -10,7 +10,6 @@ from typing import Callable
 
 import click
 
-from salora_merge import __version__
 from salora_merge.cli.help import SectionedCommand, option
 from salora_merge.cli.options import (
     base_option,
@@ -25,6 +24,7 @@ from salora_merge.cli.options import (
     training_options,
 )
 from salora_merge.errors import SaloraError
+from salora_merge.version import __version__
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["front_matter", "is_hub_id", "base_license"]
+__all__ = ["front_matter", "is_hub_id", "base_license", "hub_card"]
 
 def is_hub_id(ref: str) -> bool:
     """``org/name`` (what a card's base_model may hold), as opposed to a local path."""
@@ -48,3 +48,10 @@ def base_license(base) -> str | None:
     except Exception:  # a base card we cannot parse must not stop a merge; the licence is then unknown
         return None
     return value if isinstance(value, str) else None
+
+
+def hub_card(data: Mapping[str, Any], body: str) -> str:
+    """A model card through huggingface_hub's ``ModelCardData`` (validated Hub metadata) and ``ModelCard``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    return str(ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{body}"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from salora_merge import __version__
-from salora_merge.hf.cards import base_license, is_hub_id
+from salora_merge.hf.cards import base_license, hub_card, is_hub_id
 from salora_merge.merging.provenance import redo_command
 from salora_merge.realignment.report import REALIGN_CAVEAT
+from salora_merge.version import __version__
 
 if TYPE_CHECKING:
     from salora_merge.merging.report import MergeReport
@@ -18,11 +18,9 @@ __all__ = ["merged_card"]
 
 def merged_card(report: "MergeReport", base, audit: Mapping[str, Any] | None = None) -> str:
     """README.md of a merged model: Hub metadata (ModelCardData) and what was merged, how, with figures."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     license_ = base_license(base)
     prior = [a for a in report.adapters if a.get("realigned_before")]
-    data = ModelCardData(
+    data = dict(
         base_model=report.base_model if is_hub_id(report.base_model) else None,
         base_model_relation="merge",
         library_name="transformers",
@@ -100,4 +98,4 @@ the tool version; this command redoes the merge:
 {redo_command(report)}
 ```
 """
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+    return hub_card(data, body)

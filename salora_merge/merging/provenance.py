@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from salora_merge import __version__
+from salora_merge.version import __version__
 
 if TYPE_CHECKING:
     from salora_merge.merging.report import MergeReport

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from salora_merge import __version__
+from salora_merge.version import __version__
 
 __all__ = ["MergeReport"]
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.errors import SafetyModuleError
 from salora_merge.methods.base import Method, MethodContext
-from salora_merge.realignment.report import RealignReport
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
+    from salora_merge.realignment.report import RealignReport
 
 
 def check_input_module(ctx: MethodContext) -> None:
@@ -26,8 +26,9 @@ def check_input_module(ctx: MethodContext) -> None:
 
 
 def project_both(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
-                 options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], RealignReport]:
+                 options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], "RealignReport"]:
     from salora_merge.methods.projection import both_sides_report, realign_modules
+    from salora_merge.realignment.report import RealignReport
 
     check_input_module(ctx)
     outer, outer_reports = realign_modules(modules, ctx.safety, ctx.safety_label)

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any, Mapping
 from salora_merge.methods.base import Method, MethodContext, MethodOption
 from salora_merge.methods.both_sides import project_both
 from salora_merge.methods.salora import project
-from salora_merge.realignment.report import RealignReport
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
+    from salora_merge.realignment.report import RealignReport
 
 
 def project_random(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
-                   options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], RealignReport]:
+                   options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], "RealignReport"]:
     from salora_merge.core.safety import random_control
 
     seed = options["seed"]

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from salora_merge import __version__
 from salora_merge.errors import InputError
 from salora_merge.hf.cards import front_matter, is_hub_id
 from salora_merge.methods.base import Method, MethodContext, MethodOption
+from salora_merge.version import __version__
 
 if TYPE_CHECKING:
     import torch

@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.methods.base import Method, MethodContext
-from salora_merge.realignment.report import RealignReport
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
+    from salora_merge.realignment.report import RealignReport
 
 
 def project(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
-            options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], RealignReport]:
+            options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], "RealignReport"]:
     from salora_merge.methods.projection import realign_modules
+    from salora_merge.realignment.report import RealignReport
 
     safety = ctx.safety
     new, reports = realign_modules(modules, safety, ctx.safety_label)

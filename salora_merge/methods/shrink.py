@@ -4,15 +4,16 @@ restores more refusals than shrinking does at the same task kept."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.hf.cards import front_matter, is_hub_id
 from salora_merge.methods.base import Method, MethodContext, MethodOption
-from salora_merge.realignment.report import ModuleReport, RealignReport
+from salora_merge.version import __version__
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
+    from salora_merge.realignment.report import ModuleReport
 
 SHRINK_NOTE = (
     "Scaling the update down is the control of salora-merge's safety study (`docs/safety-study.md` in its "
@@ -23,8 +24,15 @@ SHRINK_NOTE = (
 
 
 @dataclass(frozen=True)
-class ShrinkReport(RealignReport):
-    gamma: float = 1.0
+class ShrinkReport:
+    base_model: str
+    adapter: str
+    gamma: float
+    modules: tuple["ModuleReport", ...]  # energy_removed = 1 - gamma^2 for every module
+    output: str
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "method": "shrink", "tool_version": __version__}
 
     def card(self, adapter_config: Mapping[str, Any]) -> str:
         hub_id = self.base_model if is_hub_id(self.base_model) else None
@@ -48,6 +56,7 @@ config unchanged; the update keeps {self.gamma ** 2:.4f} of its energy.
 def shrink(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
            options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], ShrinkReport]:
     from salora_merge.core.projection import update_norm_sq
+    from salora_merge.realignment.report import ModuleReport
 
     gamma = options["gamma"]
     removed = 1.0 - gamma * gamma
@@ -58,8 +67,8 @@ def shrink(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         reports.append(ModuleReport(module=name, rank=module.rank, safety_rank=0, d_out=int(module.lora_B.shape[0]),
                                     scaling=module.scaling, update_norm=norm, energy_removed=removed,
                                     random_reference=removed))
-    return out, ShrinkReport(base_model=ctx.base_model, adapter=ctx.adapter, safety=f"none (scaled by {gamma:g})",
-                             side="none", rank=0, modules=tuple(reports), output=ctx.output, gamma=gamma)
+    return out, ShrinkReport(base_model=ctx.base_model, adapter=ctx.adapter, gamma=gamma, modules=tuple(reports),
+                             output=ctx.output)
 
 
 METHOD = Method(

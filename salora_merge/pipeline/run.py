@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from salora_merge import __version__
 from salora_merge.calibration.run import CalibrationOptions
 from salora_merge.errors import InputError
 from salora_merge.pipeline.config import PipelineConfig
+from salora_merge.version import __version__
 
 __all__ = ["Step", "plan_pipeline", "run_pipeline", "STATE_NAME"]
 

@@ -6,8 +6,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from salora_merge import __version__
 from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.version import __version__
 
 __all__ = ["ModuleReport", "RealignReport", "adapter_card", "render_realign", "REPORT_NAME", "REALIGN_CAVEAT"]
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from salora_merge.hf.cards import front_matter, is_hub_id
 
 if TYPE_CHECKING:
-    from salora_merge.training.train import TrainReport
+    from salora_merge.training.options import TrainReport
 
 __all__ = ["trained_adapter_card", "TRAIN_CAVEAT"]
 

@@ -6,7 +6,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
-from salora_merge import __version__
 from salora_merge.core.training_math import (
     INITS,
 )
@@ -14,6 +13,7 @@ from salora_merge.errors import InputError
 from salora_merge.training.trainer import (
     FitOptions,
 )
+from salora_merge.version import __version__
 
 
 @dataclass(frozen=True)

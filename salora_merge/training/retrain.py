@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from salora_merge import __version__
 from salora_merge.core.audit_math import module_scores, summarize
 from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
@@ -50,6 +49,7 @@ from salora_merge.training.train import (
     train_adapter,
     write_trained,
 )
+from salora_merge.version import __version__
 
 __all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
 

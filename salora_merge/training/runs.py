@@ -8,7 +8,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from salora_merge import __version__
 from salora_merge.errors import InputError
 from salora_merge.io.atomic import check_output_free
 from salora_merge.io.stream import file_sha256
@@ -16,6 +15,7 @@ from salora_merge.training.options import TrainOptions
 from salora_merge.training.trainer import (
     last_checkpoint,
 )
+from salora_merge.version import __version__
 
 RUN_NAME = "salora_train_run.json"
 
