@@ -97,7 +97,7 @@ def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str
         safety, label = obtain_safety(base, tuple(adapter.modules), sources.safety, calibration,
                                       sources.save_safety, overwrite, progress)
         if method.safety_side is not None and safety.side != method.safety_side:
-            raise SafetyModuleError(f"{label}: --method {method.name} needs a {method.safety_side}-side safety "
+            raise SafetyModuleError(f"{label}: --method {method.name} needs an {method.safety_side}-side safety "
                                     f"module, this one is {safety.side}-side")
         ctx = replace(ctx, safety=safety, safety_label=label)
     if "input_safety" in uses and sources.input_safety is not None:
