@@ -66,7 +66,7 @@ def _probe(checkout: Path, out: Path, safety: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run([sys.executable, "-c", PROBE, str(out), safety,
                            str(HERE / "examples" / "adapters" / "smollm2-benign-lora")],
-                          capture_output=True, text=True, env=env, check=True)
+                          capture_output=True, text=True, env=env, check=True, cwd=checkout)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -76,7 +76,7 @@ def _help_times(checkouts: dict[str, Path], runs: int) -> dict[str, float]:
         for label, checkout in checkouts.items():
             started = time.perf_counter()
             subprocess.run([sys.executable, "-c", "from salora_merge.cli import main; main(['--help'])"],
-                           capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout)})
+                           capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout)}, cwd=checkout)
             times[label].append(time.perf_counter() - started)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -109,8 +109,11 @@ def test_only_the_edges_import_transformers_and_the_hub():
 
 
 def test_cli_and_registry_import_no_torch():
-    """``--help`` stays fast: the CLI and the method registry load without torch or transformers."""
-    code = ("import sys, salora_merge.cli, salora_merge.methods, salora_merge; "
+    """``--help`` stays fast: the CLI loads neither the method registry (realign builds its method options
+    when parsed) nor torch; the registry itself loads without torch."""
+    code = ("import sys, salora_merge.cli, salora_merge; "
+            "assert not [m for m in sys.modules if m.startswith('salora_merge.methods')]; "
+            "import salora_merge.methods; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'huggingface_hub')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -137,10 +140,11 @@ def test_registry_drives_the_cli_choices_and_the_docs_table():
     from salora_merge.methods import REGISTRY, method_table
 
     realign = main.commands["realign"]
-    choice = next(p for p in realign.params if p.name == "method")
+    params = realign.get_params(click.Context(realign))
+    choice = next(p for p in params if p.name == "method")
     assert isinstance(choice.type, click.Choice) and list(choice.type.choices) == list(REGISTRY)
     flags = [o.flag for m in REGISTRY.values() for o in m.options]
-    other = {opt for p in realign.params if not p.name.startswith("method_") for opt in p.opts}
+    other = {opt for p in params if not p.name.startswith("method_") and p.name != "method" for opt in p.opts}
     assert not set(flags) & other, "a method option would shadow another realign option"
     assert method_table() in (ROOT / "docs" / "usage.md").read_text(), \
         "docs/usage.md's method table is stale: paste salora_merge.methods.method_table() there"
@@ -159,6 +163,12 @@ def test_every_method_declares_known_needs_and_checks_its_options():
         REGISTRY["shrink"].resolve_options({"gamma": 1.5})
     with pytest.raises(InputError, match="--gamma: expected a finite number"):
         REGISTRY["shrink"].resolve_options({"gamma": float("nan")})
+    assert REGISTRY["random"].resolve_options({"seed": "4"}) == {"seed": 4}
+    for bad in (3.5, True, "x"):
+        with pytest.raises(InputError, match="--seed: expected int"):
+            REGISTRY["random"].resolve_options({"seed": bad})
+    with pytest.raises(InputError, match="give --threshold or --top-k, not both"):
+        REGISTRY["safelora"].resolve_options({"threshold": 0.3, "top_k": 2})
 
 
 def test_public_api_is_lazy_and_complete():

@@ -1,18 +1,19 @@
 """The study's post-hoc methods, each a function from LoRA modules to LoRA modules, built from the product's own
-pure functions (``realign_modules``, ``safelora_modules``, ``random_control``)."""
+pure functions (``realign_modules``, ``safelora_modules``, ``random_control``, ``shrink_modules``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
-from salora_merge.io.adapter import LoraModule
 from salora_merge.core.projection import update_norm_sq
+from salora_merge.core.safety import SafetyModule, random_control
+from salora_merge.io.adapter import LoraModule
 from salora_merge.methods.projection import realign_modules
 from salora_merge.methods.safelora import safelora_modules
-from salora_merge.core.safety import SafetyModule, random_control
+from salora_merge.methods.shrink import shrink_modules
 
 Modules = Mapping[str, LoraModule]
 
@@ -56,7 +57,7 @@ def safelora(alignments: Mapping[str, torch.Tensor], threshold: float | None, to
 
 def shrink(factor: float) -> Callable[[Modules], dict[str, LoraModule]]:
     def apply(modules: Modules) -> dict[str, LoraModule]:
-        return {n: replace(m, scaling=m.scaling * factor) for n, m in modules.items()}
+        return shrink_modules(modules, factor)[0]
     return apply
 
 

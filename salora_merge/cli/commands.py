@@ -17,7 +17,7 @@ from salora_merge.cli.options import (
     build_training,
     calibration_options,
     given_method_options,
-    method_options,
+    method_params,
     output_options,
     run_control,
     split_targets,
@@ -94,14 +94,13 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
     click.echo(f"Wrote {output}")
 
 
-@main.command(cls=SectionedCommand)
+@main.command(cls=SectionedCommand, lazy_params=method_params)
 @base_option
 @option("Adapters", "--adapter", required=True, help="PEFT LoRA adapter: folder or Hub id org/name[@rev].")
 @option("Safety module", "--safety", type=click.Path(path_type=Path), default=None,
         help="A safety module from 'salora-merge calibrate'; without it, methods that need one calibrate first.")
 @option("Safety module", "--save-safety", type=click.Path(path_type=Path), default=None,
         help="When calibrating, also save the safety module here for reuse.")
-@method_options
 @option("Method", "--input-safety", type=click.Path(path_type=Path), default=None,
         help="both-sides (and salora, random): the input-side module (calibrate --side input) to project lora_A with.")
 @option("Method", "--aligned", default=None, help="safelora: the aligned model [default: --base].")

@@ -19,7 +19,26 @@ class SectionedOption(click.Option):
 
 
 class SectionedCommand(click.Command):
-    """Lists options under their section's heading, in ``SECTION_ORDER``; ``--help`` last."""
+    """Lists options under their section's heading, in ``SECTION_ORDER``; ``--help`` last.
+
+    ``lazy_params`` builds more options when the command is first parsed or its help shown, not when the
+    CLI is imported (realign's ``--method`` options come from the method registry; ``salora-merge --help``
+    does not load it). They go before the first option of their own section.
+    """
+
+    def __init__(self, *args: Any, lazy_params: Callable[[], list[click.Parameter]] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy_params = lazy_params
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._lazy_params is not None:
+            extra, self._lazy_params = self._lazy_params(), None
+            section = getattr(extra[0], "section", None) if extra else None
+            at = next((i for i, p in enumerate(self.params) if getattr(p, "section", None) == section),
+                      len(self.params))
+            self.params[at:at] = extra
+        return super().get_params(ctx)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         sections: dict[str, list[tuple[str, str]]] = {}

@@ -8,10 +8,10 @@ from typing import Callable
 
 import click
 
-from salora_merge.cli.help import apply_options, option
+from salora_merge.cli.help import SectionedOption, apply_options, option
 
 __all__ = ["base_option", "calibration_options", "build_calibration", "output_options", "training_options",
-           "build_training", "run_control", "split_targets", "method_options", "method_choices"]
+           "build_training", "run_control", "split_targets", "method_params", "given_method_options"]
 
 
 def split_targets(value: str | None) -> tuple[str, ...] | None:
@@ -80,19 +80,14 @@ def output_options(what: str, json_help: str) -> Callable[[Callable], Callable]:
     ])
 
 
-def method_choices() -> list[str]:
-    from salora_merge.methods import REGISTRY
-
-    return list(REGISTRY)
-
-
-def method_options(func: Callable) -> Callable:
-    """``--method`` and every method's own options, made from the registry (``method_<name>`` parameters)."""
+def method_params() -> list[click.Parameter]:
+    """``--method`` and every method's own options, made from the registry (``method_<name>`` parameters).
+    Built when realign is parsed (``SectionedCommand(lazy_params=...)``), so the CLI imports no registry."""
     from salora_merge.methods import DEFAULT, REGISTRY
 
     listing = " ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
-    options = [option("Method", "--method", default=DEFAULT, show_default=True,
-                      type=click.Choice(list(REGISTRY)), help=listing)]
+    params = [SectionedOption(["--method"], section="Method", default=DEFAULT, show_default=True,
+                              type=click.Choice(list(REGISTRY)), help=listing)]
     owners: dict[str, list[str]] = {}
     specs = {}
     for method in REGISTRY.values():
@@ -101,10 +96,10 @@ def method_options(func: Callable) -> Callable:
             specs.setdefault(spec.name, spec)
     for name, spec in specs.items():
         default = f" [default: {spec.default}]" if spec.default is not None else ""
-        options.append(option("Method", spec.flag, f"method_{name}", default=None,
-                              type={int: int, float: float}.get(spec.type, str),
-                              help=f"{', '.join(owners[name])}: {spec.help}{default}"))
-    return apply_options(func, options)
+        params.append(SectionedOption([spec.flag, f"method_{name}"], section="Method", default=None,
+                                      type={int: int, float: float}.get(spec.type, str),
+                                      help=f"{', '.join(owners[name])}: {spec.help}{default}"))
+    return params
 
 
 def given_method_options(method: str, kwargs: dict) -> dict:

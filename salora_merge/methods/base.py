@@ -49,6 +49,8 @@ class MethodOption:
         """The value, converted and range-checked; a one-line error naming the option otherwise."""
         if value is None:
             return None
+        if isinstance(value, bool) or (self.type is int and isinstance(value, float) and not value.is_integer()):
+            raise InputError(f"{self.flag}: expected {self.type.__name__}, got {value!r}")
         try:
             converted = self.type(value)
         except (TypeError, ValueError):

@@ -53,12 +53,11 @@ config unchanged; the update keeps {self.gamma ** 2:.4f} of its energy.
                 f"(energy kept {self.gamma ** 2:.4f})\nWrote {self.output}")
 
 
-def shrink(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
-           options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], ShrinkReport]:
+def shrink_modules(modules: Mapping[str, "LoraModule"], gamma: float) -> tuple[dict[str, "LoraModule"], list]:
+    """``lora_B' = gamma lora_B`` for every module, with per-module figures (energy removed ``1 - gamma^2``)."""
     from salora_merge.core.projection import update_norm_sq
     from salora_merge.realignment.report import ModuleReport
 
-    gamma = options["gamma"]
     removed = 1.0 - gamma * gamma
     out, reports = {}, []
     for name, module in modules.items():
@@ -67,8 +66,14 @@ def shrink(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         reports.append(ModuleReport(module=name, rank=module.rank, safety_rank=0, d_out=int(module.lora_B.shape[0]),
                                     scaling=module.scaling, update_norm=norm, energy_removed=removed,
                                     random_reference=removed))
-    return out, ShrinkReport(base_model=ctx.base_model, adapter=ctx.adapter, gamma=gamma, modules=tuple(reports),
-                             output=ctx.output)
+    return out, reports
+
+
+def shrink(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
+           options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], ShrinkReport]:
+    out, reports = shrink_modules(modules, options["gamma"])
+    return out, ShrinkReport(base_model=ctx.base_model, adapter=ctx.adapter, gamma=options["gamma"],
+                             modules=tuple(reports), output=ctx.output)
 
 
 METHOD = Method(
