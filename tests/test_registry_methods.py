@@ -82,7 +82,7 @@ def test_input_side_calibrates_on_the_input_side(tiny_model_dir, tiny_calibratio
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--gamma", "0.5"], "--gamma belong to --method shrink, not --method salora"),
+    (["--gamma", "0.5"], "--gamma belong to --method resta or shrink, not --method salora"),
     (["--method", "shrink", "--gamma", "2"], "--gamma must be at most 1"),
     (["--method", "shrink", "--safety", "s.safetensors"], "uses no safety module; drop --safety"),
     (["--method", "shrink", "--unaligned", "x"], "--aligned and --unaligned belong to --method safelora"),

@@ -144,6 +144,11 @@ def test_registry_drives_the_cli_choices_and_the_docs_table():
     choice = next(p for p in params if p.name == "method")
     assert isinstance(choice.type, click.Choice) and list(choice.type.choices) == list(REGISTRY)
     flags = [o.flag for m in REGISTRY.values() for o in m.options]
+    types: dict[str, set] = {}
+    for method in REGISTRY.values():
+        for o in method.options:
+            types.setdefault(o.flag, set()).add(o.type)
+    assert all(len(t) == 1 for t in types.values()), "methods sharing an option name must share its type"
     other = {opt for p in params if not p.name.startswith("method_") and p.name != "method" for opt in p.opts}
     assert not set(flags) & other, "a method option would shadow another realign option"
     assert method_table() in (ROOT / "docs" / "usage.md").read_text(), \

@@ -88,17 +88,16 @@ def method_params() -> list[click.Parameter]:
     listing = " ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
     params = [SectionedOption(["--method"], section="Method", default=DEFAULT, show_default=True,
                               type=click.Choice(list(REGISTRY)), help=listing)]
-    owners: dict[str, list[str]] = {}
+    helps: dict[str, list[str]] = {}  # one flag per option name; methods sharing a name each say what it means
     specs = {}
     for method in REGISTRY.values():
         for spec in method.options:
-            owners.setdefault(spec.name, []).append(method.name)
+            default = f" [default: {spec.default}]" if spec.default is not None else ""
+            helps.setdefault(spec.name, []).append(f"{method.name}: {spec.help}{default}")
             specs.setdefault(spec.name, spec)
     for name, spec in specs.items():
-        default = f" [default: {spec.default}]" if spec.default is not None else ""
         params.append(SectionedOption([spec.flag, f"method_{name}"], section="Method", default=None,
-                                      type={int: int, float: float}.get(spec.type, str),
-                                      help=f"{', '.join(owners[name])}: {spec.help}{default}"))
+                                      type={int: int, float: float}.get(spec.type, str), help=" ".join(helps[name])))
     return params
 
 

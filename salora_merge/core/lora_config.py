@@ -166,3 +166,15 @@ def parse_lora_config(raw: Mapping[str, Any], source: str) -> LoraSpec:
         modules_to_save=tuple(raw.get("modules_to_save") or ()),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
     )
+
+
+def with_uniform_rank(raw: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """The config for modules that all have rank ``rank`` and scaling 1 (``uniform_factors``): ``r = rank``,
+    ``lora_alpha`` such that the scaling is 1 (``rank``, or ``sqrt(rank)`` with rsLoRA), no rank or alpha
+    patterns. Every other field is kept."""
+    out = dict(raw)
+    out["r"] = int(rank)
+    out["lora_alpha"] = math.sqrt(rank) if out.get("use_rslora") else float(rank)
+    out["rank_pattern"] = {}
+    out["alpha_pattern"] = {}
+    return out

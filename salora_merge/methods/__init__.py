@@ -12,6 +12,8 @@ from salora_merge.methods import (
     both_sides,
     input_side,
     random_control,
+    resta,
+    safedelta,
     safelora,
     salora,
     shrink,
@@ -36,6 +38,8 @@ REGISTRY: dict[str, Method] = {
         random_control.METHOD,
         shrink.METHOD,
         safelora.METHOD,
+        resta.METHOD,
+        safedelta.METHOD,
     )
 }
 DEFAULT = "salora"

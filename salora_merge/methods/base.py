@@ -78,6 +78,7 @@ class MethodContext:
     alignments: "Mapping[str, torch.Tensor] | None" = None  # V = W_aligned - W_unaligned per module (d_out, d_in)
     aligned: str = ""
     unaligned: str = ""
+    base_weight: "Callable[[str], torch.Tensor] | None" = None  # a module's base weight, (d_out, d_in), float64
 
 
 class MethodReport(Protocol):
@@ -105,6 +106,8 @@ class Method:
     safety_side: str | None = None  # the side its safety module must have (None: either)
     optional: tuple[str, ...] = field(default=())  # NEEDS it uses when given (not required)
     check: Callable[[Mapping[str, Any]], None] | None = None  # cross-option rules
+    keep_moments: bool = False  # needs the safety module's input second moments (calibrate --keep-moments)
+    rewrites_rank: bool = False  # returns modules of one new rank with scaling 1 (the config is rewritten)
 
     def __post_init__(self) -> None:
         unknown = [n for n in (*self.needs, *self.optional) if n not in NEEDS]

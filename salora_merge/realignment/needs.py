@@ -88,12 +88,20 @@ def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str
            overwrite: bool = False, progress: Progress = silent) -> MethodContext:
     """The method's context: every need loaded (or calibrated) and checked against the base."""
     sources.check_for(method)
-    ctx = MethodContext(base_model=base.model_id, adapter=adapter_label, output=output)
+    fan_in_fan_out = adapter.spec.fan_in_fan_out
+
+    def base_weight(name: str) -> torch.Tensor:
+        w = base.checkpoint.read(f"{name}.weight").to(torch.float64)
+        return w.T if fan_in_fan_out else w
+
+    ctx = MethodContext(base_model=base.model_id, adapter=adapter_label, output=output, base_weight=base_weight)
     uses = set(method.needs) | set(method.optional)
     if "safety" in method.needs:
         calibration = sources.calibration
         if method.safety_side is not None and sources.safety is None:
             calibration = replace(calibration or CalibrationOptions(), side=method.safety_side)
+        if method.keep_moments and sources.safety is None:
+            calibration = replace(calibration or CalibrationOptions(), keep_moments=True)
         safety, label = obtain_safety(base, tuple(adapter.modules), sources.safety, calibration,
                                       sources.save_safety, overwrite, progress)
         if method.safety_side is not None and safety.side != method.safety_side:

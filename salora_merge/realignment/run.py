@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from salora_merge.calibration.run import CalibrationOptions
+from salora_merge.core.lora_config import with_uniform_rank
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_adapter, resolve_model
 from salora_merge.io.adapter import (
@@ -60,8 +61,13 @@ def run_realign(
     check_adapter_fits(adapter, base.checkpoint.linear_weight_shapes())
     ctx = gather(chosen, base, adapter, str(adapter_ref), str(out), sources, overwrite, progress)
     new_modules, report = chosen.apply(adapter.modules, ctx, options)
+    config = adapter.config
+    if chosen.rewrites_rank:  # every module now has one rank and scaling 1
+        ranks = {m.rank for m in new_modules.values()}
+        assert len(ranks) == 1 and all(m.scaling == 1.0 for m in new_modules.values()), chosen.name
+        config = with_uniform_rank(adapter.config, ranks.pop())
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_adapter(tmp, adapter.config, new_modules, adapter.passthrough)
+        write_adapter(tmp, config, new_modules, adapter.passthrough)
         (tmp / chosen.report_name).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        (tmp / "README.md").write_text(report.card(adapter.config))
+        (tmp / "README.md").write_text(report.card(config))
     return report
