@@ -1,7 +1,7 @@
 """audit: score third-party adapters for safety drift, in weight space and (optionally) by behaviour.
 
 The report is a plain JSON-able dict with a versioned schema (docs/audit-report.md); renderers in
-``audit_report.py`` turn it into a table, markdown or a self-contained HTML page. A broken adapter
+``auditing/render.py`` turn it into a table, markdown or a self-contained HTML page. A broken adapter
 becomes an ``error`` entry and the others are still audited.
 """
 

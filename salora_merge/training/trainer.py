@@ -69,7 +69,7 @@ class _Dataset(torch.utils.data.Dataset):
 
 
 class _Collator:
-    """Right-pad a batch of examples (``train_data.pad_batch``)."""
+    """Right-pad a batch of examples (``training.data.pad_batch``)."""
 
     def __init__(self, pad: int) -> None:
         self.pad = pad
