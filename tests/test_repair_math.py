@@ -169,15 +169,16 @@ def test_safedelta_through_realign_calibrates_moments_and_loads_in_peft(tiny_mod
     result = CliRunner().invoke(main, [
         "realign", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--method", "safedelta",
         "--prompts", str(tiny_calibration_prompts), "--rank", "4", "--max-new-tokens", "5", "--device", "cpu",
-        "--scale", "2000", "--lora-rank", "32", "-o", str(out), "--json"])
+        "--scale", "2000", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["method"] == "safedelta" and report["lora_rank"] == 32
+    adapter_rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    assert report["method"] == "safedelta" and report["lora_rank"] == adapter_rank
     assert 0 < sum(m["accepted"] for m in report["modules"]) / len(report["modules"]) < 0.85
     for m in report["modules"]:
         assert 0.0 <= m["accepted"] <= 0.85 + 1e-9  # the most expensive 15% are never accepted
         assert m["safety_error_after"] <= m["safety_error_before"] + 1e-12
-        assert m["energy_kept_by_lora"] == pytest.approx(1.0)  # rank 32 = the full width of the tiny model
+        assert m["energy_kept_by_lora"] == pytest.approx(1.0)  # the result lies in span(lora_B): rank r is exact
     module = report["modules"][0]["module"]
     delta = _peft_delta(tiny_model_dir, out, module)
     assert float(delta.norm()) == pytest.approx(report["modules"][0]["norm_after"], rel=1e-4)

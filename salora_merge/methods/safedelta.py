@@ -2,7 +2,11 @@
 ``H`` the second moment of the aligned (base) model's inputs on the safety module's calibration data
 (harmful prompts with the model's own refusals), accept the adapter's delta entries by safety cost within a
 budget and compensate the rest with the optimal-brain-surgeon step (``core/safedelta.py``); the new dense
-update is factored back into a LoRA of rank ``--lora-rank`` by truncated SVD, with the energy lost reported."""
+update is factored back into a LoRA of rank ``--lora-rank`` by truncated SVD, with the energy lost reported.
+
+Accepted entries take their fine-tuned values and every compensation is a combination of the changes made so
+far, so each column of the new update lies in the column space of the adapter's ``lora_B``: its rank is at
+most the adapter's, and the default ``--lora-rank`` (the adapter's) keeps it exactly."""
 
 from __future__ import annotations
 
@@ -89,7 +93,7 @@ def apply_safedelta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
     from salora_merge.core.lowrank import truncated_factors, uniform_factors
     from salora_merge.core.safedelta import safe_delta
 
-    rank = options["lora_rank"] or 2 * max(m.rank for m in modules.values())
+    rank = options["lora_rank"] or max(m.rank for m in modules.values())
     factors, reports = {}, []
     for name, module in modules.items():
         h = input_moment(ctx.safety, name, ctx.safety_label).to(torch.float64)
@@ -122,7 +126,8 @@ METHOD = Method(
     options=(
         MethodOption("scale", float, 1.0, "Safety budget (the reference's s; larger accepts more of the delta).",
                      minimum=0.0),
-        MethodOption("lora_rank", int, None, "Rank of the LoRA written [default: twice the adapter's rank].",
+        MethodOption("lora_rank", int, None, "Rank of the LoRA written [default: the adapter's rank, which keeps "
+                     "the result exactly: its columns stay in the span of the adapter's lora_B].",
                      minimum=1),
         MethodOption("damp", float, 0.01, "Dampening of H, as a share of its mean diagonal.", minimum=1e-8,
                      maximum=1.0),
