@@ -12,6 +12,7 @@ from salora_merge.methods import (
     both_sides,
     input_side,
     random_control,
+    refit,
     resta,
     safedelta,
     safelora,
@@ -40,6 +41,7 @@ REGISTRY: dict[str, Method] = {
         safelora.METHOD,
         resta.METHOD,
         safedelta.METHOD,
+        refit.METHOD,
     )
 }
 DEFAULT = "salora"

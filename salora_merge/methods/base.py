@@ -1,9 +1,10 @@
 """What a realign or repair method is: its name, its options, what it needs, and one function.
 
 A method turns an adapter's LoRA modules (plus what it declared it needs) into new modules and a
-report. It reads no files and loads no model: :mod:`salora_merge.realignment.run` gathers what the
-method needs (a safety module, an aligned/unaligned pair), calls it, and writes the adapter folder,
-the method's JSON report and its card.
+report. :mod:`salora_merge.realignment.run` gathers what the method needs (a safety module, an
+aligned/unaligned pair), calls it, and writes the adapter folder, the method's JSON report and its card.
+The closed-form methods read no file and load no model; a method that trains (``refit``) gets the base
+handle in its context and runs the training engine (``training/``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     import torch
 
     from salora_merge.core.safety import SafetyModule
+    from salora_merge.hf.base_model import BaseModel
     from salora_merge.io.adapter import LoraModule
+    from salora_merge.progress import Progress
 
 __all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method"]
 
@@ -79,6 +82,8 @@ class MethodContext:
     aligned: str = ""
     unaligned: str = ""
     base_weight: "Callable[[str], torch.Tensor] | None" = None  # a module's base weight, (d_out, d_in), float64
+    base: "BaseModel | None" = None  # the handle, for methods that run the model (refit)
+    progress: "Progress | None" = None
 
 
 class MethodReport(Protocol):

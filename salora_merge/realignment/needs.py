@@ -94,7 +94,8 @@ def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str
         w = base.checkpoint.read(f"{name}.weight").to(torch.float64)
         return w.T if fan_in_fan_out else w
 
-    ctx = MethodContext(base_model=base.model_id, adapter=adapter_label, output=output, base_weight=base_weight)
+    ctx = MethodContext(base_model=base.model_id, adapter=adapter_label, output=output, base_weight=base_weight,
+                        base=base, progress=progress)
     uses = set(method.needs) | set(method.optional)
     if "safety" in method.needs:
         calibration = sources.calibration
@@ -108,6 +109,8 @@ def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str
             raise SafetyModuleError(f"{label}: --method {method.name} needs an {method.safety_side}-side safety "
                                     f"module, this one is {safety.side}-side")
         ctx = replace(ctx, safety=safety, safety_label=label)
+    elif "safety" in method.optional and sources.safety is not None:
+        ctx = replace(ctx, safety=load_checked(base, sources.safety), safety_label=str(sources.safety))
     if "input_safety" in uses and sources.input_safety is not None:
         ctx = replace(ctx, input_safety=load_checked(base, sources.input_safety),
                       input_safety_label=str(sources.input_safety))

@@ -113,11 +113,19 @@ def last_checkpoint(folder: Path) -> Path | None:
     return best
 
 
-def _trainer_class():
+def _trainer_class(loss: "Callable[[torch.nn.Module, dict], torch.Tensor] | None" = None):
     from transformers import Trainer
 
     class SaloraTrainer(Trainer):
-        """Saves and restores only the SaLoRA layers' state; everything else is the stock Trainer."""
+        """Saves and restores only the SaLoRA layers' state; everything else is the stock Trainer (and, with
+        ``loss``, the training loss is ``loss(model, batch)`` instead of the model's own)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if loss is None:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            value = loss(model, inputs)
+            return (value, None) if return_outputs else value
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -146,8 +154,13 @@ def fit(
     resume_from: Path | None = None,
     callbacks: Sequence[object] = (),
     echo: Callable[[str], None] | None = None,
+    collate: Callable[[Sequence], dict] | None = None,
+    loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> FitResult:
-    """Train the SaLoRA layers' ``A`` and ``B`` on ``examples`` (labels already masked) with the Trainer."""
+    """Train the SaLoRA layers' ``A`` and ``B`` on ``examples`` (labels already masked) with the Trainer.
+
+    ``collate`` (items to a batch) and ``loss`` (model and batch to the loss) replace the padding collator and
+    the model's own next-token loss, for objectives such as re-fitting with weighted anchors and distillation."""
     from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging
@@ -198,11 +211,11 @@ def fit(
         disable_tqdm=not options.show_progress,
         dataloader_num_workers=0,
     )
-    trainer = _trainer_class()(
+    trainer = _trainer_class(loss)(
         model=model,
         args=args,
         train_dataset=_Dataset(examples),
-        data_collator=_Collator(pad),
+        data_collator=collate or _Collator(pad),
         callbacks=[_Echo(), *callbacks],
     )
     # Loss lines go through ``echo`` (stderr in the CLI); the stock printers would also write every log

@@ -1,0 +1,139 @@
+"""``refit``: re-fit the adapter on refusal anchors mixed with distillation of its own behaviour (the anchored
+re-fit of the repair issue): a short fine-tune of its factors (or a fresh LoRA) on the Trainer; no task data
+needed. The engine is ``training/refit.py``; the objective ``core/refit_loss.py``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+from salora_merge.errors import InputError
+from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.methods.base import Method, MethodContext, MethodOption
+from salora_merge.methods.resta import UNMEASURED
+from salora_merge.version import __version__
+
+if TYPE_CHECKING:
+    from salora_merge.io.adapter import LoraModule
+
+_CHOICES = {"distill": ("ce", "kl"), "start": ("factors", "fresh"), "constraint": ("none", "salora")}
+
+
+@dataclass(frozen=True)
+class RefitReport:
+    base_model: str
+    adapter: str
+    options: dict
+    anchor_prompts: str
+    task_prompts: str
+    anchors: int  # anchor examples in the training mixture
+    distilled: int  # task prompts with the adapter's answers
+    losses: list = field(default_factory=list)  # (step, training loss)
+    seconds_prepare: float = 0.0
+    seconds_train: float = 0.0
+    output: str = ""
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "method": "refit", "tool_version": __version__}
+
+    def card(self, adapter_config: Mapping[str, Any]) -> str:
+        hub_id = self.base_model if is_hub_id(self.base_model) else None
+        fields = {"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
+                  "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "refit", "safety"]}
+        o = self.options
+        return front_matter(fields) + f"""
+# Re-fitted LoRA adapter
+
+`{self.adapter}` re-fitted by [salora-merge](https://pypi.org/project/salora-merge/): {o['steps']} steps (lr
+{o['lr']:g}) from its {o['start']} on {self.anchors} refusal anchors (`{self.anchor_prompts}` with the base
+model's own responses, the first {o['first_tokens']} response tokens weighted {o['first_weight']:g}) mixed with
+distillation ({o['distill']}) of its own answers to {self.distilled} task prompts (`{self.task_prompts}`);
+proximal coefficient {o['proximal']:g}, constraint `{o['constraint']}`. Same targets, rank and scaling as the
+original. Figures in `salora_refit.json`.
+
+{UNMEASURED}
+"""
+
+    def render(self) -> str:
+        first = self.losses[0][1] if self.losses else float("nan")
+        last = self.losses[-1][1] if self.losses else float("nan")
+        return (f"Re-fitted {self.adapter}: {self.options['steps']} steps on {self.anchors} anchors and "
+                f"{self.distilled} distilled answers; loss {first:.4f} -> {last:.4f} "
+                f"(prepare {self.seconds_prepare:.1f}s, train {self.seconds_train:.1f}s)\nWrote {self.output}"
+                f"\n\nNote: {UNMEASURED}")
+
+
+def _check(values: Mapping[str, Any]) -> None:
+    for name, allowed in _CHOICES.items():
+        if values[name] not in allowed:
+            raise InputError(f"--{name.replace('_', '-')} {values[name]!r}: expected one of {', '.join(allowed)}")
+    if values["task_prompts"] is None and values["anchor_share"] < 1.0:
+        raise InputError("--method refit needs --task-prompts FILE (prompts of the adapter's task; its own "
+                         "answers are distilled) unless --anchor-share 1")
+    if values["anchor_share"] == 1.0 and values["task_prompts"] is not None:
+        raise InputError("--anchor-share 1 trains on anchors only; drop --task-prompts or lower --anchor-share")
+
+
+def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
+                options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], RefitReport]:
+    from salora_merge.io.prompts import load_prompt_set
+    from salora_merge.training.refit import RefitOptions, refit_adapter
+
+    anchors = load_prompt_set(options["anchor_prompts"]).head(options["max_anchors"])
+    if not anchors.prompts:
+        raise InputError(f"--anchor-prompts {options['anchor_prompts']}: no prompts")
+    task = load_prompt_set(options["task_prompts"]) if options["task_prompts"] is not None else None
+    if task is not None and not task.prompts:
+        raise InputError(f"--task-prompts {options['task_prompts']}: no prompts")
+    engine = RefitOptions(
+        steps=options["steps"], lr=options["lr"], batch_size=options["refit_batch"],
+        anchor_share=options["anchor_share"], first_tokens=options["first_tokens"],
+        first_weight=options["first_weight"], distill=options["distill"], kl_top_k=options["kl_top_k"],
+        proximal=options["proximal"], start=options["start"], constraint=options["constraint"],
+        max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"])
+    result = refit_adapter(ctx.base, modules, task.prompts if task else [], anchors.prompts, engine,
+                           safety=ctx.safety, progress=ctx.progress)
+    return result.modules, RefitReport(
+        base_model=ctx.base_model, adapter=ctx.adapter, options=dict(options), anchor_prompts=anchors.name,
+        task_prompts=task.name if task else "-", anchors=result.anchors, distilled=result.distilled,
+        losses=result.losses, seconds_prepare=result.seconds_prepare, seconds_train=result.seconds_train,
+        output=ctx.output)
+
+
+METHOD = Method(
+    name="refit",
+    summary="Re-fit the adapter on refusal anchors mixed with distillation of its own answers (a short "
+            "fine-tune). Not yet measured.",
+    needs=(),
+    optional=("safety",),
+    apply=apply_refit,
+    options=(
+        MethodOption("task_prompts", str, None, "Prompts of the adapter's task (file or built-in set); its own "
+                     "answers to them are distilled."),
+        MethodOption("anchor_prompts", str, "advbench-calibration", "Harmful prompts whose base-model responses "
+                     "are the anchors (never an evaluation split)."),
+        MethodOption("max_anchors", int, 100, "Use at most this many anchor prompts.", minimum=1),
+        MethodOption("steps", int, 40, "Optimizer steps.", minimum=1),
+        MethodOption("lr", float, 1e-4, "Peak learning rate (AdamW, cosine, 10% warmup).", minimum=0.0),
+        MethodOption("refit_batch", int, 8, "Examples per step.", minimum=1),
+        MethodOption("anchor_share", float, 0.5, "Share of anchors in the training mixture (1: anchors only).",
+                     minimum=0.0, maximum=1.0),
+        MethodOption("first_tokens", int, 5, "Anchors: the first N response tokens get --first-weight.", minimum=0),
+        MethodOption("first_weight", float, 4.0, "Anchors: weight of the first response tokens (1: uniform).",
+                     minimum=0.0),
+        MethodOption("distill", str, "ce", "ce: cross-entropy on the adapter's greedy answers; kl: its top-k "
+                     "next-token distributions."),
+        MethodOption("kl_top_k", int, 32, "Top-k tokens kept of the teacher's distribution for --distill kl.",
+                     minimum=1),
+        MethodOption("proximal", float, 0.0, "Coefficient of sum ||factor - start||^2.", minimum=0.0),
+        MethodOption("start", str, "factors", "factors: from the adapter's own factors; fresh: from PEFT's init."),
+        MethodOption("constraint", str, "none", "none, or salora: SaLoRA's fixed C in the forward pass (--safety)."),
+        MethodOption("answer_tokens", int, 64, "Length of generated anchor responses and distilled answers.",
+                     minimum=1),
+        MethodOption("example_length", int, 256, "Tokens per training example.", minimum=8),
+        MethodOption("seed", int, 0, "Seed of the mixture, the init and the data order.", minimum=0,
+                     maximum=2**63 - 1),
+    ),
+    report_name="salora_refit.json",
+    check=_check,
+)

@@ -1,0 +1,44 @@
+"""Refusal anchors: harmful prompts with the base model's own greedy responses (its refusals), generated
+once per base model and prompt set and cached under the salora-merge cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.models import generate_greedy
+from salora_merge.hf.resolve import cache_dir
+from salora_merge.io.atomic import atomic_output_file
+from salora_merge.progress import Progress, silent
+from salora_merge.version import __version__
+
+__all__ = ["base_responses"]
+
+
+def _key(base: BaseModel, prompt_ids: Sequence[list[int]], max_new_tokens: int) -> str:
+    payload = json.dumps({"base": base.fingerprint, "prompts": [list(p) for p in prompt_ids],
+                          "max_new_tokens": max_new_tokens, "version": __version__})
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def base_responses(base: BaseModel, model, prompt_ids: Sequence[list[int]], max_new_tokens: int, batch_size: int,
+                   progress: Progress = silent, cache: Path | None = None) -> list[list[int]]:
+    """The base model's greedy responses (token ids; the end-of-turn token kept when it stopped on it) to
+    ``prompt_ids``, from the cache when this base model answered these prompts before. ``model`` is the base
+    model as loaded, without any adapter."""
+    folder = Path(cache) if cache is not None else cache_dir() / "anchors"
+    path = folder / f"{_key(base, prompt_ids, max_new_tokens)}.json"
+    try:
+        return [list(map(int, r)) for r in json.loads(path.read_text())["responses"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not cached yet (or unreadable): generate
+    eos = base.tokenizer.eos_token_id
+    with progress("generating the base model's anchor responses", len(prompt_ids)) as advance:
+        out = generate_greedy(model, base.tokenizer, list(prompt_ids), max_new_tokens, batch_size, on_batch=advance)
+    responses = [r + [eos] if len(r) < max_new_tokens else r for r in out]
+    with atomic_output_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"responses": responses}))
+    return responses

@@ -1,0 +1,225 @@
+"""Re-fit an adapter: a short fine-tune of its own factors (or of a fresh LoRA) on refusal anchors mixed with
+distillation of the adapter's own behaviour, on the transformers Trainer (``training/trainer.py``).
+
+Before training, on the unmodified base model: the anchors' responses are the base model's own (cached), and
+the distillation targets are the adapter's greedy answers to the task prompts (``distill="ce"``) or its top-k
+next-token distributions along them (``"kl"``). Then SaLoRA layers start from the adapter's factors (or
+PEFT's init) with ``C = I`` (``constraint="none"``) or SaLoRA's fixed ``C`` (``"salora"``), and train on
+the mixture with ``core/refit_loss.py``'s objective. The result is exported as factors of the adapter's rank
+and scaling (``lora_B' = C B``).
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from salora_merge.core.refit_loss import (
+    IGNORE,
+    proximal_penalty,
+    soft_cross_entropy,
+    token_weights,
+    weighted_cross_entropy,
+)
+from salora_merge.core.training_math import gaussian_init
+from salora_merge.errors import InputError, SafetyModuleError
+from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.models import (
+    chat_prompt_ids,
+    generate_greedy,
+    linear_modules,
+    lora_applied,
+    pick_device,
+)
+from salora_merge.io.adapter import LoraModule
+from salora_merge.progress import Progress, silent
+from salora_merge.training.anchors import base_responses
+from salora_merge.training.data import TokenizedExample, example_from_ids
+from salora_merge.training.layer import LayerInit, inject
+from salora_merge.training.trainer import FitOptions, fit
+
+__all__ = ["RefitOptions", "RefitResult", "refit_adapter", "DISTILL", "STARTS", "CONSTRAINTS"]
+
+DISTILL = ("ce", "kl")
+STARTS = ("factors", "fresh")
+CONSTRAINTS = ("none", "salora")
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    steps: int = 40
+    lr: float = 1e-4
+    batch_size: int = 8
+    anchor_share: float = 0.5  # share of anchor examples in the training mixture
+    first_tokens: int = 5  # anchors: this many first response tokens get first_weight
+    first_weight: float = 4.0  # 1 = uniform weights
+    distill: str = "ce"
+    kl_top_k: int = 32
+    proximal: float = 0.0  # coefficient of sum ||factor - start||^2
+    start: str = "factors"
+    constraint: str = "none"
+    max_new_tokens: int = 64
+    max_length: int = 256
+    generation_batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class RefitResult:
+    modules: dict[str, LoraModule]
+    anchors: int
+    distilled: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds_prepare: float = 0.0
+    seconds_train: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Item:
+    example: TokenizedExample
+    weights: list[float]  # cross-entropy weight per position (0: none)
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, probs) (T, k) at the predicting positions
+
+
+def _collate(pad: int, k: int) -> Callable[[Sequence[_Item]], dict[str, torch.Tensor]]:
+    def collate(items: Sequence[_Item]) -> dict[str, torch.Tensor]:
+        width = max(len(i.example.input_ids) for i in items)
+        n = len(items)
+        batch = {"input_ids": torch.full((n, width), pad, dtype=torch.long),
+                 "attention_mask": torch.zeros((n, width), dtype=torch.long),
+                 "labels": torch.full((n, width), IGNORE, dtype=torch.long),
+                 "weights": torch.zeros((n, width)),
+                 "teacher_ids": torch.zeros((n, width, k), dtype=torch.long),
+                 "teacher_probs": torch.zeros((n, width, k)),
+                 "teacher_mask": torch.zeros((n, width), dtype=torch.bool)}
+        for row, item in enumerate(items):
+            t = len(item.example.input_ids)
+            batch["input_ids"][row, :t] = torch.tensor(item.example.input_ids)
+            batch["attention_mask"][row, :t] = 1
+            batch["labels"][row, :t] = torch.tensor(item.example.labels)
+            batch["weights"][row, :t] = torch.tensor(item.weights)
+            if item.teacher is not None:
+                ids, probs = item.teacher
+                batch["teacher_ids"][row, :t] = ids
+                batch["teacher_probs"][row, :t] = probs
+                batch["teacher_mask"][row, :t] = probs.sum(-1) > 0
+        return batch
+    return collate
+
+
+@torch.no_grad()
+def _teacher_topk(model, examples: Sequence[TokenizedExample], k: int, batch_size: int, pad: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Top-k next-token probabilities of ``model`` at every position that predicts a learned token."""
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, e in enumerate(chunk):
+            ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[row, :len(e.input_ids)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        probs, top = torch.softmax(logits, -1).topk(k, dim=-1)
+        for row, e in enumerate(chunk):
+            t = len(e.input_ids)
+            predicts = torch.tensor([e.labels[j + 1] != IGNORE for j in range(t - 1)] + [False])
+            p = probs[row, :t].cpu() * predicts[:, None]
+            out.append((top[row, :t].cpu(), p))
+    return out
+
+
+def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_prompts: Sequence[str],
+                  anchor_prompts: Sequence[str], options: RefitOptions, safety=None, progress: Progress = silent,
+                  echo: Callable[[str], None] | None = None) -> RefitResult:
+    """The re-fitted modules (same names, ranks and scalings as ``modules``) and what the run did."""
+    started = time.perf_counter()
+    device = pick_device(options.device)
+    tokenizer, model = base.tokenizer, base.load_model(device)
+    pad = tokenizer.pad_token_id
+    linear = linear_modules(model)
+    for name in modules:
+        if not isinstance(linear.get(name), torch.nn.Linear):
+            kind = type(linear[name]).__name__ if name in linear else "missing"
+            raise InputError(f"refit: {name} is {kind}; only nn.Linear layers can be re-fitted")
+    if options.constraint == "salora" and (safety is None or safety.side != "output"):
+        raise SafetyModuleError("refit --constraint salora needs an output-side safety module (--safety)")
+
+    anchor_ids = [chat_prompt_ids(tokenizer, p) for p in anchor_prompts]
+    refusals = base_responses(base, model, anchor_ids, options.max_new_tokens, options.generation_batch_size, progress)
+    anchors = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(anchor_ids, refusals)) if e]
+    factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
+    task_ids = [chat_prompt_ids(tokenizer, p) for p in task_prompts]
+    eos = tokenizer.eos_token_id
+    with progress("generating the adapter's answers", len(task_ids)) as advance, lora_applied(model, factors):
+        answers = generate_greedy(model, tokenizer, task_ids, options.max_new_tokens, options.generation_batch_size,
+                                  on_batch=advance)
+        answers = [a + [eos] if len(a) < options.max_new_tokens else a for a in answers]
+        distilled = [e for e in (example_from_ids(p, a, options.max_length) for p, a in zip(task_ids, answers)) if e]
+        teachers = (_teacher_topk(model, distilled, options.kl_top_k, options.batch_size, pad)
+                    if options.distill == "kl" else [None] * len(distilled))
+    if not anchors and options.anchor_share > 0.0:
+        raise InputError("refit: no anchor kept a response token within --example-length "
+                         f"{options.max_length}; raise it")
+    if not distilled and options.anchor_share < 1.0:
+        raise InputError(f"refit: no task prompt kept an answer token within --example-length {options.max_length}; "
+                         "raise it or give other --task-prompts")
+
+    items = [_Item(e, [0.0 if options.distill == "kl" else float(label != IGNORE) for label in e.labels], t)
+             for e, t in zip(distilled, teachers)]
+    rng = random.Random(options.seed)
+    if options.anchor_share > 0 and anchors:
+        wanted = (len(items) * options.anchor_share / (1.0 - options.anchor_share) if options.anchor_share < 1.0
+                  else max(len(anchors), options.steps * options.batch_size))
+        chosen = [anchors[i % len(anchors)] for i in range(max(1, round(wanted)))]
+        rng.shuffle(chosen)
+        items += [_Item(e, token_weights(e.labels, options.first_tokens, options.first_weight)) for e in chosen]
+
+    generator = torch.Generator().manual_seed(options.seed)
+    inits = {}
+    for name, m in modules.items():
+        d_out, d_in = m.lora_B.shape[0], m.lora_A.shape[1]
+        a, b = (m.lora_A, m.lora_B) if options.start == "factors" else gaussian_init(d_out, d_in, m.rank, generator)
+        basis = (safety.bases[name] if options.constraint == "salora"
+                 else torch.zeros((d_out, 0), dtype=torch.float32))
+        inits[name] = LayerInit(a=a.float(), b=b.float(), a0=None, b0=None, safety_basis=basis, scaling=m.scaling)
+    layers = inject(model, inits)
+    model.config.use_cache = False
+    starts = [(p, p.detach().clone()) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def loss(model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        value = weighted_cross_entropy(out.logits, batch["labels"], batch["weights"])
+        if options.distill == "kl" and bool(batch["teacher_mask"].any()):
+            value = value + soft_cross_entropy(out.logits, batch["teacher_ids"], batch["teacher_probs"],
+                                               batch["teacher_mask"])
+        if options.proximal > 0:
+            value = value + options.proximal * proximal_penalty(starts)
+        return value
+
+    prepared = time.perf_counter()
+    fit_options = FitOptions(max_steps=options.steps, lr=options.lr, batch_size=options.batch_size, grad_accum=1,
+                             warmup_ratio=0.1, seed=options.seed, save_steps=10**9, logging_steps=max(1, options.steps // 10),
+                             device=device.type, show_progress=False)
+    with tempfile.TemporaryDirectory(prefix="salora-refit-") as scratch:
+        result = fit(model, items, pad, fit_options, Path(scratch), echo=echo, collate=_collate(pad, options.kl_top_k),
+                     loss=loss)
+    out = {}
+    with torch.no_grad():
+        for name, m in modules.items():
+            layer = layers[name]
+            b, u = layer.lora_B.detach(), layer.safety_basis
+            out[name] = LoraModule(name=name, lora_A=layer.lora_A.detach().to("cpu", m.lora_A.dtype),
+                                   lora_B=(b - u @ (u.T @ b)).to("cpu", m.lora_B.dtype), scaling=m.scaling)
+    return RefitResult(modules=out, anchors=len(items) - len(distilled),
+                       distilled=len(distilled), losses=list(result.losses), seconds_prepare=prepared - started,
+                       seconds_train=result.seconds)

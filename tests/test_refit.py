@@ -1,0 +1,180 @@
+"""Re-fitting an adapter (``realign --method refit``): the objective against direct computations, and the
+engine on a tiny model (the anchors' loss falls, the constraint holds, the proximal term holds the factors,
+the output loads in stock PEFT, bad inputs are one line with nothing written)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from salora_merge.cli import main
+from salora_merge.core.refit_loss import (IGNORE, proximal_penalty, soft_cross_entropy, token_weights,
+                                          weighted_cross_entropy)
+
+
+def test_token_weights_weight_the_first_response_tokens():
+    assert token_weights([IGNORE, IGNORE, 5, 6, 7, 8], 2, 4.0) == [0.0, 0.0, 4.0, 4.0, 1.0, 1.0]
+    assert token_weights([IGNORE, 5, 6], 0, 4.0) == [0.0, 1.0, 1.0]
+
+
+def test_weighted_cross_entropy_against_a_direct_sum():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 1, 4], [IGNORE, 2, 6, IGNORE, IGNORE]])
+    weights = torch.tensor([[0, 0, 4.0, 4.0, 1.0], [0, 4.0, 1.0, 0, 0]])
+    total, norm = 0.0, 0.0
+    for b in range(2):
+        for t in range(1, 5):
+            if labels[b, t] != IGNORE:
+                logp = torch.log_softmax(logits[b, t - 1].double(), -1)[labels[b, t]]
+                total += -float(logp) * float(weights[b, t])
+                norm += float(weights[b, t])
+    assert float(weighted_cross_entropy(logits, labels, weights)) == pytest.approx(total / norm, rel=1e-5)
+
+
+def test_soft_cross_entropy_is_kl_plus_the_teacher_entropy():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 3, 6, generator=g)
+    teacher = torch.softmax(torch.randn(1, 3, 6, generator=g), -1)
+    ids = torch.arange(6).expand(1, 3, 6)  # k = V: the full distribution
+    mask = torch.tensor([[True, False, True]])
+    q = torch.log_softmax(logits.double(), -1)
+    want = 0.0
+    for t in (0, 2):
+        p = teacher[0, t].double()
+        kl = float((p * (p.log() - q[0, t])).sum())
+        entropy = float(-(p * p.log()).sum())
+        want += kl + entropy
+    assert float(soft_cross_entropy(logits, ids, teacher, mask)) == pytest.approx(want / 2, rel=1e-5)
+    a = torch.ones(2, 2, requires_grad=True)
+    assert float(proximal_penalty([(a, torch.zeros(2, 2))])) == 4.0
+
+
+def _refit(base, adapter, out, *extra):
+    return CliRunner().invoke(main, ["realign", "--base", str(base), "--adapter", str(adapter), "--method", "refit",
+                                     "--max-anchors", "8", "--answer-tokens", "6", "--refit-batch", "4",
+                                     "--example-length", "512", *map(str, extra), "-o", str(out), "--json"])
+
+
+@pytest.fixture()
+def task_prompts(tmp_path):
+    path = tmp_path / "task.txt"
+    path.write_text("\n".join(f"Add {i} and {i + 3}." for i in range(8)) + "\n")
+    return path
+
+
+def _anchor_nll(base_dir, factors):
+    """Teacher-forced NLL of the cached anchors (the base model's own responses) with ``factors`` applied."""
+    from salora_merge.core.refit_loss import token_weights as weights_of
+    from salora_merge.hf.models import chat_prompt_ids, load_causal_lm, lora_applied
+    from salora_merge.hf.resolve import resolve_model
+    from salora_merge.io.prompts import load_prompt_set
+    from salora_merge.training.anchors import base_responses
+    from salora_merge.training.data import example_from_ids
+
+    base = resolve_model(str(base_dir))
+    model = load_causal_lm(base.folder, torch.device("cpu"))
+    prompts = [chat_prompt_ids(base.tokenizer, p) for p in load_prompt_set("advbench-calibration").prompts[:8]]
+    answers = base_responses(base, model, prompts, 6, 8)
+    examples = [example_from_ids(p, a, 512) for p, a in zip(prompts, answers)]
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE)
+    weights = torch.zeros((len(examples), width))
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, :len(e.labels)] = torch.tensor(e.labels)
+        weights[row, :len(e.labels)] = torch.tensor(weights_of(e.labels, 0, 1.0))
+        mask[row, :len(e.input_ids)] = 1
+    with torch.no_grad(), lora_applied(model, factors):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return float(weighted_cross_entropy(logits, labels, weights))
+
+
+def _factors(folder):
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in tensors})
+    return {n: (tensors[f"base_model.model.{n}.lora_A.weight"], tensors[f"base_model.model.{n}.lora_B.weight"], scale)
+            for n in names}
+
+
+def test_refit_pulls_the_anchors_back_and_loads_in_peft(tiny_model_dir, tmp_path, monkeypatch, task_prompts):
+    from conftest import make_peft_adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    out = tmp_path / "refit"
+    result = _refit(tiny_model_dir, adapter, out, "--task-prompts", task_prompts, "--steps", 30, "--lr", "5e-3",
+                    "--anchor-share", "0.75")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "refit" and report["distilled"] == 8 and report["anchors"] == 24
+    assert len(list((tmp_path / "cache" / "anchors").iterdir())) == 1  # generated once, cached
+    assert _anchor_nll(tiny_model_dir, _factors(out)) < _anchor_nll(tiny_model_dir, _factors(adapter))
+    before = json.loads((adapter / "adapter_config.json").read_text())
+    assert json.loads((out / "adapter_config.json").read_text()) == before  # same targets, rank and scaling
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(base, str(out))
+    assert [w for w in caught if "peft" in str(w.filename)] == []
+
+
+def test_refit_constraint_and_proximal_term(tiny_model_dir, tiny_calibration_prompts, tmp_path, monkeypatch,
+                                            task_prompts):
+    from conftest import make_peft_adapter
+
+    from salora_merge.io.safety_file import load_safety_module
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    safety = tmp_path / "s.safetensors"
+    assert CliRunner().invoke(main, ["calibrate", "--base", str(tiny_model_dir), "--prompts",
+                                     str(tiny_calibration_prompts), "--rank", "4", "--max-new-tokens", "5",
+                                     "-o", str(safety)]).exit_code == 0
+    result = _refit(tiny_model_dir, adapter, tmp_path / "c", "--task-prompts", task_prompts, "--steps", 3,
+                    "--constraint", "salora", "--safety", safety)
+    assert result.exit_code == 0, result.output
+    bases = load_safety_module(safety).bases
+    for name, (_, b, _) in _factors(tmp_path / "c").items():
+        assert float((bases[name].double().T @ b.double()).abs().max()) < 1e-5 * max(float(b.abs().max()), 1e-12)
+    moved = {}
+    for label, coefficient in (("free", "0"), ("held", "1000")):
+        result = _refit(tiny_model_dir, adapter, tmp_path / label, "--task-prompts", task_prompts, "--steps", 5,
+                        "--lr", "1e-2", "--proximal", coefficient)
+        assert result.exit_code == 0, result.output
+        old, new = _factors(adapter), _factors(tmp_path / label)
+        moved[label] = math.sqrt(sum(float((new[n][1] - old[n][1]).pow(2).sum() + (new[n][0] - old[n][0]).pow(2).sum())
+                                     for n in old))
+    assert moved["held"] < 0.5 * moved["free"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "needs --task-prompts FILE"),
+    (["--task-prompts", "EMPTY"], "no prompts"),
+    (["--task-prompts", "MISSING"], "no such file"),
+    (["--task-prompts", "TASK", "--distill", "mse"], "--distill 'mse': expected one of ce, kl"),
+    (["--task-prompts", "TASK", "--constraint", "salora"], "needs an output-side safety module (--safety)"),
+    (["--task-prompts", "TASK", "--unaligned", "x"], "--aligned and --unaligned belong to --method safelora"),
+])
+def test_refit_bad_inputs(tiny_model_dir, tmp_path, monkeypatch, task_prompts, extra, message):
+    from conftest import make_peft_adapter
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty.txt").write_text("\n")
+    paths = {"EMPTY": tmp_path / "empty.txt", "MISSING": tmp_path / "missing.txt", "TASK": task_prompts}
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    result = _refit(tiny_model_dir, adapter, tmp_path / "o", *[paths.get(e, e) for e in extra])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
