@@ -58,3 +58,21 @@ def test_api_errors_are_one_line_and_typed(tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match="--method 'nope': expected one of salora"):
         sm.realign(str(tiny_model_dir), "x", tmp_path / "o", method="nope")
     assert not (tmp_path / "o").exists()
+
+
+def test_one_handle_opens_the_checkpoint_once(tiny_model_dir, tiny_calibration_prompts, tmp_path, monkeypatch):
+    """A realign that calibrates on the way reads the base's checkpoint index once (the handle keeps it)."""
+    from conftest import make_peft_adapter
+
+    import salora_merge as sm
+    import salora_merge.io.checkpoint as checkpoint
+
+    opened = []
+    original = checkpoint.open_checkpoint
+    monkeypatch.setattr(checkpoint, "open_checkpoint", lambda folder: opened.append(folder) or original(folder))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    calibration = sm.CalibrationOptions(prompts=str(tiny_calibration_prompts), rank=4, max_new_tokens=5, device="cpu")
+    base = sm.open_base(str(tiny_model_dir))
+    sm.realign(base, str(adapter), tmp_path / "o", calibration=calibration)
+    sm.merge(base, [str(tmp_path / "o")], tmp_path / "m")
+    assert len(opened) == 1

@@ -178,3 +178,35 @@ def test_refit_bad_inputs(tiny_model_dir, tmp_path, monkeypatch, task_prompts, e
     result = _refit(tiny_model_dir, adapter, tmp_path / "o", *[paths.get(e, e) for e in extra])
     assert result.exit_code == 1 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_refit_kl_distillation_from_a_fresh_start(tiny_model_dir, tmp_path, monkeypatch, task_prompts):
+    """--distill kl trains on the adapter's top-k next-token distributions; --start fresh begins at PEFT's init."""
+    from conftest import make_peft_adapter
+
+    from salora_merge.training.refit import _teacher_topk
+    from salora_merge.training.data import example_from_ids
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    result = _refit(tiny_model_dir, adapter, tmp_path / "kl", "--task-prompts", task_prompts, "--steps", 4,
+                    "--distill", "kl", "--kl-top-k", 8, "--start", "fresh", "--lr", "1e-2")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["options"]["distill"] == "kl" and all(math.isfinite(loss) for _, loss in report["losses"])
+    new = _factors(tmp_path / "kl")
+    assert all(float(b.abs().max()) > 0 for _, b, _ in new.values())  # B left its zero init: it trained
+    # the teacher's top-k: the model's own softmax at the positions that predict a learned token, zero elsewhere
+    from salora_merge.hf.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir, torch.device("cpu"))
+    example = example_from_ids([1, 2, 3, 4], [5, 6, 7], 64)
+    ids, probs = _teacher_topk(model, [example], 8, 4, 0)[0]
+    with torch.no_grad():
+        full = torch.softmax(model(input_ids=torch.tensor([example.input_ids])).logits[0].double(), -1)
+    for t in range(len(example.input_ids)):
+        if t in (3, 4, 5):  # positions 3..5 predict the response tokens 4..6
+            assert torch.allclose(probs[t].double(), full[t, ids[t]], atol=1e-5)
+            assert torch.equal(ids[t], full[t].topk(8).indices)
+        else:
+            assert float(probs[t].abs().sum()) == 0.0

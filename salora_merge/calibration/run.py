@@ -23,7 +23,7 @@ from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.models import (
     chat_prompt_ids,
-    generate_greedy,
+    greedy_responses,
     linear_modules,
     pick_device,
     weight_matrix,
@@ -235,10 +235,8 @@ def _responses(model, tokenizer, prompt_ids, prompt_set: PromptSet, mode: str, o
     eos = tokenizer.eos_token_id
     if mode == "self":
         with progress("generating the base model's responses", len(prompt_ids)) as advance:
-            generated = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens,
-                                        options.generation_batch_size, on_batch=advance)
-        # A response that stopped on EOS keeps it, as in supervised fine-tuning data.
-        return [r + [eos] if len(r) < options.max_new_tokens else r for r in generated]
+            return greedy_responses(model, tokenizer, prompt_ids, options.max_new_tokens,
+                                    options.generation_batch_size, on_batch=advance)
     if mode == "none":
         return None
     return [list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eos] for r in prompt_set.responses or ()]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["front_matter", "is_hub_id", "base_license", "hub_card"]
+__all__ = ["front_matter", "adapter_front_matter", "is_hub_id", "base_license", "hub_card"]
 
 def is_hub_id(ref: str) -> bool:
     """``org/name`` (what a card's base_model may hold), as opposed to a local path."""
@@ -32,6 +32,14 @@ def front_matter(fields: Mapping[str, Any]) -> str:
             lines.append(f"{key}: {json.dumps(value)}")
     lines.append("---")
     return "\n".join(lines) + "\n"
+
+
+def adapter_front_matter(base_model: str, *tags: str) -> str:
+    """The front matter of an adapter folder's card: ``base_model`` (a Hub id only; a local folder is not a
+    base model the Hub accepts), PEFT, text generation, and the tags after the Hub's adapter tag."""
+    hub_id = base_model if is_hub_id(base_model) else None
+    return front_matter({"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
+                         "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + list(tags)})
 
 
 def base_license(base) -> str | None:

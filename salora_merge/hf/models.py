@@ -150,6 +150,15 @@ def generate_greedy(
     return outputs
 
 
+def greedy_responses(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+                     batch_size: int, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """``generate_greedy``, with the end-of-turn token kept on a response that stopped on it (as in supervised
+    fine-tuning data, so that training and statistics see where an answer ends)."""
+    eos = tokenizer.eos_token_id
+    out = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=on_batch)
+    return [r + [eos] if len(r) < max_new_tokens else r for r in out]
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) except the output embedding."""
     from transformers.pytorch_utils import Conv1D

@@ -23,7 +23,13 @@ if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
     from salora_merge.progress import Progress
 
-__all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method"]
+__all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method", "UNMEASURED", "at_one_rank"]
+
+# What the cards and summaries of a method not yet measured in the safety study say.
+UNMEASURED = (
+    "This method is not yet measured in salora-merge's safety study; evaluate refusals on held-out harmful "
+    "prompts (`salora-merge audit --behavior`) and the adapter's task before deployment."
+)
 
 # What a method can ask for, and how the user gives it (the CLI's options; the API's keywords).
 NEEDS = {
@@ -131,3 +137,16 @@ class Method:
         if self.check is not None:
             self.check(values)
         return values
+
+
+def at_one_rank(modules: "Mapping[str, LoraModule]", factors: "Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]"
+                ) -> "dict[str, LoraModule]":
+    """``modules`` with new factors ``{name: (B, A, scaling)}`` brought to the largest rank among them with scaling
+    1 (``core.lowrank.uniform_factors``), in each module's dtype: what a ``rewrites_rank`` method returns."""
+    from dataclasses import replace
+
+    from salora_merge.core.lowrank import uniform_factors
+
+    uniform = uniform_factors(dict(factors), max(b.shape[1] for b, _, _ in factors.values()))
+    return {name: replace(m, lora_B=uniform[name][0].to(m.lora_B.dtype), lora_A=uniform[name][1].to(m.lora_A.dtype),
+                          scaling=1.0) for name, m in modules.items()}

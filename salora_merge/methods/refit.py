@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.errors import InputError
-from salora_merge.hf.cards import front_matter, is_hub_id
-from salora_merge.methods.base import Method, MethodContext, MethodOption
-from salora_merge.methods.resta import UNMEASURED
+from salora_merge.hf.cards import adapter_front_matter
+from salora_merge.methods.base import UNMEASURED, Method, MethodContext, MethodOption
 from salora_merge.version import __version__
 
 if TYPE_CHECKING:
@@ -37,11 +36,8 @@ class RefitReport:
         return {**asdict(self), "method": "refit", "tool_version": __version__}
 
     def card(self, adapter_config: Mapping[str, Any]) -> str:
-        hub_id = self.base_model if is_hub_id(self.base_model) else None
-        fields = {"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
-                  "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "refit", "safety"]}
         o = self.options
-        return front_matter(fields) + f"""
+        return adapter_front_matter(self.base_model, "lora", "refit", "safety") + f"""
 # Re-fitted LoRA adapter
 
 `{self.adapter}` re-fitted by [salora-merge](https://pypi.org/project/salora-merge/): {o['steps']} steps (lr

@@ -8,18 +8,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from salora_merge.hf.cards import front_matter, is_hub_id
-from salora_merge.methods.base import Method, MethodContext, MethodOption
+from salora_merge.hf.cards import adapter_front_matter
+from salora_merge.methods.base import (
+    UNMEASURED,
+    Method,
+    MethodContext,
+    MethodOption,
+    at_one_rank,
+)
 from salora_merge.version import __version__
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
-
-UNMEASURED = (
-    "This method is not yet measured in salora-merge's safety study; evaluate refusals on held-out harmful "
-    "prompts (`salora-merge audit --behavior`) and the adapter's task before deployment."
-)
-
 
 @dataclass(frozen=True)
 class RestaModule:
@@ -45,11 +45,8 @@ class RestaReport:
         return {**asdict(self), "method": "resta", "tool_version": __version__}
 
     def card(self, adapter_config: Mapping[str, Any]) -> str:
-        hub_id = self.base_model if is_hub_id(self.base_model) else None
-        fields = {"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
-                  "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "resta", "safety"]}
         kept = min(m.vector_energy_kept for m in self.modules) if self.modules else 1.0
-        return front_matter(fields) + f"""
+        return adapter_front_matter(self.base_model, "lora", "resta", "safety") + f"""
 # LoRA adapter with the safety vector added back (RESTA)
 
 `{self.adapter}` processed by [salora-merge](https://pypi.org/project/salora-merge/) with RESTA (Bhardwaj et
@@ -70,9 +67,6 @@ per-module figures in `salora_resta.json`.
 
 def apply_resta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
                 options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], RestaReport]:
-    from dataclasses import replace
-
-    from salora_merge.core.lowrank import uniform_factors
     from salora_merge.core.projection import update_norm_sq
     from salora_merge.core.resta import safety_vector_factors, with_safety_vector
 
@@ -84,10 +78,8 @@ def apply_resta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         combined[name] = (*with_safety_vector(module.lora_B, module.lora_A, module.scaling, vb, va), 1.0)
         reports.append(RestaModule(module=name, vector_norm=float(v.norm()), vector_energy_kept=kept,
                                    update_norm=abs(module.scaling) * update_norm_sq(module.lora_B, module.lora_A) ** 0.5))
-    rank = max(b.shape[1] for b, _, _ in combined.values())
-    uniform = uniform_factors(combined, rank)
-    out = {name: replace(m, lora_B=uniform[name][0].to(m.lora_B.dtype), lora_A=uniform[name][1].to(m.lora_A.dtype),
-                         scaling=1.0) for name, m in modules.items()}
+    out = at_one_rank(modules, combined)
+    rank = next(iter(out.values())).rank
     return out, RestaReport(base_model=ctx.base_model, adapter=ctx.adapter, aligned=ctx.aligned,
                             unaligned=ctx.unaligned, gamma=gamma, vector_rank=k, rank=rank, modules=tuple(reports),
                             output=ctx.output)

@@ -14,9 +14,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.errors import SafetyModuleError
-from salora_merge.hf.cards import front_matter, is_hub_id
-from salora_merge.methods.base import Method, MethodContext, MethodOption
-from salora_merge.methods.resta import UNMEASURED
+from salora_merge.hf.cards import adapter_front_matter
+from salora_merge.methods.base import (
+    UNMEASURED,
+    Method,
+    MethodContext,
+    MethodOption,
+    at_one_rank,
+)
 from salora_merge.version import __version__
 
 if TYPE_CHECKING:
@@ -48,12 +53,9 @@ class SafeDeltaReport:
         return {**asdict(self), "method": "safedelta", "tool_version": __version__}
 
     def card(self, adapter_config: Mapping[str, Any]) -> str:
-        hub_id = self.base_model if is_hub_id(self.base_model) else None
-        fields = {"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
-                  "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "safedelta", "safety"]}
         accepted = sum(m.accepted for m in self.modules) / max(len(self.modules), 1)
         kept = min((m.energy_kept_by_lora for m in self.modules), default=1.0)
-        return front_matter(fields) + f"""
+        return adapter_front_matter(self.base_model, "lora", "safedelta", "safety") + f"""
 # Safe Delta adapter
 
 `{self.adapter}` processed by [salora-merge](https://pypi.org/project/salora-merge/) with Safe Delta (Lu et al.,
@@ -86,11 +88,9 @@ def input_moment(safety, name: str, label: str):
 
 def apply_safedelta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
                     options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], SafeDeltaReport]:
-    from dataclasses import replace
-
     import torch
 
-    from salora_merge.core.lowrank import truncated_factors, uniform_factors
+    from salora_merge.core.lowrank import truncated_factors
     from salora_merge.core.safedelta import safe_delta
 
     rank = options["lora_rank"] or max(m.rank for m in modules.values())
@@ -109,10 +109,8 @@ def apply_safedelta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
             norm_after=float(new_delta.norm()), energy_kept_by_lora=kept,
             safety_error_before=float(torch.trace(delta @ h @ delta.T)) / count,
             safety_error_after=float(torch.trace(new_delta @ h @ new_delta.T)) / count))
-    width = max(b.shape[1] for b, _, _ in factors.values())
-    uniform = uniform_factors(factors, width)
-    out = {name: replace(m, lora_B=uniform[name][0].to(m.lora_B.dtype), lora_A=uniform[name][1].to(m.lora_A.dtype),
-                         scaling=1.0) for name, m in modules.items()}
+    out = at_one_rank(modules, factors)
+    width = next(iter(out.values())).rank
     return out, SafeDeltaReport(base_model=ctx.base_model, adapter=ctx.adapter, safety=ctx.safety_label,
                                 scale=options["scale"], lora_rank=width, modules=tuple(reports), output=ctx.output)
 

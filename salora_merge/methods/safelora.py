@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.errors import InputError
-from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import Method, MethodContext, MethodOption
 from salora_merge.version import __version__
 
@@ -120,12 +120,9 @@ def render_safelora(report) -> str:
 
 
 def _card(report: SafeLoraReport) -> str:
-    hub_id = report.base_model if is_hub_id(report.base_model) else None
-    fields = {"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
-              "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "safelora", "safety"]}
     rule = (f"cosine at most {report.threshold}" if report.threshold is not None
             else f"the {report.top_k} lowest cosines")
-    return front_matter(fields) + f"""
+    return adapter_front_matter(report.base_model, "lora", "safelora", "safety") + f"""
 # Safe LoRA adapter
 
 `{report.adapter}` processed by [salora-merge](https://pypi.org/project/salora-merge/) with Safe LoRA

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import Method, MethodContext, MethodOption
 from salora_merge.version import __version__
 
@@ -35,10 +35,7 @@ class ShrinkReport:
         return {**asdict(self), "method": "shrink", "tool_version": __version__}
 
     def card(self, adapter_config: Mapping[str, Any]) -> str:
-        hub_id = self.base_model if is_hub_id(self.base_model) else None
-        fields = {"base_model": hub_id, "library_name": "peft", "pipeline_tag": "text-generation",
-                  "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "salora", "shrink"]}
-        return front_matter(fields) + f"""
+        return adapter_front_matter(self.base_model, "lora", "salora", "shrink") + f"""
 # Shrunk LoRA adapter
 
 `{self.adapter}` with every update scaled by gamma = {self.gamma:g} (`lora_B' = gamma lora_B`) by

@@ -86,8 +86,8 @@ def alignments(base: BaseModel, adapter: Adapter, aligned_ref: "str | BaseModel 
 
 def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str, output: str, sources: Sources,
            overwrite: bool = False, progress: Progress = silent) -> MethodContext:
-    """The method's context: every need loaded (or calibrated) and checked against the base."""
-    sources.check_for(method)
+    """The method's context: every need loaded (or calibrated) and checked against the base. The caller has
+    checked ``sources`` against the method (``Sources.check_for``) before reading the adapter."""
     fan_in_fan_out = adapter.spec.fan_in_fan_out
 
     def base_weight(name: str) -> torch.Tensor:

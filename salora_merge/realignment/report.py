@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.version import __version__
 
 __all__ = ["ModuleReport", "RealignReport", "adapter_card", "render_realign", "REPORT_NAME", "REALIGN_CAVEAT"]
@@ -72,19 +72,12 @@ class RealignReport:
 
 def adapter_card(config: Mapping[str, Any], report: RealignReport, safety_meta: Mapping[str, Any]) -> str:
     base = report.base_model
-    hub_id = base if is_hub_id(base) else None  # a local folder is not a base_model the Hub accepts
-    fields = {
-        "base_model": hub_id,
-        "library_name": "peft",
-        "pipeline_tag": "text-generation",
-        "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "salora", "safety"],
-    }
     top = sorted(report.modules, key=lambda m: m.energy_removed, reverse=True)[:5]
     rows = "\n".join(
         f"| `{m.module}` | {m.energy_removed:.4f} | {m.random_reference:.4f} |" for m in top
     )
     return (
-        front_matter(fields)
+        adapter_front_matter(base, "lora", "salora", "safety")
         + f"""
 # Realigned LoRA adapter
 

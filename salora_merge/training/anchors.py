@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from salora_merge.hf.base_model import BaseModel
-from salora_merge.hf.models import generate_greedy
+from salora_merge.hf.models import greedy_responses
 from salora_merge.hf.resolve import cache_dir
 from salora_merge.io.atomic import atomic_output_file
 from salora_merge.progress import Progress, silent
@@ -35,10 +35,9 @@ def base_responses(base: BaseModel, model, prompt_ids: Sequence[list[int]], max_
         return [list(map(int, r)) for r in json.loads(path.read_text())["responses"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not cached yet (or unreadable): generate
-    eos = base.tokenizer.eos_token_id
     with progress("generating the base model's anchor responses", len(prompt_ids)) as advance:
-        out = generate_greedy(model, base.tokenizer, list(prompt_ids), max_new_tokens, batch_size, on_batch=advance)
-    responses = [r + [eos] if len(r) < max_new_tokens else r for r in out]
+        responses = greedy_responses(model, base.tokenizer, list(prompt_ids), max_new_tokens, batch_size,
+                                     on_batch=advance)
     with atomic_output_file(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps({"responses": responses}))
     return responses

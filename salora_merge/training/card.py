@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
-from salora_merge.hf.cards import front_matter, is_hub_id
+from salora_merge.hf.cards import adapter_front_matter
 
 if TYPE_CHECKING:
     from salora_merge.training.options import TrainReport
@@ -25,17 +25,10 @@ TRAIN_CAVEAT = (
 def trained_adapter_card(report: "TrainReport", safety_meta: Mapping[str, Any], note: str | None = None) -> str:
     """Card of an adapter trained (or retrained) with SaLoRA and exported as a plain LoRA."""
     base = report.base_model
-    hub_id = base if is_hub_id(base) else None
-    fields = {
-        "base_model": hub_id,
-        "library_name": "peft",
-        "pipeline_tag": "text-generation",
-        "tags": ([f"base_model:adapter:{hub_id}"] if hub_id else []) + ["lora", "salora", "safety"],
-    }
     final = report.losses[-1][1] if report.losses else float("nan")
     first = report.losses[0][1] if report.losses else float("nan")
     return (
-        front_matter(fields)
+        adapter_front_matter(base, "lora", "salora", "safety")
         + f"""
 # SaLoRA adapter
 

@@ -32,7 +32,7 @@ from salora_merge.errors import InputError, SafetyModuleError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.models import (
     chat_prompt_ids,
-    generate_greedy,
+    greedy_responses,
     linear_modules,
     lora_applied,
     pick_device,
@@ -40,7 +40,7 @@ from salora_merge.hf.models import (
 from salora_merge.io.adapter import LoraModule
 from salora_merge.progress import Progress, silent
 from salora_merge.training.anchors import base_responses
-from salora_merge.training.data import TokenizedExample, example_from_ids
+from salora_merge.training.data import TokenizedExample, example_from_ids, pad_batch
 from salora_merge.training.layer import LayerInit, inject
 from salora_merge.training.trainer import FitOptions, fit
 
@@ -90,20 +90,12 @@ class _Item:
 
 def _collate(pad: int, k: int) -> Callable[[Sequence[_Item]], dict[str, torch.Tensor]]:
     def collate(items: Sequence[_Item]) -> dict[str, torch.Tensor]:
-        width = max(len(i.example.input_ids) for i in items)
-        n = len(items)
-        batch = {"input_ids": torch.full((n, width), pad, dtype=torch.long),
-                 "attention_mask": torch.zeros((n, width), dtype=torch.long),
-                 "labels": torch.full((n, width), IGNORE, dtype=torch.long),
-                 "weights": torch.zeros((n, width)),
-                 "teacher_ids": torch.zeros((n, width, k), dtype=torch.long),
-                 "teacher_probs": torch.zeros((n, width, k)),
-                 "teacher_mask": torch.zeros((n, width), dtype=torch.bool)}
+        batch = pad_batch([i.example for i in items], pad)
+        n, width = batch["input_ids"].shape
+        batch.update(weights=torch.zeros((n, width)), teacher_ids=torch.zeros((n, width, k), dtype=torch.long),
+                     teacher_probs=torch.zeros((n, width, k)), teacher_mask=torch.zeros((n, width), dtype=torch.bool))
         for row, item in enumerate(items):
             t = len(item.example.input_ids)
-            batch["input_ids"][row, :t] = torch.tensor(item.example.input_ids)
-            batch["attention_mask"][row, :t] = 1
-            batch["labels"][row, :t] = torch.tensor(item.example.labels)
             batch["weights"][row, :t] = torch.tensor(item.weights)
             if item.teacher is not None:
                 ids, probs = item.teacher
@@ -122,13 +114,9 @@ def _teacher_topk(model, examples: Sequence[TokenizedExample], k: int, batch_siz
     device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):
-            ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[row, :len(e.input_ids)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        batch = pad_batch(chunk, pad)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits.float()
         probs, top = torch.softmax(logits, -1).topk(k, dim=-1)
         for row, e in enumerate(chunk):
             t = len(e.input_ids)
@@ -159,11 +147,9 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     anchors = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(anchor_ids, refusals)) if e]
     factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
     task_ids = [chat_prompt_ids(tokenizer, p) for p in task_prompts]
-    eos = tokenizer.eos_token_id
     with progress("generating the adapter's answers", len(task_ids)) as advance, lora_applied(model, factors):
-        answers = generate_greedy(model, tokenizer, task_ids, options.max_new_tokens, options.generation_batch_size,
-                                  on_batch=advance)
-        answers = [a + [eos] if len(a) < options.max_new_tokens else a for a in answers]
+        answers = greedy_responses(model, tokenizer, task_ids, options.max_new_tokens, options.generation_batch_size,
+                                   on_batch=advance)
         distilled = [e for e in (example_from_ids(p, a, options.max_length) for p, a in zip(task_ids, answers)) if e]
         teachers = (_teacher_topk(model, distilled, options.kl_top_k, options.batch_size, pad)
                     if options.distill == "kl" else [None] * len(distilled))

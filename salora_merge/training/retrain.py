@@ -20,7 +20,7 @@ from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.models import (
     chat_prompt_ids,
-    generate_greedy,
+    greedy_responses,
     lora_applied,
     pick_device,
 )
@@ -101,10 +101,8 @@ def _distill(model, tokenizer, factors, prompt_ids: Sequence[list[int]], options
              progress: Progress) -> list[list[int]]:
     """The adapter's greedy answers as token ids, with the end-of-turn token kept when it stopped on it."""
     with progress("generating the adapter's answers", len(prompt_ids)) as advance, lora_applied(model, factors):
-        out = generate_greedy(model, tokenizer, prompt_ids, options.max_new_tokens, options.generation_batch_size,
-                              on_batch=advance)
-    eos = tokenizer.eos_token_id
-    return [r + [eos] if len(r) < options.max_new_tokens else r for r in out]
+        return greedy_responses(model, tokenizer, prompt_ids, options.max_new_tokens, options.generation_batch_size,
+                                on_batch=advance)
 
 
 def _distilled_examples(prompt_ids, answers, max_length: int) -> list[TokenizedExample]:
