@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.salora-installed
 
-.PHONY: setup browser demo test test-fast bench study clean
+.PHONY: setup browser demo test test-fast bench study repair-study clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ bench: setup
 # The real-model safety study (about 80 min on 2 cores the first time; stages cached under out/safety-study/).
 study: setup
 	$(PY) examples/safety_study/study.py
+
+# The repair study: two aligned models, three eroding adapters each, every repair method against the shrink
+# curve and the random control (stages cached under out/repair-study/; see examples/safety_study/README.md).
+repair-study: setup
+	$(PY) examples/safety_study/repair_study.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -3,16 +3,16 @@
 The public API (``docs/api.md``) is imported on first use, so that ``import salora_merge`` and the CLI's
 ``--help`` stay fast (torch and transformers load only when a function runs)::
 
-    from salora_merge import open_base, calibrate, realign, merge, audit, train, retrain, push, run
+    from salora_merge import open_base, calibrate, realign, repair, merge, audit, train, retrain, push, run
 """
 
 from salora_merge.version import __version__
 
 _API = (
-    "open_base", "calibrate", "realign", "merge", "audit", "train", "retrain", "push", "run",
+    "open_base", "calibrate", "realign", "repair", "merge", "audit", "train", "retrain", "push", "run",
     "BaseModel", "CalibrationOptions", "Calibration", "MergeOptions", "AdapterInput", "MergeReport",
     "AuditOptions", "BehaviorOptions", "TrainOptions", "TrainReport", "RetrainOptions", "RetrainReport",
-    "RunControl", "PushResult", "MethodReport", "METHODS",
+    "RunControl", "PushResult", "MethodReport", "RepairOptions", "RepairReport", "METHODS",
 )
 __all__ = ["__version__", *_API]
 

@@ -33,6 +33,8 @@ from salora_merge.methods.base import MethodReport
 from salora_merge.progress import Progress, silent
 from salora_merge.publishing.push import PushResult
 from salora_merge.realignment.run import run_realign
+from salora_merge.repairing.report import RepairReport
+from salora_merge.repairing.run import RepairOptions, run_repair
 from salora_merge.training.options import TrainOptions, TrainReport
 from salora_merge.training.retrain import (
     RetrainOptions,
@@ -43,10 +45,10 @@ from salora_merge.training.retrain import (
 from salora_merge.training.runs import RunControl
 
 __all__ = [
-    "open_base", "calibrate", "realign", "merge", "audit", "train", "retrain", "push", "run",
+    "open_base", "calibrate", "realign", "repair", "merge", "audit", "train", "retrain", "push", "run",
     "BaseModel", "CalibrationOptions", "Calibration", "MergeOptions", "AdapterInput", "MergeReport",
     "AuditOptions", "BehaviorOptions", "TrainOptions", "TrainReport", "RetrainOptions", "RetrainReport",
-    "RunControl", "PushResult", "MethodReport", "METHODS",
+    "RunControl", "PushResult", "MethodReport", "RepairOptions", "RepairReport", "METHODS",
 ]
 
 Base = "str | BaseModel"
@@ -85,6 +87,19 @@ def realign(base: Base, adapter: str, output: Path, *, method: str = DEFAULT,
                        save_safety=save_safety, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
                        method=method, method_options=method_options, input_safety_path=input_safety,
                        aligned=aligned, unaligned=unaligned)
+
+
+def repair(base: Base, adapter: str, output: Path, options: RepairOptions = RepairOptions(), *,
+           method_options: Mapping[str, Any] | None = None, safety: Path | None = None,
+           calibration: CalibrationOptions | None = None, aligned: Base | None = None, unaligned: Base | None = None,
+           overwrite: bool = False, allow_pickle: bool = False, progress: Progress = silent) -> RepairReport:
+    """Repair an eroded adapter with ``options.method`` (default ``refit``) and measure the base, the adapter and
+    the repaired adapter on held-out prompts; writes a stock PEFT adapter folder with ``salora_repair.json``."""
+    if calibration is not None:
+        calibration.validate()
+    return run_repair(resolve_model(base), adapter, Path(output), options, method_options=method_options,
+                      safety_path=safety, calibration=calibration, aligned=aligned, unaligned=unaligned,
+                      overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
 
 
 def merge(base: Base, adapters: Sequence["str | AdapterInput"], output: Path,

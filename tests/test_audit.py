@@ -343,6 +343,7 @@ def test_realign_shortfall_warns_only_when_erosion_is_not_undone():
     assert realign_shortfall(0.8, 0.3, 0.72) is None  # realign brings it back to exactly 72%
     warning = realign_shortfall(0.8, 0.3, 0.5)
     assert warning.startswith("realign does not restore") and "50%" in warning and "30%" in warning and "80%" in warning
+    assert "salora-merge repair" in warning  # the warning names the next step
     assert realign_shortfall(0.0, 0.0, 0.0) is None  # a base that never refuses has nothing to restore
 
 

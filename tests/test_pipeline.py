@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -166,3 +167,46 @@ def test_audit_section_problems_are_listed(tmp_path):
     message = str(info.value)
     assert "audit.fail_above: expected a number" in message and "audit.behavior.judge_model: unknown key" in message
     assert "audit.colour: unknown key" in message
+
+
+def test_pipeline_repair_step_writes_the_repaired_adapter_and_merges_it(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from salora_merge.io.adapter import read_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora", seed=3)
+    config = _write(tmp_path / "p.yml", {"base": str(tiny_model_dir), "adapters": ["lora"], "output": "out",
+                                         "repair": {"method": "shrink", "gamma": 0.5, "evaluate": False}})
+    loaded = load_pipeline(config)
+    assert loaded.repair is not None and loaded.method == "shrink" and not loaded.realign
+    records = run_pipeline(loaded, echo=lambda line: None)
+    assert [r["step"] for r in records] == ["repair[0]", "merge"]
+    repaired = tmp_path / "out" / "repaired" / "00-lora"
+    report = json.loads((repaired / "salora_repair.json").read_text())
+    assert report["method"] == "shrink" and report["method_options"] == {"gamma": 0.5}
+    before, after = read_adapter(adapter).modules, read_adapter(repaired).modules
+    name = "model.layers.0.self_attn.q_proj"
+    delta = (after[name].lora_B @ after[name].lora_A) * after[name].scaling
+    assert float((delta - 0.5 * (before[name].lora_B @ before[name].lora_A) * before[name].scaling).abs().max()) < 1e-6
+    merged = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    torch.testing.assert_close(merged[f"{name}.weight"].double(), base[f"{name}.weight"].double() + delta.double(),
+                               atol=1e-6, rtol=0)
+    assert [r["status"] for r in run_pipeline(load_pipeline(config), echo=lambda line: None)] == ["skipped"] * 2
+
+
+def test_pipeline_repair_section_problems_are_listed(tmp_path):
+    config = _write(tmp_path / "p.yml", {"base": "b", "adapters": ["a"], "output": "o", "realign": True,
+                                         "repair": {"method": "refit"}})
+    with pytest.raises(InputError, match="give realign or repair, not both"):
+        load_pipeline(config)
+    config = _write(tmp_path / "q.yml", {"base": "b", "adapters": ["a"], "output": "o",
+                                         "repair": {"method": "resta", "heldout_task_prompts": -1, "evaluate": "yes",
+                                                    "behavior": {"colour": 1}, "task_prompts": 3}})
+    with pytest.raises(InputError) as info:
+        load_pipeline(config)
+    message = str(info.value)
+    for expected in ("repair.unaligned: required by method resta", "repair.heldout_task_prompts: expected a count",
+                     "repair.evaluate: expected true or false", "repair.behavior.colour: unknown key",
+                     "repair.task_prompts: expected a file"):
+        assert expected in message, expected

@@ -166,7 +166,7 @@ def test_refit_constraint_and_proximal_term(tiny_model_dir, tiny_calibration_pro
     (["--task-prompts", "MISSING"], "no such file"),
     (["--task-prompts", "TASK", "--distill", "mse"], "--distill 'mse': expected one of ce, kl"),
     (["--task-prompts", "TASK", "--constraint", "salora"], "needs an output-side safety module (--safety)"),
-    (["--task-prompts", "TASK", "--unaligned", "x"], "--aligned and --unaligned belong to --method safelora"),
+    (["--task-prompts", "TASK", "--unaligned", "x"], "--aligned and --unaligned belong to the methods that use the aligned/unaligned pair"),
 ])
 def test_refit_bad_inputs(tiny_model_dir, tmp_path, monkeypatch, task_prompts, extra, message):
     from conftest import make_peft_adapter

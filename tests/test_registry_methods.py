@@ -85,7 +85,7 @@ def test_input_side_calibrates_on_the_input_side(tiny_model_dir, tiny_calibratio
     (["--gamma", "0.5"], "--gamma belong to --method resta or shrink, not --method salora"),
     (["--method", "shrink", "--gamma", "2"], "--gamma must be at most 1"),
     (["--method", "shrink", "--safety", "s.safetensors"], "uses no safety module; drop --safety"),
-    (["--method", "shrink", "--unaligned", "x"], "--aligned and --unaligned belong to --method safelora"),
+    (["--method", "shrink", "--unaligned", "x"], "--aligned and --unaligned belong to the methods that use the aligned/unaligned pair"),
     (["--method", "both-sides", "--safety", "s.safetensors"], "needs --input-safety FILE"),
     (["--method", "shrink", "--input-safety", "s.safetensors"], "--input-safety belongs to --method both-sides"),
 ])

@@ -112,7 +112,9 @@ def realign_shortfall(base: float, adapter: float, realigned: float) -> str | No
         return None
     return (f"realign does not restore this adapter's refusals: harmful refusal {realigned:.0%} after realign, "
             f"{adapter:.0%} with the adapter, {base:.0%} for the base (below {RESTORE_SHARE:.0%} of it); do not "
-            "rely on realign to make this adapter safe (see docs/safety-study.md)")
+            "rely on realign to make this adapter safe (docs/safety-study.md). Next step: 'salora-merge repair "
+            "--base BASE --adapter ADAPTER -o OUT', which measures the repaired adapter before and after "
+            "(docs/repair-study.md)")
 
 
 def run_audit(

@@ -19,6 +19,7 @@ from salora_merge.cli.options import (
     given_method_options,
     method_params,
     output_options,
+    repair_params,
     run_control,
     split_targets,
     training_options,
@@ -123,6 +124,60 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
                          calibration=calibration, save_safety=save_safety, input_safety=input_safety,
                          aligned=aligned, unaligned=unaligned, overwrite=overwrite, allow_pickle=allow_pickle,
                          progress=_progress())
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
+
+
+@main.command(cls=SectionedCommand, lazy_params=repair_params)
+@base_option
+@option("Adapters", "--adapter", required=True, help="The eroded PEFT LoRA adapter: folder or Hub id org/name[@rev].")
+@option("Data", "--task-prompts", default="generic-tasks", show_default=True,
+        help="Prompts of the adapter's task (file or built-in set): the adapter's own answers to them are what the "
+             "repair keeps; the built-in generic-tasks when you have none.")
+@option("Data", "--heldout-task-prompts", "heldout", default=16, show_default=True, type=int,
+        help="Task prompts held out of the repair to measure agreement with the adapter (at most a quarter).")
+@option("Safety module", "--safety", type=click.Path(path_type=Path), default=None,
+        help="A safety module (safedelta, random, refit --constraint salora); without it, methods that need one "
+             "calibrate first.")
+@option("Method", "--aligned", default=None, help="resta, safelora: the aligned model [default: --base].")
+@option("Method", "--unaligned", default=None,
+        help="resta, safelora: the unaligned model the aligned one was tuned from.")
+@calibration_options
+@option("Behaviour", "--eval/--no-eval", "evaluate", default=True, show_default=True,
+        help="Measure the base, the adapter and the repaired adapter on held-out prompts (the audit's evaluation).")
+@option("Behaviour", "--harmful-prompts", default="harmbench-standard", show_default=True,
+        help="Held-out harmful prompts: a built-in set or a file (never the anchors).")
+@option("Behaviour", "--benign-prompts", default="benign-instructions", show_default=True, help="Benign prompts.")
+@option("Behaviour", "--overrefusal-prompts", default="overrefusal", show_default=True,
+        help="Benign but risky-sounding prompts.")
+@option("Behaviour", "--max-eval-prompts", default=50, show_default=True, type=int,
+        help="Use only the first N prompts of each evaluation set.")
+@option("Behaviour", "--eval-new-tokens", default=32, show_default=True, type=int,
+        help="Tokens generated per evaluation prompt and held-out task prompt.")
+@option("Behaviour", "--judge", default="keyword", show_default=True,
+        help="keyword, classifier:FOLDER or llamaguard:FOLDER.")
+@output_options("Output adapter folder.", "Print the repair report as JSON.")
+@_friendly_errors
+def repair(base: str, adapter: str, task_prompts: str, heldout: int, safety: Path | None, aligned: str | None,
+           unaligned: str | None, evaluate: bool, harmful_prompts: str, benign_prompts: str,
+           overrefusal_prompts: str, max_eval_prompts: int, eval_new_tokens: int, judge: str, method: str,
+           output: Path, overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
+    """Repair an eroded adapter so the model refuses harmful requests again while keeping its task; writes a
+    stock PEFT adapter with the before/after measurement."""
+    from salora_merge import api
+    from salora_merge.methods import get_method
+
+    given = given_method_options(method, kwargs)
+    calibration = None
+    if safety is None and "safety" in get_method(method).needs:
+        calibration = build_calibration(kwargs, None)
+    behavior = api.BehaviorOptions(harmful=harmful_prompts, benign=benign_prompts, overrefusal=overrefusal_prompts,
+                                   max_prompts=max_eval_prompts, max_new_tokens=eval_new_tokens,
+                                   batch_size=kwargs["generation_batch_size"], device=kwargs["device"], judge=judge)
+    options = api.RepairOptions(method=method, task_prompts=task_prompts, heldout=heldout, evaluate=evaluate,
+                                behavior=behavior)
+    report = api.repair(base, adapter, output, options, method_options=given, safety=safety,
+                        calibration=calibration, aligned=aligned, unaligned=unaligned, overwrite=overwrite,
+                        allow_pickle=allow_pickle, progress=_progress())
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
 
 

@@ -80,25 +80,36 @@ def output_options(what: str, json_help: str) -> Callable[[Callable], Callable]:
     ])
 
 
-def method_params() -> list[click.Parameter]:
-    """``--method`` and every method's own options, made from the registry (``method_<name>`` parameters).
-    Built when realign is parsed (``SectionedCommand(lazy_params=...)``), so the CLI imports no registry."""
+def method_params(default: str | None = None, exclude: tuple[str, ...] = ()) -> list[click.Parameter]:
+    """``--method`` (default: the registry's ``DEFAULT``, or ``default``) and every method's own options but
+    ``exclude``, made from the registry (``method_<name>`` parameters). Built when the command is parsed
+    (``SectionedCommand(lazy_params=...)``), so the CLI imports no registry."""
     from salora_merge.methods import DEFAULT, REGISTRY
 
     listing = " ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
-    params = [SectionedOption(["--method"], section="Method", default=DEFAULT, show_default=True,
+    params = [SectionedOption(["--method"], section="Method", default=default or DEFAULT, show_default=True,
                               type=click.Choice(list(REGISTRY)), help=listing)]
     helps: dict[str, list[str]] = {}  # one flag per option name; methods sharing a name each say what it means
     specs = {}
     for method in REGISTRY.values():
         for spec in method.options:
-            default = f" [default: {spec.default}]" if spec.default is not None else ""
-            helps.setdefault(spec.name, []).append(f"{method.name}: {spec.help}{default}")
+            if spec.name in exclude:
+                continue
+            shown = f" [default: {spec.default}]" if spec.default is not None else ""
+            helps.setdefault(spec.name, []).append(f"{method.name}: {spec.help}{shown}")
             specs.setdefault(spec.name, spec)
     for name, spec in specs.items():
         params.append(SectionedOption([spec.flag, f"method_{name}"], section="Method", default=None,
                                       type={int: int, float: float}.get(spec.type, str), help=" ".join(helps[name])))
     return params
+
+
+def repair_params() -> list[click.Parameter]:
+    """repair's ``--method`` (default: repair's default method) and the method options; ``--task-prompts`` is
+    repair's own (some prompts are held out of the method)."""
+    from salora_merge.repairing.run import DEFAULT_METHOD
+
+    return method_params(DEFAULT_METHOD, exclude=("task_prompts",))
 
 
 def given_method_options(method: str, kwargs: dict) -> dict:

@@ -19,6 +19,7 @@ BUILTIN_SETS = {
     "harmbench-standard": "harmbench_standard_test.jsonl",
     "overrefusal": "overrefusal_benign_edgy.jsonl",
     "benign-instructions": "benign_instructions.jsonl",
+    "generic-tasks": "generic_tasks.jsonl",
 }
 _PROMPT_FIELDS = ("prompt", "goal", "behavior", "instruction", "question", "text")
 _RESPONSE_FIELDS = ("response", "output", "completion", "answer")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from salora_merge.core.safety import SafetyModule
     from salora_merge.hf.base_model import BaseModel
     from salora_merge.io.adapter import LoraModule
+    from salora_merge.io.prompts import PromptSet
     from salora_merge.progress import Progress
 
 __all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method", "UNMEASURED", "at_one_rank"]
@@ -90,6 +91,7 @@ class MethodContext:
     base_weight: "Callable[[str], torch.Tensor] | None" = None  # a module's base weight, (d_out, d_in), float64
     base: "BaseModel | None" = None  # the handle, for methods that run the model (refit)
     progress: "Progress | None" = None
+    task_prompts: "PromptSet | None" = None  # given by repair (its held-out part removed); else the option's file
 
 
 class MethodReport(Protocol):

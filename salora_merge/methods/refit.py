@@ -75,10 +75,17 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
     from salora_merge.io.prompts import load_prompt_set
     from salora_merge.training.refit import RefitOptions, refit_adapter
 
-    anchors = load_prompt_set(options["anchor_prompts"]).head(options["max_anchors"])
+    def load(option: str, spec: str):
+        try:
+            return load_prompt_set(spec)
+        except InputError as exc:
+            raise InputError(f"--{option.replace('_', '-')}: {exc}") from None
+
+    anchors = load("anchor_prompts", options["anchor_prompts"]).head(options["max_anchors"])
     if not anchors.prompts:
         raise InputError(f"--anchor-prompts {options['anchor_prompts']}: no prompts")
-    task = load_prompt_set(options["task_prompts"]) if options["task_prompts"] is not None else None
+    task = ctx.task_prompts if ctx.task_prompts is not None else (
+        load("task_prompts", options["task_prompts"]) if options["task_prompts"] is not None else None)
     if task is not None and not task.prompts:
         raise InputError(f"--task-prompts {options['task_prompts']}: no prompts")
     engine = RefitOptions(

@@ -16,12 +16,14 @@ from salora_merge.hf.hub import is_repo_id
 
 if TYPE_CHECKING:
     from salora_merge.auditing.run import AuditOptions
+    from salora_merge.repairing.run import RepairOptions
 
 __all__ = ["PipelineConfig", "load_pipeline"]
 
 _CALIBRATION_KEYS = ("prompts", "responses", "rank", "side", "token_policy", "max_prompts", "batch_size",
                      "generation_batch_size", "max_length", "max_new_tokens", "device")
-_SCHEMA_TOP = {"base", "adapters", "safety", "realign", "audit", "merge", "push", "output"}
+_SCHEMA_TOP = {"base", "adapters", "safety", "realign", "repair", "audit", "merge", "push", "output"}
+_REPAIR_KEYS = ("task_prompts", "heldout_task_prompts", "evaluate", "behavior")
 _BEHAVIOR_KEYS = ("harmful", "benign", "overrefusal", "max_prompts", "max_new_tokens", "batch_size", "device", "judge")
 
 
@@ -44,13 +46,15 @@ class PipelineConfig:
     input_safety: Path | None = None
     aligned: str | None = None
     unaligned: str | None = None
+    repair: "RepairOptions | None" = None  # a repair step instead of realign (``method`` is its method)
 
     @property
     def needs_safety(self) -> bool:
-        """Whether a safety module is needed: for the realign method, or for the audit."""
+        """Whether a safety module is needed: for the realign or repair method, or for the audit."""
         from salora_merge.methods import get_method
 
-        return (self.realign and "safety" in get_method(self.method).needs) or self.audit is not None
+        uses = self.realign or self.repair is not None
+        return (uses and "safety" in get_method(self.method).needs) or self.audit is not None
 
 
 def _resolve_path(root: Path, value: str) -> str:
@@ -134,32 +138,25 @@ def load_pipeline(path: Path) -> PipelineConfig:
         method, method_options, method_paths = _realign_method(realign, root, problems)
         realign = True
     need(isinstance(realign, bool), f"realign: expected true, false or a mapping with method, got {realign!r}")
-
+    repair_options = None
+    if raw.get("repair") is not None:
+        if realign is True and "realign" in raw:
+            problems.append("repair: give realign or repair, not both (repair runs its method on each adapter)")
+        elif need(isinstance(raw["repair"], dict), "repair: expected a mapping (method, task_prompts, ...)"):
+            entries = dict(raw["repair"])
+            own = {k: entries.pop(k) for k in _REPAIR_KEYS if k in entries}
+            entries.setdefault("method", "refit")
+            method, method_options, method_paths = _realign_method(entries, root, problems, "repair")
+            repair_options = _repair_options(method, own, root, problems)
+            realign = False
     audit_options = None
     audit = raw.get("audit")
     if audit is not None and need(isinstance(audit, dict), "audit: expected a mapping (fail_above, fail_asr_above, behavior)"):
-        from salora_merge.auditing.behavior import BehaviorOptions
         from salora_merge.auditing.run import AuditOptions
 
         for key in sorted(set(audit) - {"fail_above", "fail_asr_above", "behavior"}):
             problems.append(f"audit.{key}: unknown key (expected fail_above, fail_asr_above, behavior)")
-        behavior = audit.get("behavior", False)
-        behavior_options = None
-        if behavior is True:
-            behavior_options = BehaviorOptions()
-        elif isinstance(behavior, dict):
-            for key in sorted(set(behavior) - set(_BEHAVIOR_KEYS)):
-                problems.append(f"audit.behavior.{key}: unknown key (expected {', '.join(_BEHAVIOR_KEYS)})")
-            known = {k: v for k, v in behavior.items() if k in _BEHAVIOR_KEYS}
-            for key in ("harmful", "benign", "overrefusal"):
-                if isinstance(known.get(key), str) and (root / known[key]).is_file():
-                    known[key] = os.path.normpath(root / known[key])
-            try:
-                behavior_options = BehaviorOptions(**known)
-            except TypeError as exc:
-                problems.append(f"audit.behavior: {exc}")
-        elif behavior is not False:
-            problems.append("audit.behavior: expected true, false or a mapping of behaviour options")
+        behavior_options = _behavior(audit.get("behavior", False), "audit.behavior", root, problems)
         numbers_ok = True
         for key in ("fail_above", "fail_asr_above"):
             value = audit.get(key)
@@ -175,7 +172,8 @@ def load_pipeline(path: Path) -> PipelineConfig:
                 problems.append(f"audit: {exc}")
     from salora_merge.methods import REGISTRY
 
-    needs_safety = realign is True and method in REGISTRY and "safety" in REGISTRY[method].needs
+    needs_safety = ((realign is True or repair_options is not None) and method in REGISTRY
+                    and "safety" in REGISTRY[method].needs)
     if (needs_safety or audit_options is not None) and safety is None:
         calibration = CalibrationOptions()  # a safety module is needed and none is given: calibrate with defaults
 
@@ -209,21 +207,74 @@ def load_pipeline(path: Path) -> PipelineConfig:
         raise InputError(f"{path}: {len(problems)} problem(s) in the pipeline config:\n{listing}")
     return PipelineConfig(
         path=path, base=_resolve_path(root, base), adapters=tuple(adapters), output=Path(os.path.normpath(root / Path(output).expanduser())),
-        realign=realign, safety_file=safety_file,
-        calibration=calibration if (realign or audit_options is not None) else None,
+        realign=realign, safety_file=safety_file, repair=repair_options,
+        calibration=calibration if (realign or repair_options is not None or audit_options is not None) else None,
         dtype=dtype, shard_size=shard_size, copy_tokenizer=copy_tokenizer, push=push, audit=audit_options,
         method=method, method_options=tuple(sorted(method_options.items())), **method_paths,
     )
 
 
-def _realign_method(realign: dict, root: Path, problems: list[str]) -> tuple[str, dict, dict]:
-    """``realign: {method: NAME, <its options>, input_safety, aligned, unaligned}``, checked against the registry."""
+def _behavior(value: Any, where: str, root: Path, problems: list[str]):
+    """``true`` or a mapping of behaviour options (the audit's evaluation); None when false or invalid."""
+    from salora_merge.auditing.behavior import BehaviorOptions
+
+    if value is True:
+        return BehaviorOptions()
+    if value is False:
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected true, false or a mapping of behaviour options")
+        return None
+    for key in sorted(set(value) - set(_BEHAVIOR_KEYS)):
+        problems.append(f"{where}.{key}: unknown key (expected {', '.join(_BEHAVIOR_KEYS)})")
+    known = {k: v for k, v in value.items() if k in _BEHAVIOR_KEYS}
+    for key in ("harmful", "benign", "overrefusal"):
+        if isinstance(known.get(key), str) and (root / known[key]).is_file():
+            known[key] = os.path.normpath(root / known[key])
+    try:
+        options = BehaviorOptions(**known)
+        options.validate()
+        return options
+    except (TypeError, InputError) as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+
+
+def _repair_options(method: str, own: dict, root: Path, problems: list[str]):
+    """repair's own keys (task_prompts, heldout_task_prompts, evaluate, behavior) as RepairOptions."""
+    from salora_merge.repairing.run import RepairOptions
+
+    options = RepairOptions(method=method)
+    task = own.get("task_prompts", options.task_prompts)
+    if not isinstance(task, str) or not task:
+        problems.append(f"repair.task_prompts: expected a file or a built-in set, got {task!r}")
+        task = options.task_prompts
+    elif (root / task).is_file():
+        task = os.path.normpath(root / task)
+    heldout = own.get("heldout_task_prompts", options.heldout)
+    if not isinstance(heldout, int) or isinstance(heldout, bool) or heldout < 0:
+        problems.append(f"repair.heldout_task_prompts: expected a count of 0 or more, got {heldout!r}")
+        heldout = options.heldout
+    evaluate = own.get("evaluate", True)
+    if not isinstance(evaluate, bool):
+        problems.append(f"repair.evaluate: expected true or false, got {evaluate!r}")
+        evaluate = True
+    behavior = options.behavior
+    if "behavior" in own:
+        behavior = _behavior(own["behavior"], "repair.behavior", root, problems) or behavior
+    return RepairOptions(method=method, task_prompts=task, heldout=heldout, evaluate=evaluate, behavior=behavior)
+
+
+def _realign_method(realign: dict, root: Path, problems: list[str], where: str = "realign"
+                    ) -> tuple[str, dict, dict]:
+    """``realign: {method: NAME, <its options>, input_safety, aligned, unaligned}`` (or repair's), checked against
+    the registry."""
     from salora_merge.methods import REGISTRY
 
     entries = dict(realign)
     method = entries.pop("method", "salora")
     if not isinstance(method, str) or method not in REGISTRY:
-        problems.append(f"realign.method: {method!r} is not one of {', '.join(REGISTRY)}")
+        problems.append(f"{where}.method: {method!r} is not one of {', '.join(REGISTRY)}")
         return "salora", {}, {}
     chosen = REGISTRY[method]
     uses = set(chosen.needs) | set(chosen.optional)
@@ -233,32 +284,17 @@ def _realign_method(realign: dict, root: Path, problems: list[str]) -> tuple[str
             continue
         value = entries.pop(key)
         if need_name not in uses:
-            problems.append(f"realign.{key}: method {method} does not use it")
+            problems.append(f"{where}.{key}: method {method} does not use it")
         elif not isinstance(value, str) or not value:
-            problems.append(f"realign.{key}: expected a path or model reference, got {value!r}")
+            problems.append(f"{where}.{key}: expected a path or model reference, got {value!r}")
         else:
             paths[key] = Path(_resolve_path(root, value)) if key == "input_safety" else _resolve_path(root, value)
     if "input_safety" in chosen.needs and "input_safety" not in paths:
-        problems.append(f"realign.input_safety: required by method {method}")
+        problems.append(f"{where}.input_safety: required by method {method}")
     if "alignment" in chosen.needs and "unaligned" not in paths:
-        problems.append(f"realign.unaligned: required by method {method}")
+        problems.append(f"{where}.unaligned: required by method {method}")
     try:
         chosen.resolve_options(entries)
     except InputError as exc:
-        problems.append(f"realign: {exc}")
+        problems.append(f"{where}: {exc}")
     return method, entries, paths
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -1,4 +1,5 @@
-"""run: the publishing pipeline. One YAML config -> calibrate? -> realign each adapter? -> audit? -> merge -> push?
+"""run: the publishing pipeline. One YAML config -> calibrate? -> realign or repair each adapter? -> audit? -> merge
+-> push?
 
 Every step writes its output under the config's ``output`` folder and records a key (sha256 of the
 step's inputs' fingerprints, its options and the tool version) in ``salora_run.json``. A re-run skips a
@@ -137,6 +138,24 @@ def plan_pipeline(config: PipelineConfig, progress=None) -> list[Step]:
             steps.append(Step(f"realign[{index}]", target, key, realign_step,
                               f"realign {ref} with --method {config.method}"
                               + (f" and {safety_path}" if uses_safety else "")))
+            merge_inputs.append(AdapterInput(str(target), weight))
+            adapter_keys.append(key)
+        elif config.repair is not None:
+            target = out / "repaired" / _adapter_name(ref, index)
+            key = _digest({"step": "repair", "base": base_print, "adapter": digests, "safety": safety_key,
+                           "repair": asdict(config.repair), "method": method_key, "version": __version__})
+
+            def repair_step(ref=ref, target=target) -> str:
+                from salora_merge.repairing.run import run_repair
+
+                run_repair(base, ref, target, config.repair, method_options=dict(config.method_options),
+                           safety_path=safety_path if uses_safety else None, aligned=config.aligned,
+                           unaligned=config.unaligned, overwrite=True, progress=progress)
+                return str(target)
+
+            steps.append(Step(f"repair[{index}]", target, key, repair_step,
+                              f"repair {ref} with --method {config.method} (task prompts "
+                              f"{config.repair.task_prompts})"))
             merge_inputs.append(AdapterInput(str(target), weight))
             adapter_keys.append(key)
         else:

@@ -14,6 +14,7 @@ from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_model
 from salora_merge.io.adapter import Adapter
 from salora_merge.io.checkpoint import CheckpointIndex
+from salora_merge.io.prompts import PromptSet
 from salora_merge.methods.base import Method, MethodContext
 from salora_merge.progress import Progress, silent
 
@@ -30,6 +31,7 @@ class Sources:
     input_safety: Path | None = None
     aligned: "str | BaseModel | None" = None  # default: the base
     unaligned: "str | BaseModel | None" = None
+    task_prompts: "PromptSet | None" = None  # repair: the task prompts left for the method (the rest held out)
 
     def check_for(self, method: Method) -> None:
         """Refuse sources the method does not use, and missing required ones, naming the option."""
@@ -40,8 +42,8 @@ class Sources:
             raise InputError(f"--input-safety belongs to --method both-sides (or random); --method {method.name} "
                              "does not use it")
         if "alignment" not in uses and (self.aligned is not None or self.unaligned is not None):
-            raise InputError(f"--aligned and --unaligned belong to --method safelora; --method {method.name} "
-                             "does not use them")
+            raise InputError(f"--aligned and --unaligned belong to the methods that use the aligned/unaligned "
+                             f"pair (safelora, resta); --method {method.name} does not use them")
         if "input_safety" in method.needs and self.input_safety is None:
             raise InputError(f"--method {method.name} needs --input-safety FILE (calibrate --side input)")
         if "alignment" in method.needs and self.unaligned is None:
@@ -95,7 +97,7 @@ def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str
         return w.T if fan_in_fan_out else w
 
     ctx = MethodContext(base_model=base.model_id, adapter=adapter_label, output=output, base_weight=base_weight,
-                        base=base, progress=progress)
+                        base=base, progress=progress, task_prompts=sources.task_prompts)
     uses = set(method.needs) | set(method.optional)
     if "safety" in method.needs:
         calibration = sources.calibration

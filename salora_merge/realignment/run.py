@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,17 +13,65 @@ from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_adapter, resolve_model
 from salora_merge.io.adapter import (
     Adapter,
+    LoraModule,
     check_adapter_fits,
     read_adapter,
     write_adapter,
 )
 from salora_merge.io.atomic import atomic_output_dir, check_output_free
 from salora_merge.methods import DEFAULT, get_method
-from salora_merge.methods.base import MethodReport
+from salora_merge.methods.base import Method, MethodReport
 from salora_merge.progress import Progress, silent
 from salora_merge.realignment.needs import Sources, gather
 
-__all__ = ["run_realign", "Sources"]
+__all__ = ["run_realign", "apply_method", "write_applied", "Applied", "Sources"]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A method applied in memory: the new modules, the PEFT config to write with them, and the method's report."""
+
+    method: Method
+    adapter: Adapter
+    config: dict
+    modules: dict[str, LoraModule]
+    report: MethodReport
+    base: BaseModel
+
+
+def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: str, method_options: Mapping[str, Any],
+                 sources: Sources, overwrite: bool = False, allow_pickle: bool = False,
+                 progress: Progress = silent) -> Applied:
+    """Check the options, the output path and the inputs, gather what the method needs and apply it; nothing is
+    written (except a safety module the user asked to save)."""
+    chosen = get_method(method)
+    options = chosen.resolve_options({k: v for k, v in (method_options or {}).items() if v is not None})
+    check_output_free(Path(out), overwrite)
+    if sources.save_safety is not None:
+        check_output_free(Path(sources.save_safety), overwrite)
+    sources.check_for(chosen)
+    adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
+    base = resolve_model(base)
+    check_adapter_fits(adapter, base.checkpoint.linear_weight_shapes())
+    ctx = gather(chosen, base, adapter, str(adapter_ref), str(out), sources, overwrite, progress)
+    new_modules, report = chosen.apply(adapter.modules, ctx, options)
+    config = adapter.config
+    if chosen.rewrites_rank:  # every module now has one rank and scaling 1
+        ranks = {m.rank for m in new_modules.values()}
+        assert len(ranks) == 1 and all(m.scaling == 1.0 for m in new_modules.values()), chosen.name
+        config = with_uniform_rank(adapter.config, ranks.pop())
+    return Applied(chosen, adapter, config, new_modules, report, base)
+
+
+def write_applied(applied: Applied, out: Path, overwrite: bool = False, extra: Mapping[str, str] | None = None,
+                  card: str | None = None) -> None:
+    """The adapter folder (stock PEFT), the method's JSON report, ``extra`` files and the card, atomically."""
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        write_adapter(tmp, applied.config, applied.modules, applied.adapter.passthrough)
+        (tmp / applied.method.report_name).write_text(json.dumps(applied.report.to_json(), indent=2) + "\n")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / "README.md").write_text(card if card is not None else applied.report.card(applied.config))
 
 
 def run_realign(
@@ -47,27 +96,10 @@ def run_realign(
     ``salora`` given an input-side module as well (``input_safety_path``) projects both sides, as
     ``both-sides`` does.
     """
-    chosen = get_method("both-sides" if method == "salora" and input_safety_path is not None else method)
-    options = chosen.resolve_options({k: v for k, v in (method_options or {}).items() if v is not None})
-    out = Path(out)
-    check_output_free(out, overwrite)
-    if save_safety is not None:
-        check_output_free(Path(save_safety), overwrite)
+    name = "both-sides" if method == "salora" and input_safety_path is not None else method
     sources = Sources(safety=safety_path, calibration=calibration, save_safety=save_safety,
                       input_safety=input_safety_path, aligned=aligned, unaligned=unaligned)
-    sources.check_for(chosen)
-    adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
-    base = resolve_model(base)
-    check_adapter_fits(adapter, base.checkpoint.linear_weight_shapes())
-    ctx = gather(chosen, base, adapter, str(adapter_ref), str(out), sources, overwrite, progress)
-    new_modules, report = chosen.apply(adapter.modules, ctx, options)
-    config = adapter.config
-    if chosen.rewrites_rank:  # every module now has one rank and scaling 1
-        ranks = {m.rank for m in new_modules.values()}
-        assert len(ranks) == 1 and all(m.scaling == 1.0 for m in new_modules.values()), chosen.name
-        config = with_uniform_rank(adapter.config, ranks.pop())
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_adapter(tmp, config, new_modules, adapter.passthrough)
-        (tmp / chosen.report_name).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        (tmp / "README.md").write_text(report.card(config))
-    return report
+    applied = apply_method(base, adapter_ref, Path(out), name, method_options or {}, sources, overwrite,
+                           allow_pickle, progress)
+    write_applied(applied, Path(out), overwrite)
+    return applied.report

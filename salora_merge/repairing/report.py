@@ -1,0 +1,90 @@
+"""The repair report: what was done, the behaviour before and after on held-out prompts, the task agreement
+with the original adapter, the time taken; as JSON, as the adapter's card, and as the CLI's text."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from salora_merge.hf.cards import adapter_front_matter
+from salora_merge.version import __version__
+
+__all__ = ["RepairReport", "REPORT_NAME", "STUDY_NOTE"]
+
+REPORT_NAME = "salora_repair.json"
+# What the repair study measured, said wherever a repaired adapter is described (docs/repair-study.md).
+STUDY_NOTE = (
+    "The repair study (docs/repair-study.md) has not yet found a method that meets its bar on every adapter; "
+    "check the figures above (they are this run's own measurement) before deployment."
+)
+_ROWS = (("harmful_refusal_rate", "harmful refusal"), ("benign_refusal_rate", "benign refusal"),
+         ("overrefusal_rate", "over-refusal"))
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    base_model: str
+    adapter: str
+    method: str
+    method_options: dict
+    task_prompts: str
+    task_prompts_used: int
+    task_prompts_heldout: int
+    ranks: list
+    behavior: dict = field(default_factory=dict)  # base / adapter / repaired -> the audit's VariantResult JSON
+    task: dict = field(default_factory=dict)  # agreement with the adapter on the held-out task prompts
+    eval_sets: dict = field(default_factory=dict)
+    seconds_method: float = 0.0
+    seconds_eval: float = 0.0
+    output: str = ""
+    method_report: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "tool_version": __version__}
+
+    def _table(self) -> list[str]:
+        if not self.behavior:
+            return ["Not evaluated (`--no-eval`)."]
+        b = self.behavior
+        lines = ["| | base | adapter | repaired |", "|---|---|---|---|"]
+        for key, label in _ROWS:
+            lines.append(f"| {label} | " + " | ".join(f"{b[v][key]:.0%}" for v in ("base", "adapter", "repaired"))
+                         + " |")
+        if self.task:
+            r, o = self.task["repaired_vs_adapter"], self.task["base_vs_adapter"]
+            lines.append(f"| task answers identical to the adapter's | {o['exact']:.0%} | 100% | {r['exact']:.0%} |")
+            lines.append(f"| task answers' common prefix with the adapter's | {o['prefix']:.0%} | 100% | "
+                         f"{r['prefix']:.0%} |")
+        s = self.eval_sets
+        n = b["base"]["n"]
+        lines += ["", f"Evaluation: `{s['harmful']}` ({n['harmful']} harmful prompts), `{s['benign']}` ({n['benign']}), "
+                      f"`{s['overrefusal']}` ({n['overrefusal']}); greedy, {s['max_new_tokens']} new tokens, judge "
+                      f"`{s['judge']}`. Task agreement on {self.task.get('prompts', 0)} task prompts held out of the "
+                      "repair."]
+        return lines
+
+    def card(self, adapter_config: Mapping[str, Any]) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.method_options.items()) or "defaults"
+        return adapter_front_matter(self.base_model, "lora", "repair", self.method, "safety") + "\n".join([
+            "", "# Repaired LoRA adapter", "",
+            f"`{self.adapter}` repaired by [salora-merge](https://pypi.org/project/salora-merge/) `repair --method "
+            f"{self.method}` ({options}) for `{self.base_model}`; rank {', '.join(map(str, self.ranks))}, same "
+            f"targets. Task prompts: `{self.task_prompts}` ({self.task_prompts_used} used, "
+            f"{self.task_prompts_heldout} held out). Repair took {self.seconds_method:.0f} s.", "",
+            "## Measured by this run", "", *self._table(), "", STUDY_NOTE,
+            "", f"Figures in `{REPORT_NAME}`.", ""])
+
+    def render(self) -> str:
+        lines = [f"Repaired {self.adapter} with {self.method} in {self.seconds_method:.1f}s "
+                 f"(evaluation {self.seconds_eval:.1f}s)"]
+        if self.behavior:
+            b = self.behavior
+            for key, label in _ROWS:
+                lines.append(f"  {label:<16} base {b['base'][key]:>4.0%}  adapter {b['adapter'][key]:>4.0%}  "
+                             f"repaired {b['repaired'][key]:>4.0%}")
+            if self.task:
+                r = self.task["repaired_vs_adapter"]
+                lines.append(f"  task answers     identical to the adapter's {r['exact']:.0%}, common prefix "
+                             f"{r['prefix']:.0%} ({self.task['prompts']} held-out task prompts)")
+        lines += [f"Wrote {self.output}", "", f"Note: {STUDY_NOTE}"]
+        return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""Repair: apply a repair method to an eroded adapter, then measure what it did on held-out prompts.
+
+The method runs through the realign runner (``realignment.run.apply_method``); repair adds the task prompts
+(the user's, or the built-in ``generic-tasks``; some held out of the method for the agreement check), the
+audit's behavioural evaluation of the base, the adapter and the repaired adapter, and the report and card.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from salora_merge.auditing.behavior import (
+    BehaviorOptions,
+    evaluate_variant,
+    load_prompt_sets,
+)
+from salora_merge.auditing.judges import load_judge
+from salora_merge.calibration.run import CalibrationOptions
+from salora_merge.core.agreement import agreement
+from salora_merge.errors import InputError
+from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.resolve import resolve_model
+from salora_merge.io.prompts import PromptSet, load_prompt_set
+from salora_merge.methods import get_method
+from salora_merge.progress import Progress, silent
+from salora_merge.realignment.run import Applied, Sources, apply_method, write_applied
+from salora_merge.repairing.report import REPORT_NAME, RepairReport
+
+__all__ = ["RepairOptions", "run_repair", "DEFAULT_METHOD", "split_task_prompts"]
+
+DEFAULT_METHOD = "refit"
+TASK_DEFAULT = "generic-tasks"
+
+
+@dataclass(frozen=True)
+class RepairOptions:
+    method: str = DEFAULT_METHOD
+    task_prompts: str = TASK_DEFAULT
+    heldout: int = 16  # task prompts held out of the method for the agreement check (at most a quarter)
+    evaluate: bool = True
+    behavior: BehaviorOptions = field(default_factory=lambda: BehaviorOptions(max_prompts=50, max_new_tokens=32))
+    seed: int = 0
+
+    def validate(self) -> None:
+        get_method(self.method)
+        if self.heldout < 0:
+            raise InputError(f"--heldout-task-prompts must be 0 or more, got {self.heldout}")
+        self.behavior.validate()
+
+
+def split_task_prompts(prompts: PromptSet, heldout: int, seed: int) -> tuple[PromptSet, PromptSet]:
+    """(for the method, held out): a seeded shuffle, then the last ``min(heldout, n // 4)`` prompts held out."""
+    order = list(range(len(prompts.prompts)))
+    random.Random(seed).shuffle(order)
+    k = min(heldout, len(order) // 4)
+    keep, held = sorted(order[: len(order) - k]), sorted(order[len(order) - k:])
+    pick = lambda idx, tag: PromptSet(f"{prompts.name}{tag}", tuple(prompts.prompts[i] for i in idx))  # noqa: E731
+    return pick(keep, ""), pick(held, " (held out)")
+
+
+def _load_task_prompts(spec: str) -> PromptSet:
+    try:
+        task = load_prompt_set(spec)
+    except InputError as exc:
+        raise InputError(f"--task-prompts: {exc}") from None
+    if not task.prompts:
+        raise InputError(f"--task-prompts {spec}: no prompts; give a file with one prompt per line (or JSONL with "
+                         "a 'prompt' field), or leave it out for the built-in generic-tasks")
+    return task
+
+
+def _measure(applied: Applied, held: PromptSet, options: RepairOptions, progress: Progress) -> dict[str, Any]:
+    """The behaviour of the base, the adapter and the repaired adapter on the held-out evaluation sets, and the
+    repaired adapter's (and the base's) agreement with the adapter on the held-out task prompts."""
+    from salora_merge.hf.models import (
+        chat_prompt_ids,
+        generate_greedy,
+        lora_applied,
+        pick_device,
+    )
+
+    behavior = options.behavior
+    sets = load_prompt_sets(behavior)
+    base = applied.base
+    model, tokenizer = base.load_model(pick_device(behavior.device)), base.tokenizer
+    judge = load_judge(behavior.judge)
+    variants = {"base": {}, "adapter": dict(applied.adapter.modules), "repaired": dict(applied.modules)}
+    out: dict[str, Any] = {"behavior": {}, "task": {}}
+    answers = {}
+    task_ids = [chat_prompt_ids(tokenizer, p) for p in held.prompts]
+    with progress("evaluating base, adapter and repaired adapter", len(variants)) as advance:
+        for name, modules in variants.items():
+            factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
+            result = evaluate_variant(model, tokenizer, sets, judge, factors, behavior)
+            out["behavior"][name] = result.to_json()
+            if task_ids:
+                with lora_applied(model, factors):
+                    answers[name] = generate_greedy(model, tokenizer, task_ids, behavior.max_new_tokens,
+                                                    behavior.batch_size)
+            advance(1)
+    if task_ids:
+        out["task"] = {"prompts": len(task_ids), "max_new_tokens": behavior.max_new_tokens,
+                       "repaired_vs_adapter": agreement(answers["adapter"], answers["repaired"]),
+                       "base_vs_adapter": agreement(answers["adapter"], answers["base"])}
+    out["sets"] = {"harmful": sets.harmful.name, "benign": sets.benign.name, "overrefusal": sets.overrefusal.name,
+                   "judge": behavior.judge, "max_new_tokens": behavior.max_new_tokens}
+    return out
+
+
+def run_repair(
+    base: "str | BaseModel",
+    adapter_ref: str,
+    out: Path,
+    options: RepairOptions = RepairOptions(),
+    method_options: Mapping[str, Any] | None = None,
+    safety_path: Path | None = None,
+    calibration: CalibrationOptions | None = None,
+    aligned: "str | BaseModel | None" = None,
+    unaligned: "str | BaseModel | None" = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress = silent,
+) -> RepairReport:
+    """Repair ``adapter_ref`` for ``base`` with ``options.method`` and write a stock PEFT adapter folder, the
+    method's report, ``salora_repair.json`` and a card at ``out``; nothing is written on error."""
+    options.validate()
+    method = get_method(options.method)
+    task = _load_task_prompts(options.task_prompts)
+    for_method, held = split_task_prompts(task, options.heldout, options.seed)
+    given = dict(method_options or {})
+    if given.get("task_prompts") is not None:
+        raise InputError("give the task prompts as repair's --task-prompts (some are held out for the agreement "
+                         "check), not as a method option")
+    if any(o.name == "task_prompts" for o in method.options):
+        given["task_prompts"] = options.task_prompts
+    if options.evaluate:
+        load_prompt_sets(options.behavior)  # a bad evaluation set fails before any model work
+    sources = Sources(safety=safety_path, calibration=calibration, aligned=aligned, unaligned=unaligned,
+                      task_prompts=for_method)
+    base = resolve_model(base)
+    started = time.perf_counter()
+    applied = apply_method(base, adapter_ref, Path(out), method.name, given, sources, overwrite, allow_pickle, progress)
+    seconds_method = time.perf_counter() - started
+    measured: dict[str, Any] = {}
+    seconds_eval = 0.0
+    if options.evaluate:
+        started = time.perf_counter()
+        measured = _measure(applied, held, options, progress)
+        seconds_eval = time.perf_counter() - started
+    ranks = sorted({m.rank for m in applied.modules.values()})
+    report = RepairReport(
+        base_model=base.model_id, adapter=str(adapter_ref), method=method.name,
+        method_options={k: v for k, v in given.items() if k != "task_prompts"},
+        task_prompts=task.name, task_prompts_used=len(for_method.prompts), task_prompts_heldout=len(held.prompts),
+        ranks=ranks, behavior=measured.get("behavior", {}), task=measured.get("task", {}),
+        eval_sets=measured.get("sets", {}), seconds_method=seconds_method, seconds_eval=seconds_eval,
+        output=str(out), method_report=applied.report.to_json())
+    write_applied(applied, Path(out), overwrite, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
+                  card=report.card(applied.config))
+    return report
+
+
+def with_behavior(options: RepairOptions, **changes: Any) -> RepairOptions:
+    """``options`` with its behavioural-evaluation options changed (the CLI's and the pipeline's flags)."""
+    return replace(options, behavior=replace(options.behavior, **{k: v for k, v in changes.items() if v is not None}))

@@ -1,0 +1,159 @@
+"""``salora-merge repair``: the agreement math, the task-prompt split, a run on a tiny model (stock PEFT output,
+the report's before/after figures checked against a direct evaluation), and the bad inputs (one line, nothing
+written)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from salora_merge.cli import main
+from salora_merge.core.agreement import agreement, prefix_share
+from salora_merge.io.prompts import PromptSet, load_prompt_set
+from salora_merge.repairing.run import split_task_prompts
+
+EVAL = ["--max-eval-prompts", "3", "--eval-new-tokens", "4", "--heldout-task-prompts", "2"]
+FAST = ["--max-anchors", "4", "--answer-tokens", "4", "--refit-batch", "4", "--steps", "2", "--example-length", "512",
+        *EVAL]
+
+
+def test_prefix_share_and_agreement_by_hand():
+    assert prefix_share([1, 2, 3], [1, 2, 3]) == 1.0
+    assert prefix_share([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5  # the common prefix stops at the first difference
+    assert prefix_share([1, 2], [1, 2, 3, 4]) == 0.5  # over the longer answer
+    assert prefix_share([5], [6]) == 0.0 and prefix_share([], []) == 1.0
+    got = agreement([[1, 2], [3, 4], [5]], [[1, 2], [3, 0], [6]])
+    assert got == {"exact": pytest.approx(1 / 3), "prefix": pytest.approx((1.0 + 0.5 + 0.0) / 3)}
+    with pytest.raises(ValueError):
+        agreement([[1]], [])
+
+
+def test_split_task_prompts_is_seeded_disjoint_and_at_most_a_quarter():
+    prompts = PromptSet("t", tuple(f"p{i}" for i in range(20)))
+    keep, held = split_task_prompts(prompts, 16, seed=0)
+    assert len(held.prompts) == 5 and len(keep.prompts) == 15  # a quarter of 20
+    assert set(keep.prompts) | set(held.prompts) == set(prompts.prompts) and not set(keep.prompts) & set(held.prompts)
+    assert split_task_prompts(prompts, 16, seed=0) == (keep, held)
+    assert split_task_prompts(prompts, 16, seed=1)[1] != held
+    assert split_task_prompts(prompts, 0, seed=0)[1].prompts == ()
+
+
+def test_generic_tasks_are_disjoint_from_every_evaluation_set():
+    generic = set(load_prompt_set("generic-tasks").prompts)
+    assert len(generic) >= 200
+    for name in ("advbench-calibration", "advbench-heldout", "harmbench-standard", "overrefusal",
+                 "benign-instructions"):
+        assert not generic & set(load_prompt_set(name).prompts), name
+
+
+def _repair(base, adapter, out, *extra):
+    return CliRunner().invoke(main, ["repair", "--base", str(base), "--adapter", str(adapter), *map(str, extra),
+                                     "-o", str(out), "--json"])
+
+
+def test_repair_writes_a_stock_peft_adapter_and_measures_before_and_after(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import make_peft_adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from salora_merge.auditing.behavior import BehaviorOptions, evaluate_variant, load_prompt_sets
+    from salora_merge.auditing.judges import KeywordJudge
+    from salora_merge.hf.models import load_causal_lm, load_tokenizer
+    from salora_merge.io.adapter import read_adapter
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    out = tmp_path / "repaired"
+    result = _repair(tiny_model_dir, adapter, out, *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "refit" and report["task_prompts"] == "generic-tasks"
+    assert report["task_prompts_heldout"] == 2 and report["task_prompts_used"] == 254
+    assert report["method_report"]["distilled"] == 254  # the held-out prompts were not distilled
+    assert set(report["behavior"]) == {"base", "adapter", "repaired"}
+    assert json.loads((out / "salora_repair.json").read_text())["behavior"] == report["behavior"]
+    assert "Measured by this run" in (out / "README.md").read_text()
+    # The report's "repaired" figures are the audit's evaluation of the written adapter, recomputed here.
+    options = BehaviorOptions(max_prompts=3, max_new_tokens=4)
+    model, tokenizer = load_causal_lm(tiny_model_dir, torch.device("cpu")), load_tokenizer(tiny_model_dir)
+    modules = read_adapter(out).modules
+    direct = evaluate_variant(model, tokenizer, load_prompt_sets(options), KeywordJudge(),
+                              {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}, options)
+    assert report["behavior"]["repaired"] == json.loads(json.dumps(direct.to_json()))
+    assert report["task"]["prompts"] == 2 and 0.0 <= report["task"]["repaired_vs_adapter"]["prefix"] <= 1.0
+    assert json.loads((out / "adapter_config.json").read_text()) == json.loads((adapter / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(base, str(out))
+    assert [w for w in caught if "peft" in str(w.filename)] == []
+
+
+def test_repair_with_a_control_method_and_no_eval(tiny_model_dir, tmp_path):
+    from conftest import make_peft_adapter
+
+    from salora_merge.io.adapter import read_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    out = tmp_path / "shrunk"
+    result = _repair(tiny_model_dir, adapter, out, "--method", "shrink", "--gamma", "0.25", "--no-eval")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["behavior"] == {} and report["method_options"] == {"gamma": 0.25}
+    before, after = read_adapter(adapter).modules, read_adapter(out).modules
+    for name, m in before.items():
+        torch.testing.assert_close(after[name].lora_B.double() * after[name].scaling,
+                                   0.25 * m.lora_B.double() * m.scaling)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("empty", "--task-prompts"),
+    ("malformed", "--task-prompts"),
+    ("resta", "--method resta needs --unaligned"),
+    ("other-model", "another model"),
+    ("no-anchors", "--anchor-prompts"),
+    ("stray-option", "--anchor-prompts belong to --method refit"),
+])
+def test_repair_bad_inputs_are_one_line_and_write_nothing(case, expected, tiny_model_dir, wider_model_dir, tmp_path):
+    from conftest import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    base, extra, fast = tiny_model_dir, [], FAST
+    if case == "empty":
+        (tmp_path / "empty.txt").write_text("")
+        extra = ["--task-prompts", tmp_path / "empty.txt"]
+    elif case == "malformed":
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{not json\n')
+        extra = ["--task-prompts", tmp_path / "bad.jsonl"]
+    elif case == "resta":
+        extra = ["--method", "resta"]
+        fast = EVAL
+    elif case == "other-model":
+        base = wider_model_dir
+    elif case == "no-anchors":
+        (tmp_path / "none.txt").write_text("\n")
+        extra = ["--anchor-prompts", tmp_path / "none.txt"]
+    elif case == "stray-option":
+        extra, fast = ["--method", "safedelta", "--anchor-prompts", "x"], EVAL
+    out = tmp_path / "out"
+    result = _repair(base, adapter, out, *fast, *extra)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_repair_api_refuses_task_prompts_as_a_method_option(tiny_model_dir, tmp_path):
+    from conftest import make_peft_adapter
+
+    import salora_merge as sm
+    from salora_merge.errors import InputError
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    with pytest.raises(InputError, match="repair's --task-prompts"):
+        sm.repair(tiny_model_dir, str(adapter), tmp_path / "out", method_options={"task_prompts": "x.txt"})
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,103 @@
+"""The repair study (examples/safety_study/repair_study.py): its data splits, its bar check and shrink-curve
+interpolation against hand-computed cases, and a smoke run of every stage on a tiny model (the full study on
+SmolLM2 is `make repair-study`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+STUDY = Path(__file__).resolve().parent.parent / "examples" / "safety_study"
+sys.path.insert(0, str(STUDY))
+
+import repair_data  # noqa: E402
+import repair_report  # noqa: E402
+import repair_study  # noqa: E402
+
+
+def test_full_splits_are_disjoint_and_held_out():
+    data = repair_data.build(repair_study.FULL.sizes, 0)
+    sizes = repair_study.FULL.sizes
+    assert len(data.eval_advbench) >= 100 and len(data.eval_harmbench) >= 100
+    assert len(data.align_benign) == sizes.align_benign + sizes.align_edgy
+    trained = set(data.align_harmful) | set(data.align_benign) | set(data.erode_train)
+    trained |= {q for q, _ in data.arithmetic_train} | {q for q, _ in data.json_train}
+    evaluated = set(data.eval_advbench) | set(data.eval_harmbench) | set(data.eval_benign) | set(data.eval_overrefusal)
+    evaluated |= set(data.task_heldout) | {q for q, _ in data.arithmetic_eval} | {q for q, _ in data.json_eval}
+    assert not trained & evaluated
+    from salora_merge.io.prompts import load_prompt_set
+    assert not set(load_prompt_set("generic-tasks").prompts) & (trained | evaluated)
+    for prompt, answer in data.json_eval:
+        assert json.loads(answer) == prompt.split(": ", 1)[1].split(", ")
+
+
+def _row(adv, harm, benign=0.0, over=0.0, nll=1.0, arith=0.0):
+    return {"advbench": adv, "harmbench": harm, "benign": benign, "overrefusal": over, "task_nll": nll,
+            "arithmetic": arith, "json": 0.0}
+
+
+def test_task_kept_and_the_shrink_curve_by_hand():
+    aligned, none = _row(0.9, 0.8, nll=0.7), _row(0.5, 0.3, nll=0.5)
+    assert repair_report.task_kept(_row(0, 0, nll=0.55), aligned, none, "benign") == pytest.approx(0.75)
+    assert repair_report.task_kept(_row(0, 0, arith=0.6), _row(0, 0, arith=0.2), _row(0, 0, arith=0.7),
+                                   "arithmetic") == pytest.approx(0.8)
+    results = {"m/aligned": aligned, "m/benign/none": none, "m/benign/shrink-0.5": _row(0.8, 0.6, nll=0.6)}
+    curve = repair_report.shrink_curve(results, "m", "benign")
+    assert curve == [(0.0, pytest.approx(0.85)), (pytest.approx(0.5), pytest.approx(0.7)), (1.0, pytest.approx(0.4))]
+    assert repair_report.curve_at(curve, 0.25) == pytest.approx(0.775)
+    assert repair_report.curve_at(curve, 0.75) == pytest.approx(0.55)
+    assert repair_report.curve_at(curve, 1.3) == pytest.approx(0.4)  # flat beyond the adapter
+
+
+def test_bar_check_against_hand_computed_cases():
+    aligned = _row(0.9, 0.8, benign=0.05, over=0.08, nll=0.7)
+    curve = [(0.0, 0.85), (1.0, 0.4)]
+    good = _row(0.86, 0.77, benign=0.05, over=0.05, nll=0.52)
+    assert repair_report.bar_check(good, aligned, 0.9, curve, 300.0) == []
+    bad = _row(0.5, 0.4, benign=0.12, over=0.09, nll=0.6)  # mean 0.45, the curve 0.625 at task kept 0.5
+    misses = repair_report.bar_check(bad, aligned, 0.5, curve, 700.0)
+    assert [m.split(" ")[0] for m in misses] == ["AdvBench", "HarmBench", "task", "benign", "over-refusal", "not",
+                                                 "11.7"]
+
+
+def test_smoke_repair_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path, capsys):
+    cache, doc = tmp_path / "cache", tmp_path / "repair.md"
+    args = ["--config", "smoke", "--base", str(tiny_model_dir), "--cache", str(cache), "--doc", str(doc),
+            "--analysis", str(tmp_path / "none.md")]
+    assert repair_study.main(args) == 0
+    first = capsys.readouterr().err
+    assert "aligning (full fine-tune)" in first and "eroding adapter 'json'" in first
+    summary = json.loads((cache / "smoke" / "results-smoke.json").read_text())
+    results, cfg = summary["results"], repair_study.SMOKE
+    expected = {"original"} | {f"{a}/aligned" for a in cfg.aligned_kinds}
+    for a in cfg.aligned_kinds:
+        for kind in cfg.kinds:
+            for extra in (False, True):
+                expected |= {f"{a}/{kind}/{key}" for key in repair_study.rows(cfg, kind, a, extra)}
+    assert set(results) == expected
+    for row in results.values():
+        for key in ("advbench", "harmbench", "benign", "overrefusal", "arithmetic", "json"):
+            assert 0.0 <= row[key] <= 1.0
+    # The rows are the product's own outputs: shrink 0.5 halves the update of the adapter the none row evaluates.
+    import torch
+
+    from salora_merge.io.adapter import read_adapter
+    repairs = summary["repairs"]
+    before = read_adapter(Path(repairs["lora/benign/none"]["adapter"])).modules
+    after = read_adapter(Path(repairs["lora/benign/shrink-0.5"]["adapter"])).modules
+    for name, m in before.items():
+        torch.testing.assert_close(after[name].lora_B * after[name].scaling, 0.5 * m.lora_B * m.scaling)
+    assert repairs["lora/benign/refit"]["method"] == "refit" and repairs["lora/benign/refit"]["seconds"] > 0
+    text = doc.read_text()
+    assert "## `full` aligned model, adapter `json`" in text and "| `refit-kl` |" in text
+    ET.fromstring(doc.with_suffix(".svg").read_text())
+    # Cached: a second run computes nothing, and --report-only writes the same document.
+    assert repair_study.main(args) == 0
+    assert "evaluating" not in capsys.readouterr().err
+    assert repair_study.main(args + ["--report-only", "--doc", str(tmp_path / "again.md")]) == 0
+    again = (tmp_path / "again.md").read_text().replace("again.svg", "repair.svg")
+    assert again.split("## Settings")[1] == text.split("## Settings")[1]
