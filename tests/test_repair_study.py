@@ -23,7 +23,7 @@ def test_full_splits_are_disjoint_and_held_out():
     data = repair_data.build(repair_study.FULL.sizes, 0)
     sizes = repair_study.FULL.sizes
     assert len(data.eval_advbench) >= 100 and len(data.eval_harmbench) >= 100
-    assert len(data.align_benign) == sizes.align_benign + sizes.align_edgy
+    assert len(data.align_benign) == sizes.align_benign + sizes.align_edgy + sizes.align_terse
     trained = set(data.align_harmful) | set(data.align_benign) | set(data.erode_train)
     trained |= {q for q, _ in data.arithmetic_train} | {q for q, _ in data.json_train}
     evaluated = set(data.eval_advbench) | set(data.eval_harmbench) | set(data.eval_benign) | set(data.eval_overrefusal)

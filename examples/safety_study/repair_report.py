@@ -181,8 +181,8 @@ def write(summary: dict, doc: Path, plot: Path, analysis: Path | None) -> None:
         f"this run took {summary['seconds'] / 60:.0f} min on {summary['threads']} threads.", "",
         "## Settings", "",
         f"- Original model `{cfg['base']}`. Two aligned models made from it on the same data ({s['align_harmful']} "
-        f"AdvBench calibration-split prompts with refusals; {s['align_benign']} templated benign and {s['align_edgy']} "
-        f"benign-but-edgy prompts with the original model's answers; {cfg['align_steps']} steps of batch "
+        f"AdvBench calibration-split prompts with refusals; {s['align_benign']} templated benign, {s['align_edgy']} "
+        f"benign-but-edgy and {s['align_terse']} terse benign imperative prompts with the original model's answers; {cfg['align_steps']} steps of batch "
         f"{cfg['batch_size']}): `lora` (plain LoRA r={cfg['lora_rank']} on the seven projections, lr "
         f"{cfg['align_lr']:g}, merged) and `full` (every weight, lr {cfg['full_lr']:g}).",
         f"- Eroding adapters on each aligned model (plain LoRA r={cfg['lora_rank']}, {cfg['erode_epochs']:g} epochs at "

@@ -92,13 +92,13 @@ class RepairConfig:
 
 FULL = RepairConfig(
     name="full",
-    sizes=repair_data.Sizes(align_harmful=120, align_benign=180, align_edgy=60, erode_train=300, task_heldout=60,
+    sizes=repair_data.Sizes(align_harmful=120, align_benign=180, align_edgy=60, align_terse=100, erode_train=300, task_heldout=60,
                             arithmetic_train=300, arithmetic_eval=60, json_train=300, json_eval=60,
                             eval_advbench=100, eval_harmbench=100, eval_benign=69, eval_overrefusal=60),
 )
 SMOKE = RepairConfig(
     name="smoke",
-    sizes=repair_data.Sizes(align_harmful=4, align_benign=4, align_edgy=2, erode_train=6, task_heldout=3,
+    sizes=repair_data.Sizes(align_harmful=4, align_benign=4, align_edgy=2, align_terse=2, erode_train=6, task_heldout=3,
                             arithmetic_train=6, arithmetic_eval=3, json_train=6, json_eval=3, eval_advbench=3,
                             eval_harmbench=3, eval_benign=2, eval_overrefusal=2),
     lora_rank=2, align_steps=2, erode_epochs=1.0, batch_size=4, max_length=128, answer_tokens=6, eval_tokens=6,
@@ -414,16 +414,18 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
             except Missing:
                 continue
 
-    for extra in (False, True):  # every main row first, then the seeds and variants
-        for a_kind, build in aligned.items():
-            try:
-                folders[a_kind] = build()
-                results[f"{a_kind}/aligned"] = evaluated("aligned", folders[a_kind], None,
-                                                         folders[a_kind].parent.name)
-            except Missing:
-                continue
-            for kind in cfg.kinds:
+    def aligned_folder(a_kind: str) -> Path:
+        if a_kind not in folders:
+            folders[a_kind] = aligned[a_kind]()
+            results[f"{a_kind}/aligned"] = evaluated("aligned", folders[a_kind], None, folders[a_kind].parent.name)
+        return folders[a_kind]
+
+    # Every main row first (adapter kind by kind, both aligned models each), then the seeds and variants.
+    for extra in (False, True):
+        for kind in cfg.kinds:
+            for a_kind in cfg.aligned_kinds:
                 try:
+                    aligned_folder(a_kind)
                     do_rows(a_kind, kind, extra)
                 except Missing:
                     continue
