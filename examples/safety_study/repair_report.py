@@ -71,10 +71,6 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def _mb(value) -> str:
-    return "" if value is None else f"{value:,.0f}"
-
-
 def table(summary: dict, prefix: str, kind: str) -> list[str]:
     results, repairs = summary["results"], summary["repairs"]
     aligned, none = results.get(f"{prefix}/aligned"), results.get(f"{prefix}/{kind}/none")
@@ -83,10 +79,10 @@ def table(summary: dict, prefix: str, kind: str) -> list[str]:
     curve = shrink_curve(results, prefix, kind)
     metric = METRIC[kind]
     lines = [f"| row | AdvBench | HarmBench | benign refusal | over-refusal | {metric} | task kept | "
-             "shrink curve at that task | time (s) | peak RSS (MB) | clears the bar |",
-             "|---|---|---|---|---|---|---|---|---|---|---|",
+             "shrink curve at that task | time (s) | clears the bar |",
+             "|---|---|---|---|---|---|---|---|---|---|",
              f"| *aligned model* | {aligned['advbench']:.0%} | {aligned['harmbench']:.0%} | {aligned['benign']:.0%} | "
-             f"{aligned['overrefusal']:.0%} | {_fmt(aligned[metric], metric)} | 0% | | | | |"]
+             f"{aligned['overrefusal']:.0%} | {_fmt(aligned[metric], metric)} | 0% | | | |"]
     for key, row in results.items():
         if not key.startswith(f"{prefix}/{kind}/"):
             continue
@@ -100,8 +96,7 @@ def table(summary: dict, prefix: str, kind: str) -> list[str]:
             verdict = "yes" if not misses else "no: " + "; ".join(misses)
         lines.append(f"| `{name}` | {row['advbench']:.0%} | {row['harmbench']:.0%} | {row['benign']:.0%} | "
                      f"{row['overrefusal']:.0%} | {_fmt(row[metric], metric)} | {_pct(kept)} | "
-                     f"{'' if at is None else f'{at:.0%}'} | {run.get('seconds', 0.0):.0f} | "
-                     f"{_mb(run.get('peak_rss_mb'))} | {verdict} |")
+                     f"{'' if at is None else f'{at:.0%}'} | {run.get('seconds', 0.0):.0f} | {verdict} |")
     return lines + [""]
 
 
@@ -193,7 +188,8 @@ def write(summary: dict, doc: Path, plot: Path, analysis: Path | None) -> None:
         f"- Safety module per aligned model: `calibrate` on {cfg['calibration_prompts']} AdvBench calibration-split "
         f"prompts, rank {cfg['calibration_rank']}, moments kept (Safe Delta's H).",
         "- Repairs: the product's CLI (`salora-merge realign --method M`), each in a child process; time is its wall "
-        "time including model loading, peak RSS its own maximum resident memory. `refit` without task data distills "
+        "time including model loading (peak memory per method: `benchmarks/bench_repair.py`, in "
+        "docs/benchmarks.md). `refit` without task data distills "
         "the adapter's answers to the built-in `generic-tasks` prompts; `refit-task` uses the adapter's own training "
         "prompts (a user who has them). Anchors: the aligned model's own responses to the first 100 AdvBench "
         "calibration-split prompts (never an evaluation split). Controls: `shrink-g` (update scaled by g: the curve) "

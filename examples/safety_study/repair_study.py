@@ -129,8 +129,7 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, extra: bool = False) -
         out[f"shrink-{g:g}"] = ("shrink", {"gamma": g})
     out["random"] = ("random", {})
     out["refit"] = ("refit", {})
-    if kind != "benign":  # the user's own task prompts (the adapter's training prompts) instead of generic ones
-        out["refit-task"] = ("refit", {"task_prompts": "@task"})
+    out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts (a user who has them)
     out["safedelta"] = ("safedelta", {})
     out["resta"] = ("resta", {"gamma": 0.5})
     return out
@@ -256,7 +255,8 @@ def eroding_adapter(cache: Cache, cfg: RepairConfig, data: repair_data.RepairDat
 
 def task_prompt_file(cache: Cache, cfg: RepairConfig, data: repair_data.RepairData, kind: str) -> Path:
     """The adapter's own training prompts as a prompt file (the user who has the task data)."""
-    prompts = [q for q, _ in (data.arithmetic_train if kind == "arithmetic" else data.json_train)]
+    prompts = (list(data.erode_train) if kind == "benign"
+               else [q for q, _ in (data.arithmetic_train if kind == "arithmetic" else data.json_train)])
     path = cache.root / f"task-prompts-{kind}-{_hash(prompts)}.jsonl"
     if not path.is_file():
         path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -311,11 +311,12 @@ def run_repair(cache: Cache, cfg: RepairConfig, aligned: Path, original: Path, a
     return {"adapter": str(folder / "adapter"), **json.loads((folder / "run.json").read_text())}
 
 
-# The CLI in this process's interpreter, reporting its own peak resident memory when it exits.
+# The CLI in this process's interpreter, reporting its own peak resident memory when it exits (VmHWM: the
+# high-water mark of its own address space; ru_maxrss would carry the parent's peak across fork and exec).
 _PEAK_WRAPPER = (
-    "import atexit, resource, runpy, sys; "
-    "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-    "file=sys.stderr, flush=True)); "
+    "import atexit, runpy, sys; "
+    "atexit.register(lambda: print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') "
+    "if l.startswith('VmHWM:')][0], file=sys.stderr, flush=True)); "
     "sys.argv = ['salora-merge', *sys.argv[1:]]; runpy.run_module('salora_merge.cli', run_name='__main__')"
 )
 # The methods that own each flag of ``repair_args`` (pairs of flag and value).
@@ -396,7 +397,7 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
         adapter = eroding_adapter(cache, cfg, data, folder, answers, kind)
         train_stats[f"{a_kind}/{kind}"] = json.loads((adapter / "study_train.json").read_text())
         safety = safety_module(cache, cfg, folder)
-        task_file = task_prompt_file(cache, cfg, data, kind) if kind != "benign" else None
+        task_file = task_prompt_file(cache, cfg, data, kind)
         for key, (method, options) in rows(cfg, kind, a_kind, extra).items():
             name = f"{a_kind}/{kind}/{key}"
             if only and only not in name:
