@@ -6,8 +6,8 @@
 Each method runs as the user runs it, `salora-merge realign --method M` in a fresh child process, on the same
 inputs; the figures are the child's wall time and the high-water mark of its own resident memory (VmHWM
 from /proc at exit; ru_maxrss would carry the parent's peak across fork and exec). The anchors of `refit`
-are generated in a first, untimed warm-up run, so every timed run finds them in the cache, as every repair
-after the first on a base model does; the warm-up's time is reported too.
+are generated in a first warm-up run (or found in ``--cache``), so the timed run finds them cached, as every
+repair after the first on a base model does; the warm-up's time is reported too.
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ def main(argv=None) -> int:
     parser.add_argument("--safety", required=True, help="a safety module with moments (for safedelta and random)")
     parser.add_argument("--methods", default="shrink,random,safedelta,resta,refit")
     parser.add_argument("--task-prompts", default="generic-tasks")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="SALORA_MERGE_CACHE holding refit's anchors for this base already (skips the warm-up)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-repair-") as scratch:
-        env = {**os.environ, "SALORA_MERGE_CACHE": str(Path(scratch) / "cache")}
+        cache = args.cache or Path(scratch) / "cache"
+        env = {**os.environ, "SALORA_MERGE_CACHE": str(cache)}
         extra = {"random": ["--safety", args.safety], "safedelta": ["--safety", args.safety],
                  "resta": ["--unaligned", args.unaligned], "refit": ["--task-prompts", args.task_prompts]}
         common = ["realign", "--base", args.base, "--adapter", args.adapter]
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
         warm = None
         for method in args.methods.split(","):
             cmd = common + ["--method", method, *extra.get(method, [])]
-            if method == "refit":
+            if method == "refit" and args.cache is None:
                 warm = run_once(cmd + ["-o", str(Path(scratch) / "warm")], env)
             seconds, peak = run_once(cmd + ["-o", str(Path(scratch) / method)], env)
             rows.append((method, seconds, peak))

@@ -83,9 +83,9 @@ def table(summary: dict, prefix: str, kind: str) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|",
              f"| *aligned model* | {aligned['advbench']:.0%} | {aligned['harmbench']:.0%} | {aligned['benign']:.0%} | "
              f"{aligned['overrefusal']:.0%} | {_fmt(aligned[metric], metric)} | 0% | | | |"]
-    for key, row in results.items():
-        if not key.startswith(f"{prefix}/{kind}/"):
-            continue
+    keys = sorted((k for k in results if k.startswith(f"{prefix}/{kind}/")), key=_order)
+    for key in keys:
+        row = results[key]
         name = key.rsplit("/", 1)[1]
         run = repairs.get(key, {})
         kept = task_kept(row, aligned, none, kind)
@@ -98,6 +98,18 @@ def table(summary: dict, prefix: str, kind: str) -> list[str]:
                      f"{row['overrefusal']:.0%} | {_fmt(row[metric], metric)} | {_pct(kept)} | "
                      f"{'' if at is None else f'{at:.0%}'} | {run.get('seconds', 0.0):.0f} | {verdict} |")
     return lines + [""]
+
+
+def _order(key: str) -> tuple:
+    """Table order: the adapter, the shrink curve by gamma, the random control, then the methods as run."""
+    name = key.rsplit("/", 1)[1]
+    if name == "none":
+        return (0, 0.0, "")
+    if name.startswith("shrink-"):
+        return (1, -float(name.split("-", 1)[1]), "")
+    if name == "random":
+        return (2, 0.0, "")
+    return (3, 0.0, name)
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -134,13 +146,13 @@ def svg(summary: dict, panels: list[tuple[str, str]]) -> str:
         aligned, none = results[f"{prefix}/aligned"], results[f"{prefix}/{kind}/none"]
 
         def xy(kept, ref):
-            x = ox + pad + max(-0.2, min(1.2, kept)) / 1.2 * (width - pad - 10) + 0.2 / 1.2 * 0
+            x = ox + pad + (max(-0.2, min(1.2, kept)) + 0.2) / 1.4 * (width - pad - 10)
             return x, oy + height - pad - ref * (height - pad - 20)
 
         out.append(f'<text x="{ox + pad}" y="{oy + 14}" font-weight="bold">{prefix} / {kind}</text>')
         out.append(f'<rect x="{ox + pad}" y="{oy + 20}" width="{width - pad - 10}" height="{height - pad - 20}" '
                    'fill="none" stroke="#ccc"/>')
-        out.append(f'<text x="{ox + pad}" y="{oy + height - pad + 14}">task kept (0 to 120%)</text>')
+        out.append(f'<text x="{ox + pad}" y="{oy + height - pad + 14}">task kept (-20% to 120%, clamped)</text>')
         out.append(f'<text x="{ox + 4}" y="{oy + 28}">refusal</text>')
         curve = shrink_curve(results, prefix, kind)
         path = " ".join(f"{xy(k, r)[0]:.1f},{xy(k, r)[1]:.1f}" for k, r in curve)

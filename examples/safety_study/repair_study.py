@@ -124,14 +124,16 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, extra: bool = False) -
                 out["refit-proximal"] = ("refit", {"proximal": 1.0})
                 out["refit-salora"] = ("refit", {"constraint": "salora"})
         return out
+    # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
     out["none"] = ("none", {})
-    for g in SHRINK:
-        out[f"shrink-{g:g}"] = ("shrink", {"gamma": g})
-    out["random"] = ("random", {})
+    out["shrink-0.5"] = ("shrink", {"gamma": 0.5})
     out["refit"] = ("refit", {})
-    out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts (a user who has them)
     out["safedelta"] = ("safedelta", {})
     out["resta"] = ("resta", {"gamma": 0.5})
+    for g in SHRINK:
+        out.setdefault(f"shrink-{g:g}", ("shrink", {"gamma": g}))
+    out["random"] = ("random", {})
+    out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts (a user who has them)
     return out
 
 

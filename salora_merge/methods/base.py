@@ -24,12 +24,14 @@ if TYPE_CHECKING:
     from salora_merge.io.prompts import PromptSet
     from salora_merge.progress import Progress
 
-__all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method", "UNMEASURED", "at_one_rank"]
+__all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method", "REPAIR_MEASURED", "at_one_rank"]
 
-# What the cards and summaries of a method not yet measured in the safety study say.
-UNMEASURED = (
-    "This method is not yet measured in salora-merge's safety study; evaluate refusals on held-out harmful "
-    "prompts (`salora-merge audit --behavior`) and the adapter's task before deployment."
+# What the cards and summaries of the repair methods say: what the repair study (docs/repair-study.md) measured.
+REPAIR_MEASURED = (
+    "In salora-merge's repair study (docs/repair-study.md, SmolLM2-135M, a benign-instruction adapter on a "
+    "LoRA-aligned model) the repair methods restored the held-out refusals but kept under half of the adapter's "
+    "task improvement; none met the study's bar. Check refusals on held-out harmful prompts (`salora-merge "
+    "repair` measures them; `salora-merge audit --behavior`) and the adapter's task before deployment."
 )
 
 # What a method can ask for, and how the user gives it (the CLI's options; the API's keywords).

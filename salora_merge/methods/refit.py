@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.errors import InputError
 from salora_merge.hf.cards import adapter_front_matter
-from salora_merge.methods.base import UNMEASURED, Method, MethodContext, MethodOption
+from salora_merge.methods.base import REPAIR_MEASURED, Method, MethodContext, MethodOption
 from salora_merge.version import __version__
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ distillation ({o['distill']}) of its own answers to {self.distilled} task prompt
 proximal coefficient {o['proximal']:g}, constraint `{o['constraint']}`. Same targets, rank and scaling as the
 original. Figures in `salora_refit.json`.
 
-{UNMEASURED}
+{REPAIR_MEASURED}
 """
 
     def render(self) -> str:
@@ -56,7 +56,7 @@ original. Figures in `salora_refit.json`.
         return (f"Re-fitted {self.adapter}: {self.options['steps']} steps on {self.anchors} anchors and "
                 f"{self.distilled} distilled answers; loss {first:.4f} -> {last:.4f} "
                 f"(prepare {self.seconds_prepare:.1f}s, train {self.seconds_train:.1f}s)\nWrote {self.output}"
-                f"\n\nNote: {UNMEASURED}")
+                f"\n\nNote: {REPAIR_MEASURED}")
 
 
 def _check(values: Mapping[str, Any]) -> None:
@@ -106,7 +106,7 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
 METHOD = Method(
     name="refit",
     summary="Re-fit the adapter on refusal anchors mixed with distillation of its own answers (a short "
-            "fine-tune). Not yet measured.",
+            "fine-tune).",
     needs=(),
     optional=("safety",),
     apply=apply_refit,

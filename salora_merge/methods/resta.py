@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import (
-    UNMEASURED,
+    REPAIR_MEASURED,
     Method,
     MethodContext,
     MethodOption,
@@ -55,14 +55,14 @@ al., ACL 2024): for each of its {len(self.modules)} modules, `dW' = dW + {self.g
 least {kept:.4f} of each module's safety-vector energy). Written as a rank-{self.rank} LoRA with scaling 1;
 per-module figures in `salora_resta.json`.
 
-{UNMEASURED}
+{REPAIR_MEASURED}
 """
 
     def render(self) -> str:
         kept = min(m.vector_energy_kept for m in self.modules) if self.modules else 1.0
         return (f"RESTA on {self.adapter}: added {self.gamma:g} x ({self.aligned} - {self.unaligned}) to "
                 f"{len(self.modules)} modules as a rank-{self.vector_rank} term (energy kept >= {kept:.4f}); "
-                f"adapter rank {self.rank}\nWrote {self.output}\n\nNote: {UNMEASURED}")
+                f"adapter rank {self.rank}\nWrote {self.output}\n\nNote: {REPAIR_MEASURED}")
 
 
 def apply_resta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
@@ -87,7 +87,7 @@ def apply_resta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
 
 METHOD = Method(
     name="resta",
-    summary="RESTA (Bhardwaj et al. 2024): add gamma (W_aligned - W_unaligned) back, as a low-rank term. Not yet measured.",
+    summary="RESTA (Bhardwaj et al. 2024): add gamma (W_aligned - W_unaligned) back, as a low-rank term.",
     needs=("alignment",),
     apply=apply_resta,
     options=(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from salora_merge.errors import SafetyModuleError
 from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import (
-    UNMEASURED,
+    REPAIR_MEASURED,
     Method,
     MethodContext,
     MethodOption,
@@ -64,7 +64,7 @@ ICML 2025): per module, delta entries accepted by safety cost within a budget (s
 safety module `{self.safety}`, and the result factored into a rank-{self.lora_rank} LoRA (keeping at least
 {kept:.4f} of each module's update energy). Per-module figures in `salora_safedelta.json`.
 
-{UNMEASURED}
+{REPAIR_MEASURED}
 """
 
     def render(self) -> str:
@@ -72,7 +72,7 @@ safety module `{self.safety}`, and the result factored into a rank-{self.lora_ra
         kept = min((m.energy_kept_by_lora for m in self.modules), default=1.0)
         return (f"Safe Delta on {self.adapter}: {len(self.modules)} modules, {accepted:.1%} of delta entries "
                 f"accepted (scale {self.scale:g}), refactored to rank {self.lora_rank} (energy kept >= {kept:.4f})"
-                f"\nWrote {self.output}\n\nNote: {UNMEASURED}")
+                f"\nWrote {self.output}\n\nNote: {REPAIR_MEASURED}")
 
 
 def input_moment(safety, name: str, label: str):
@@ -118,7 +118,7 @@ def apply_safedelta(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
 METHOD = Method(
     name="safedelta",
     summary="Safe Delta (Lu et al. 2025): keep delta entries by safety cost within a budget, compensate the rest "
-            "(OBS), refactor to a LoRA. Not yet measured.",
+            "(OBS), refactor to a LoRA.",
     needs=("safety",),
     apply=apply_safedelta,
     options=(

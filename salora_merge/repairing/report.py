@@ -7,16 +7,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from salora_merge.hf.cards import adapter_front_matter
+from salora_merge.methods.base import REPAIR_MEASURED
 from salora_merge.version import __version__
 
 __all__ = ["RepairReport", "REPORT_NAME", "STUDY_NOTE"]
 
 REPORT_NAME = "salora_repair.json"
 # What the repair study measured, said wherever a repaired adapter is described (docs/repair-study.md).
-STUDY_NOTE = (
-    "The repair study (docs/repair-study.md) has not yet found a method that meets its bar on every adapter; "
-    "check the figures above (they are this run's own measurement) before deployment."
-)
+STUDY_NOTE = REPAIR_MEASURED
 _ROWS = (("harmful_refusal_rate", "harmful refusal"), ("benign_refusal_rate", "benign refusal"),
          ("overrefusal_rate", "over-refusal"))
 
