@@ -434,7 +434,7 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
                     continue
     summary = {"config": asdict(cfg), "results": results, "repairs": repairs,
                "aligned_train": {k: _train_stats(v) for k, v in folders.items()}, "adapter_train": train_stats,
-               "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+               "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "report_only": report_only}
     (cache_root / f"results-{cfg.name}.json").write_text(json.dumps(summary, indent=2))
     repair_report.write(summary, doc, plot, analysis)
     log(f"wrote {doc} and {plot} ({summary['seconds']:.0f} s this run)")
