@@ -45,6 +45,7 @@ from salora_merge.hf.resolve import resolve_model  # noqa: E402
 from salora_merge.io.adapter import read_adapter  # noqa: E402
 from salora_merge.io.prompts import PromptSet  # noqa: E402
 from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge  # noqa: E402
+from salora_merge.methods import REGISTRY  # noqa: E402
 from salora_merge.training.data import conversations_from_pairs, tokenize_all  # noqa: E402
 from salora_merge.training.task_eval import mean_nll, score_examples  # noqa: E402
 from salora_merge.training.trainer import FitOptions, fit  # noqa: E402
@@ -77,7 +78,7 @@ class RepairConfig:
     calibration_rank: int = 32
     seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)  # refit seeds on the headline rows (the benign adapter)
-    repair_args: tuple[str, ...] = ()  # extra CLI arguments for every repair (the smoke run's small sizes)
+    repair_args: tuple[str, ...] = ()  # flag/value pairs, each passed to the methods that own the flag (smoke sizes)
     aligned_kinds: tuple[str, ...] = ("lora", "full")
     kinds: tuple[str, ...] = KINDS
     in_process: bool = False  # run the CLI in this process (the smoke run: fast, no peak memory figure)
@@ -285,7 +286,8 @@ def run_repair(cache: Cache, cfg: RepairConfig, aligned: Path, original: Path, a
             value = str(task_file) if value == "@task" else value
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         pairs = zip(cfg.repair_args[::2], cfg.repair_args[1::2])
-        cmd += [a for flag, value in pairs if _OPTION_OWNERS.get(flag) == method for a in (flag, value)]
+        owned = {o.flag for o in REGISTRY[method].options} if method in REGISTRY else set()
+        cmd += [a for flag, value in pairs if flag in owned for a in (flag, value)]
         log(f"repair {adapter.name} on {aligned.parent.name}: {method} {options}")
         started = time.perf_counter()
         if cfg.in_process:
@@ -321,8 +323,6 @@ _PEAK_WRAPPER = (
     "if l.startswith('VmHWM:')][0], file=sys.stderr, flush=True)); "
     "sys.argv = ['salora-merge', *sys.argv[1:]]; runpy.run_module('salora_merge.cli', run_name='__main__')"
 )
-# The methods that own each flag of ``repair_args`` (pairs of flag and value).
-_OPTION_OWNERS = {"--steps": "refit", "--answer-tokens": "refit", "--max-anchors": "refit", "--vector-rank": "resta"}
 
 
 # ------------------------------------------------------------------------------------------------- evaluation

@@ -10,11 +10,9 @@ from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import REPAIR_MEASURED
 from salora_merge.version import __version__
 
-__all__ = ["RepairReport", "REPORT_NAME", "STUDY_NOTE"]
+__all__ = ["RepairReport", "REPORT_NAME"]
 
 REPORT_NAME = "salora_repair.json"
-# What the repair study measured, said wherever a repaired adapter is described (docs/repair-study.md).
-STUDY_NOTE = REPAIR_MEASURED
 _ROWS = (("harmful_refusal_rate", "harmful refusal"), ("benign_refusal_rate", "benign refusal"),
          ("overrefusal_rate", "over-refusal"))
 
@@ -69,7 +67,7 @@ class RepairReport:
             f"{self.method}` ({options}) for `{self.base_model}`; rank {', '.join(map(str, self.ranks))}, same "
             f"targets. Task prompts: `{self.task_prompts}` ({self.task_prompts_used} used, "
             f"{self.task_prompts_heldout} held out). Repair took {self.seconds_method:.0f} s.", "",
-            "## Measured by this run", "", *self._table(), "", STUDY_NOTE,
+            "## Measured by this run", "", *self._table(), "", REPAIR_MEASURED,
             "", f"Figures in `{REPORT_NAME}`.", ""])
 
     def render(self) -> str:
@@ -84,5 +82,5 @@ class RepairReport:
                 r = self.task["repaired_vs_adapter"]
                 lines.append(f"  task answers     identical to the adapter's {r['exact']:.0%}, common prefix "
                              f"{r['prefix']:.0%} ({self.task['prompts']} held-out task prompts)")
-        lines += [f"Wrote {self.output}", "", f"Note: {STUDY_NOTE}"]
+        lines += [f"Wrote {self.output}", "", f"Note: {REPAIR_MEASURED}"]
         return "\n".join(lines)

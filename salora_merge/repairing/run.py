@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from salora_merge.auditing.behavior import (
     BehaviorOptions,
+    PromptSets,
     evaluate_variant,
     load_prompt_sets,
 )
@@ -74,7 +75,8 @@ def _load_task_prompts(spec: str) -> PromptSet:
     return task
 
 
-def _measure(applied: Applied, held: PromptSet, options: RepairOptions, progress: Progress) -> dict[str, Any]:
+def _measure(applied: Applied, held: PromptSet, sets: PromptSets, options: RepairOptions,
+             progress: Progress) -> dict[str, Any]:
     """The behaviour of the base, the adapter and the repaired adapter on the held-out evaluation sets, and the
     repaired adapter's (and the base's) agreement with the adapter on the held-out task prompts."""
     from salora_merge.hf.models import (
@@ -85,7 +87,6 @@ def _measure(applied: Applied, held: PromptSet, options: RepairOptions, progress
     )
 
     behavior = options.behavior
-    sets = load_prompt_sets(behavior)
     base = applied.base
     model, tokenizer = base.load_model(pick_device(behavior.device)), base.tokenizer
     judge = load_judge(behavior.judge)
@@ -138,8 +139,7 @@ def run_repair(
                          "check), not as a method option")
     if any(o.name == "task_prompts" for o in method.options):
         given["task_prompts"] = options.task_prompts
-    if options.evaluate:
-        load_prompt_sets(options.behavior)  # a bad evaluation set fails before any model work
+    sets = load_prompt_sets(options.behavior) if options.evaluate else None  # a bad set fails before model work
     sources = Sources(safety=safety_path, calibration=calibration, aligned=aligned, unaligned=unaligned,
                       task_prompts=for_method)
     base = resolve_model(base)
@@ -150,7 +150,7 @@ def run_repair(
     seconds_eval = 0.0
     if options.evaluate:
         started = time.perf_counter()
-        measured = _measure(applied, held, options, progress)
+        measured = _measure(applied, held, sets, options, progress)
         seconds_eval = time.perf_counter() - started
     ranks = sorted({m.rank for m in applied.modules.values()})
     report = RepairReport(
@@ -164,7 +164,3 @@ def run_repair(
                   card=report.card(applied.config))
     return report
 
-
-def with_behavior(options: RepairOptions, **changes: Any) -> RepairOptions:
-    """``options`` with its behavioural-evaluation options changed (the CLI's and the pipeline's flags)."""
-    return replace(options, behavior=replace(options.behavior, **{k: v for k, v in changes.items() if v is not None}))
