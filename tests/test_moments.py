@@ -17,7 +17,6 @@ from salora_merge.core.moments import (
     token_masks,
 )
 from salora_merge.hf.resolve import resolve_model
-from salora_merge.core.subspace import output_basis
 
 
 def test_token_masks():

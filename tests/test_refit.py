@@ -52,6 +52,10 @@ def test_soft_cross_entropy_is_kl_plus_the_teacher_entropy():
         entropy = float(-(p * p.log()).sum())
         want += kl + entropy
     assert float(soft_cross_entropy(logits, ids, teacher, mask)) == pytest.approx(want / 2, rel=1e-5)
+    # Per-position weights (the distilled answers' first tokens weighted up): a weighted mean of the same terms.
+    per = [float(-(teacher[0, t].double() * q[0, t]).sum()) for t in range(3)]
+    w = torch.tensor([[4.0, 0.0, 1.0]])
+    assert float(soft_cross_entropy(logits, ids, teacher, w)) == pytest.approx((4 * per[0] + per[2]) / 5, rel=1e-5)
     a = torch.ones(2, 2, requires_grad=True)
     assert float(proximal_penalty([(a, torch.zeros(2, 2))])) == 4.0
 
@@ -190,9 +194,11 @@ def test_refit_kl_distillation_from_a_fresh_start(tiny_model_dir, tmp_path, monk
     monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
     adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
     result = _refit(tiny_model_dir, adapter, tmp_path / "kl", "--task-prompts", task_prompts, "--steps", 4,
-                    "--distill", "kl", "--kl-top-k", 8, "--start", "fresh", "--lr", "1e-2")
+                    "--distill", "kl", "--kl-top-k", 8, "--start", "fresh", "--lr", "1e-2",
+                    "--answer-first-weight", 3)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["options"]["answer_first_weight"] == 3.0
     assert report["options"]["distill"] == "kl" and all(math.isfinite(loss) for _, loss in report["losses"])
     new = _factors(tmp_path / "kl")
     assert all(float(b.abs().max()) > 0 for _, b, _ in new.values())  # B left its zero init: it trained

@@ -110,6 +110,20 @@ SMOKE = RepairConfig(
 CONFIGS = {"full": FULL, "smoke": SMOKE}
 
 
+# The refit variants the issue asks to compare (each one change from the defaults), on the LoRA-aligned model's
+# benign adapter (the erosion case) and arithmetic adapter (an exact task).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "refit-balanced": ("refit", {"answer_first_weight": 4.0}),  # the answers' first tokens weighted as the anchors'
+    "refit-kl": ("refit", {"distill": "kl"}),
+    "refit-share25": ("refit", {"anchor_share": 0.25}),
+    "refit-proximal": ("refit", {"proximal": 1.0}),
+    "refit-uniform": ("refit", {"first_weight": 1.0}),
+    "refit-fresh": ("refit", {"start": "fresh"}),
+    "refit-salora": ("refit", {"constraint": "salora"}),
+}
+VARIANT_KINDS = ("arithmetic", "benign")
+
+
 def rows(cfg: RepairConfig, kind: str, aligned_kind: str, extra: bool = False) -> dict[str, tuple[str, dict]]:
     """The repair rows of one adapter: key -> (method, options). The main rows (controls, then the methods), or
     with ``extra`` the further refit seeds and the refit variants (run after every main row)."""
@@ -118,12 +132,8 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, extra: bool = False) -
         if kind == "benign":
             for seed in cfg.seeds[1:]:
                 out[f"refit-seed{seed}"] = ("refit", {"seed": seed})
-            if aligned_kind == cfg.aligned_kinds[0]:  # the refit variants, on one aligned model
-                out["refit-fresh"] = ("refit", {"start": "fresh"})
-                out["refit-uniform"] = ("refit", {"first_weight": 1.0})
-                out["refit-kl"] = ("refit", {"distill": "kl"})
-                out["refit-proximal"] = ("refit", {"proximal": 1.0})
-                out["refit-salora"] = ("refit", {"constraint": "salora"})
+        if kind in VARIANT_KINDS and aligned_kind == cfg.aligned_kinds[0]:  # the refit variants, on one model
+            out.update(VARIANTS)
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
     out["none"] = ("none", {})

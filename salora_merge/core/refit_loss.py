@@ -40,15 +40,16 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
 
 
 def soft_cross_entropy(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_probs: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
-    """``-sum_k p_k log q(id_k)`` per masked position, averaged: the teacher's top-k next-token distribution
-    (``teacher_ids``, ``teacher_probs (B, T, k)``, renormalized over the k ids, aligned with ``logits``'
-    positions) against the student's ``log_softmax(logits)``."""
+                       weights: torch.Tensor) -> torch.Tensor:
+    """``-sum_k p_k log q(id_k)`` per position, averaged with ``weights (B, T)`` (a boolean mask or per-position
+    weights): the teacher's top-k next-token distribution (``teacher_ids``, ``teacher_probs (B, T, k)``,
+    renormalized over the k ids, aligned with ``logits``' positions) against the student's
+    ``log_softmax(logits)``."""
     logq = F.log_softmax(logits.float(), dim=-1).gather(-1, teacher_ids)
     p = teacher_probs / teacher_probs.sum(-1, keepdim=True).clamp_min(1e-12)
     per_position = -(p * logq).sum(-1)
-    m = mask.to(per_position.dtype)
-    return (per_position * m).sum() / m.sum().clamp_min(1e-12)
+    w = weights.to(per_position.dtype)
+    return (per_position * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def proximal_penalty(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

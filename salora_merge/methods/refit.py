@@ -43,7 +43,7 @@ class RefitReport:
 `{self.adapter}` re-fitted by [salora-merge](https://pypi.org/project/salora-merge/): {o['steps']} steps (lr
 {o['lr']:g}) from its {o['start']} on {self.anchors} refusal anchors (`{self.anchor_prompts}` with the base
 model's own responses, the first {o['first_tokens']} response tokens weighted {o['first_weight']:g}) mixed with
-distillation ({o['distill']}) of its own answers to {self.distilled} task prompts (`{self.task_prompts}`);
+distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled} task prompts (`{self.task_prompts}`);
 proximal coefficient {o['proximal']:g}, constraint `{o['constraint']}`. Same targets, rank and scaling as the
 original. Figures in `salora_refit.json`.
 
@@ -91,7 +91,7 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
     engine = RefitOptions(
         steps=options["steps"], lr=options["lr"], batch_size=options["refit_batch"],
         anchor_share=options["anchor_share"], first_tokens=options["first_tokens"],
-        first_weight=options["first_weight"], distill=options["distill"], kl_top_k=options["kl_top_k"],
+        first_weight=options["first_weight"], answer_first_weight=options["answer_first_weight"], distill=options["distill"], kl_top_k=options["kl_top_k"],
         proximal=options["proximal"], start=options["start"], constraint=options["constraint"],
         max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"])
     result = refit_adapter(ctx.base, modules, task.prompts if task else [], anchors.prompts, engine,
@@ -124,6 +124,8 @@ METHOD = Method(
         MethodOption("first_tokens", int, 5, "Anchors: the first N response tokens get --first-weight.", minimum=0),
         MethodOption("first_weight", float, 4.0, "Anchors: weight of the first response tokens (1: uniform).",
                      minimum=0.0),
+        MethodOption("answer_first_weight", float, 1.0, "Distilled answers: weight of their first --first-tokens "
+                     "response tokens (--first-weight's value balances the two).", minimum=0.0),
         MethodOption("distill", str, "ce", "ce: cross-entropy on the adapter's greedy answers; kl: its top-k "
                      "next-token distributions."),
         MethodOption("kl_top_k", int, 32, "Top-k tokens kept of the teacher's distribution for --distill kl.",

@@ -59,6 +59,7 @@ class RefitOptions:
     anchor_share: float = 0.5  # share of anchor examples in the training mixture
     first_tokens: int = 5  # anchors: this many first response tokens get first_weight
     first_weight: float = 4.0  # 1 = uniform weights
+    answer_first_weight: float = 1.0  # the same for the distilled answers' first tokens
     distill: str = "ce"
     kl_top_k: int = 32
     proximal: float = 0.0  # coefficient of sum ||factor - start||^2
@@ -86,6 +87,7 @@ class _Item:
     example: TokenizedExample
     weights: list[float]  # cross-entropy weight per position (0: none)
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, probs) (T, k) at the predicting positions
+    teacher_weights: list[float] | None = None  # weight per predicting position (T) of the teacher's distribution
 
 
 def _collate(pad: int, k: int) -> Callable[[Sequence[_Item]], dict[str, torch.Tensor]]:
@@ -93,7 +95,7 @@ def _collate(pad: int, k: int) -> Callable[[Sequence[_Item]], dict[str, torch.Te
         batch = pad_batch([i.example for i in items], pad)
         n, width = batch["input_ids"].shape
         batch.update(weights=torch.zeros((n, width)), teacher_ids=torch.zeros((n, width, k), dtype=torch.long),
-                     teacher_probs=torch.zeros((n, width, k)), teacher_mask=torch.zeros((n, width), dtype=torch.bool))
+                     teacher_probs=torch.zeros((n, width, k)), teacher_weights=torch.zeros((n, width)))
         for row, item in enumerate(items):
             t = len(item.example.input_ids)
             batch["weights"][row, :t] = torch.tensor(item.weights)
@@ -101,7 +103,7 @@ def _collate(pad: int, k: int) -> Callable[[Sequence[_Item]], dict[str, torch.Te
                 ids, probs = item.teacher
                 batch["teacher_ids"][row, :t] = ids
                 batch["teacher_probs"][row, :t] = probs
-                batch["teacher_mask"][row, :t] = probs.sum(-1) > 0
+                batch["teacher_weights"][row, :t] = torch.tensor(item.teacher_weights) * (probs.sum(-1) > 0)
         return batch
     return collate
 
@@ -160,8 +162,13 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
         raise InputError(f"refit: no task prompt kept an answer token within --example-length {options.max_length}; "
                          "raise it or give other --task-prompts")
 
-    items = [_Item(e, [0.0 if options.distill == "kl" else float(label != IGNORE) for label in e.labels], t)
-             for e, t in zip(distilled, teachers)]
+    items = []
+    for e, t in zip(distilled, teachers):
+        w = token_weights(e.labels, options.first_tokens, options.answer_first_weight)
+        if options.distill == "kl":  # the teacher's distribution at position j predicts label j + 1
+            items.append(_Item(e, [0.0] * len(w), t, w[1:] + [0.0]))
+        else:
+            items.append(_Item(e, w))
     rng = random.Random(options.seed)
     if options.anchor_share > 0 and anchors:
         wanted = (len(items) * options.anchor_share / (1.0 - options.anchor_share) if options.anchor_share < 1.0
@@ -185,9 +192,9 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     def loss(model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         value = weighted_cross_entropy(out.logits, batch["labels"], batch["weights"])
-        if options.distill == "kl" and bool(batch["teacher_mask"].any()):
+        if options.distill == "kl" and bool((batch["teacher_weights"] > 0).any()):
             value = value + soft_cross_entropy(out.logits, batch["teacher_ids"], batch["teacher_probs"],
-                                               batch["teacher_mask"])
+                                               batch["teacher_weights"])
         if options.proximal > 0:
             value = value + options.proximal * proximal_penalty(starts)
         return value
