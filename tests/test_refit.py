@@ -168,6 +168,7 @@ def test_refit_constraint_and_proximal_term(tiny_model_dir, tiny_calibration_pro
     ([], "needs --task-prompts FILE"),
     (["--task-prompts", "EMPTY"], "no prompts"),
     (["--task-prompts", "MISSING"], "no such file"),
+    (["--task-prompts", "TASK", "--boundary-prompts", "EMPTY"], "--boundary-prompts"),
     (["--task-prompts", "TASK", "--distill", "mse"], "--distill 'mse': expected one of ce, kl"),
     (["--task-prompts", "TASK", "--constraint", "salora"], "needs an output-side safety module (--safety)"),
     (["--task-prompts", "TASK", "--unaligned", "x"], "--aligned and --unaligned belong to the methods that use the aligned/unaligned pair"),

@@ -5,6 +5,7 @@ written)."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -42,12 +43,21 @@ def test_split_task_prompts_is_seeded_disjoint_and_at_most_a_quarter():
     assert split_task_prompts(prompts, 0, seed=0)[1].prompts == ()
 
 
-def test_generic_tasks_are_disjoint_from_every_evaluation_set():
-    generic = set(load_prompt_set("generic-tasks").prompts)
-    assert len(generic) >= 200
+@pytest.mark.parametrize("builtin, size", [("generic-tasks", 200), ("sensitive-benign", 120)])
+def test_distillation_sets_are_disjoint_from_every_evaluation_set(builtin, size):
+    def four_grams(prompt):
+        words = re.findall(r"[a-z']+", prompt.lower())
+        return {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
+
+    mine = load_prompt_set(builtin).prompts
+    assert len(set(mine)) >= size
     for name in ("advbench-calibration", "advbench-heldout", "harmbench-standard", "overrefusal",
                  "benign-instructions"):
-        assert not generic & set(load_prompt_set(name).prompts), name
+        other = load_prompt_set(name).prompts
+        assert not set(mine) & set(other), name
+        if builtin == "sensitive-benign":  # no shared run of four words with any evaluation or anchor prompt
+            theirs = set().union(*map(four_grams, other))
+            assert not [p for p in mine if four_grams(p) & theirs], name
 
 
 def _repair(base, adapter, out, *extra):

@@ -114,6 +114,8 @@ CONFIGS = {"full": FULL, "smoke": SMOKE}
 # benign adapter (the erosion case) and arithmetic adapter (an exact task).
 VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-balanced": ("refit", {"answer_first_weight": 4.0}),  # the answers' first tokens weighted as the anchors'
+    "refit-boundary": ("refit", {"boundary_prompts": "sensitive-benign"}),  # risky-sounding benign prompts distilled
+    "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, "boundary_prompts": "sensitive-benign"}),
     "refit-kl": ("refit", {"distill": "kl"}),
     "refit-share25": ("refit", {"anchor_share": 0.25}),
     "refit-proximal": ("refit", {"proximal": 1.0}),
@@ -276,11 +278,32 @@ def task_prompt_file(cache: Cache, cfg: RepairConfig, data: repair_data.RepairDa
     return path
 
 
+# The options each method resolved to when this study's cache was first filled. A row's key records the resolved
+# options that differ from these, so a changed default reruns exactly the rows it changes (and no other).
+FIRST_DEFAULTS = {
+    "refit": {"anchor_prompts": "advbench-calibration", "max_anchors": 100, "steps": 40, "lr": 1e-4, "refit_batch": 8,
+              "anchor_share": 0.5, "first_tokens": 5, "first_weight": 4.0, "answer_first_weight": 1.0,
+              "boundary_prompts": "none", "distill": "ce", "kl_top_k": 32, "proximal": 0.0, "start": "factors",
+              "constraint": "none", "answer_tokens": 64, "example_length": 256, "seed": 0},
+}
+
+
+def changed_defaults(method: str, options: dict) -> dict:
+    first = FIRST_DEFAULTS.get(method)
+    if first is None:
+        return {}
+    resolved = REGISTRY[method].resolve_options({"task_prompts": "generic-tasks", **options})
+    if resolved.get("boundary_prompts") == "none":
+        resolved.pop("max_boundary", None)  # no boundary set: its size does nothing
+    changed = {k: v for k, v in resolved.items() if k != "task_prompts" and k not in options and first.get(k) != v}
+    return {"defaults": changed} if changed else {}
+
+
 def run_repair(cache: Cache, cfg: RepairConfig, aligned: Path, original: Path, adapter: Path, safety: Path,
                method: str, options: dict, task_file: Path | None) -> dict:
     """One repair through the CLI in a child process; the adapter folder, wall seconds and peak RSS."""
     depends = {"aligned": aligned.parent.name, "adapter": adapter.name, "method": method, "options": options,
-               "extra": cfg.repair_args, "version": VERSION}
+               "extra": cfg.repair_args, "version": VERSION, **changed_defaults(method, options)}
 
     def build(tmp: Path):
         out = tmp / "adapter"

@@ -25,8 +25,9 @@ class RefitReport:
     options: dict
     anchor_prompts: str
     task_prompts: str
+    boundary_prompts: str
     anchors: int  # anchor examples in the training mixture
-    distilled: int  # task prompts with the adapter's answers
+    distilled: int  # task and boundary prompts with the adapter's answers
     losses: list = field(default_factory=list)  # (step, training loss)
     seconds_prepare: float = 0.0
     seconds_train: float = 0.0
@@ -43,7 +44,8 @@ class RefitReport:
 `{self.adapter}` re-fitted by [salora-merge](https://pypi.org/project/salora-merge/): {o['steps']} steps (lr
 {o['lr']:g}) from its {o['start']} on {self.anchors} refusal anchors (`{self.anchor_prompts}` with the base
 model's own responses, the first {o['first_tokens']} response tokens weighted {o['first_weight']:g}) mixed with
-distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled} task prompts (`{self.task_prompts}`);
+distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled} task and
+boundary prompts (`{self.task_prompts}`, `{self.boundary_prompts}`);
 proximal coefficient {o['proximal']:g}, constraint `{o['constraint']}`. Same targets, rank and scaling as the
 original. Figures in `salora_refit.json`.
 
@@ -88,17 +90,23 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         load("task_prompts", options["task_prompts"]) if options["task_prompts"] is not None else None)
     if task is not None and not task.prompts:
         raise InputError(f"--task-prompts {options['task_prompts']}: no prompts")
+    boundary = None
+    if options["boundary_prompts"] != "none" and options["anchor_share"] < 1.0:
+        boundary = load("boundary_prompts", options["boundary_prompts"]).head(options["max_boundary"])
+        if not boundary.prompts:
+            raise InputError(f"--boundary-prompts {options['boundary_prompts']}: no prompts (or 'none')")
+    distill = (list(task.prompts) if task else []) + (list(boundary.prompts) if boundary else [])
     engine = RefitOptions(
         steps=options["steps"], lr=options["lr"], batch_size=options["refit_batch"],
         anchor_share=options["anchor_share"], first_tokens=options["first_tokens"],
         first_weight=options["first_weight"], answer_first_weight=options["answer_first_weight"], distill=options["distill"], kl_top_k=options["kl_top_k"],
         proximal=options["proximal"], start=options["start"], constraint=options["constraint"],
         max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"])
-    result = refit_adapter(ctx.base, modules, task.prompts if task else [], anchors.prompts, engine,
+    result = refit_adapter(ctx.base, modules, distill, anchors.prompts, engine,
                            safety=ctx.safety, progress=ctx.progress)
     return result.modules, RefitReport(
         base_model=ctx.base_model, adapter=ctx.adapter, options=dict(options), anchor_prompts=anchors.name,
-        task_prompts=task.name if task else "-", anchors=result.anchors, distilled=result.distilled,
+        task_prompts=task.name if task else "-", boundary_prompts=boundary.name if boundary else "-", anchors=result.anchors, distilled=result.distilled,
         losses=result.losses, seconds_prepare=result.seconds_prepare, seconds_train=result.seconds_train,
         output=ctx.output)
 
@@ -116,6 +124,10 @@ METHOD = Method(
         MethodOption("anchor_prompts", str, "advbench-calibration", "Harmful prompts whose base-model responses "
                      "are the anchors (never an evaluation split)."),
         MethodOption("max_anchors", int, 100, "Use at most this many anchor prompts.", minimum=1),
+        MethodOption("boundary_prompts", str, "none", "Benign prompts that sound risky (file or "
+                     "built-in set; 'none' for none); the adapter's answers to them are distilled with the task's, "
+                     "so that the refusal does not spread to them."),
+        MethodOption("max_boundary", int, 128, "Use at most this many boundary prompts.", minimum=1),
         MethodOption("steps", int, 40, "Optimizer steps.", minimum=1),
         MethodOption("lr", float, 1e-4, "Peak learning rate (AdamW, cosine, 10% warmup).", minimum=0.0),
         MethodOption("refit_batch", int, 8, "Examples per step.", minimum=1),
