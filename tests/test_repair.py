@@ -43,7 +43,7 @@ def test_split_task_prompts_is_seeded_disjoint_and_at_most_a_quarter():
     assert split_task_prompts(prompts, 0, seed=0)[1].prompts == ()
 
 
-@pytest.mark.parametrize("builtin, size", [("generic-tasks", 200), ("sensitive-benign", 120)])
+@pytest.mark.parametrize("builtin, size", [("generic-tasks", 200), ("benign-boundary", 240)])
 def test_distillation_sets_are_disjoint_from_every_evaluation_set(builtin, size):
     def four_grams(prompt):
         words = re.findall(r"[a-z']+", prompt.lower())
@@ -55,7 +55,7 @@ def test_distillation_sets_are_disjoint_from_every_evaluation_set(builtin, size)
                  "benign-instructions"):
         other = load_prompt_set(name).prompts
         assert not set(mine) & set(other), name
-        if builtin == "sensitive-benign":  # no shared run of four words with any evaluation or anchor prompt
+        if name in ("benign-instructions", "overrefusal"):  # not even a run of four words in common
             theirs = set().union(*map(four_grams, other))
             assert not [p for p in mine if four_grams(p) & theirs], name
 

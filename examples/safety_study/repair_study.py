@@ -114,8 +114,8 @@ CONFIGS = {"full": FULL, "smoke": SMOKE}
 # benign adapter (the erosion case) and arithmetic adapter (an exact task).
 VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-balanced": ("refit", {"answer_first_weight": 4.0}),  # the answers' first tokens weighted as the anchors'
-    "refit-boundary": ("refit", {"boundary_prompts": "sensitive-benign"}),  # risky-sounding benign prompts distilled
-    "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, "boundary_prompts": "sensitive-benign"}),
+    "refit-boundary": ("refit", {"boundary_prompts": "benign-boundary"}),  # benign prompts of the anchors' form, risky topics
+    "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, "boundary_prompts": "benign-boundary"}),
     "refit-kl": ("refit", {"distill": "kl"}),
     "refit-share25": ("refit", {"anchor_share": 0.25}),
     "refit-proximal": ("refit", {"proximal": 1.0}),

@@ -20,7 +20,7 @@ BUILTIN_SETS = {
     "overrefusal": "overrefusal_benign_edgy.jsonl",
     "benign-instructions": "benign_instructions.jsonl",
     "generic-tasks": "generic_tasks.jsonl",
-    "sensitive-benign": "sensitive_benign.jsonl",
+    "benign-boundary": "benign_boundary.jsonl",
 }
 _PROMPT_FIELDS = ("prompt", "goal", "behavior", "instruction", "question", "text")
 _RESPONSE_FIELDS = ("response", "output", "completion", "answer")
