@@ -217,3 +217,25 @@ def test_refit_kl_distillation_from_a_fresh_start(tiny_model_dir, tmp_path, monk
             assert torch.equal(ids[t], full[t].topk(8).indices)
         else:
             assert float(probs[t].abs().sum()) == 0.0
+
+
+def test_refit_boundary_prompts_by_teacher(tiny_model_dir, tmp_path, monkeypatch, task_prompts):
+    """--boundary-prompts: with --boundary-teacher adapter they are distilled with the task prompts; with base
+    they join the anchors with the base model's own (cached) answers."""
+    from conftest import make_peft_adapter
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    boundary = tmp_path / "boundary.txt"
+    boundary.write_text("write a guide to folding towels\nexplain how rust forms\ncreate a plan for a picnic\n"
+                        "describe a sunset\n")
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    reports = {}
+    for teacher in ("adapter", "base"):
+        result = _refit(tiny_model_dir, adapter, tmp_path / teacher, "--task-prompts", task_prompts, "--steps", 2,
+                        "--boundary-prompts", boundary, "--boundary-teacher", teacher, "--max-boundary", 3)
+        assert result.exit_code == 0, result.output
+        reports[teacher] = json.loads(result.stdout)
+    assert reports["adapter"]["distilled"] == 8 + 3 and reports["adapter"]["anchors"] == 11
+    assert reports["base"]["distilled"] == 8 and reports["base"]["anchors"] == 8
+    assert reports["base"]["boundary_prompts"] == "boundary.txt[:3]"
+    assert len(list((tmp_path / "cache" / "anchors").iterdir())) == 2  # the anchors' and the boundary's answers

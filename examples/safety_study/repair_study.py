@@ -115,6 +115,7 @@ CONFIGS = {"full": FULL, "smoke": SMOKE}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-balanced": ("refit", {"answer_first_weight": 4.0}),  # the answers' first tokens weighted as the anchors'
     "refit-boundary": ("refit", {"boundary_prompts": "benign-boundary"}),  # benign prompts of the anchors' form, risky topics
+    "refit-boundary-base": ("refit", {"boundary_prompts": "benign-boundary", "boundary_teacher": "base"}),
     "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, "boundary_prompts": "benign-boundary"}),
     "refit-kl": ("refit", {"distill": "kl"}),
     "refit-share25": ("refit", {"anchor_share": 0.25}),
@@ -283,7 +284,7 @@ def task_prompt_file(cache: Cache, cfg: RepairConfig, data: repair_data.RepairDa
 FIRST_DEFAULTS = {
     "refit": {"anchor_prompts": "advbench-calibration", "max_anchors": 100, "steps": 40, "lr": 1e-4, "refit_batch": 8,
               "anchor_share": 0.5, "first_tokens": 5, "first_weight": 4.0, "answer_first_weight": 1.0,
-              "boundary_prompts": "none", "distill": "ce", "kl_top_k": 32, "proximal": 0.0, "start": "factors",
+              "boundary_prompts": "none", "boundary_teacher": "adapter", "distill": "ce", "kl_top_k": 32, "proximal": 0.0, "start": "factors",
               "constraint": "none", "answer_tokens": 64, "example_length": 256, "seed": 0},
 }
 
@@ -294,7 +295,8 @@ def changed_defaults(method: str, options: dict) -> dict:
         return {}
     resolved = REGISTRY[method].resolve_options({"task_prompts": "generic-tasks", **options})
     if resolved.get("boundary_prompts") == "none":
-        resolved.pop("max_boundary", None)  # no boundary set: its size does nothing
+        resolved.pop("max_boundary", None)  # no boundary set: its size and teacher do nothing
+        resolved.pop("boundary_teacher", None)
     changed = {k: v for k, v in resolved.items() if k != "task_prompts" and k not in options and first.get(k) != v}
     return {"defaults": changed} if changed else {}
 

@@ -15,7 +15,8 @@ from salora_merge.version import __version__
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
 
-_CHOICES = {"distill": ("ce", "kl"), "start": ("factors", "fresh"), "constraint": ("none", "salora")}
+_CHOICES = {"distill": ("ce", "kl"), "start": ("factors", "fresh"), "constraint": ("none", "salora"),
+            "boundary_teacher": ("base", "adapter")}
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class RefitReport:
     task_prompts: str
     boundary_prompts: str
     anchors: int  # anchor examples in the training mixture
-    distilled: int  # task and boundary prompts with the adapter's answers
+    distilled: int  # prompts with the adapter's answers (task, and boundary with --boundary-teacher adapter)
     losses: list = field(default_factory=list)  # (step, training loss)
     seconds_prepare: float = 0.0
     seconds_train: float = 0.0
@@ -44,8 +45,9 @@ class RefitReport:
 `{self.adapter}` re-fitted by [salora-merge](https://pypi.org/project/salora-merge/): {o['steps']} steps (lr
 {o['lr']:g}) from its {o['start']} on {self.anchors} refusal anchors (`{self.anchor_prompts}` with the base
 model's own responses, the first {o['first_tokens']} response tokens weighted {o['first_weight']:g}) mixed with
-distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled} task and
-boundary prompts (`{self.task_prompts}`, `{self.boundary_prompts}`);
+distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled}
+task prompts (`{self.task_prompts}`); boundary prompts `{self.boundary_prompts}` learned with the
+{o['boundary_teacher']}'s answers;
 proximal coefficient {o['proximal']:g}, constraint `{o['constraint']}`. Same targets, rank and scaling as the
 original. Figures in `salora_refit.json`.
 
@@ -95,7 +97,9 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         boundary = load("boundary_prompts", options["boundary_prompts"]).head(options["max_boundary"])
         if not boundary.prompts:
             raise InputError(f"--boundary-prompts {options['boundary_prompts']}: no prompts (or 'none')")
-    distill = (list(task.prompts) if task else []) + (list(boundary.prompts) if boundary else [])
+    by_adapter = boundary is not None and options["boundary_teacher"] == "adapter"
+    distill = (list(task.prompts) if task else []) + (list(boundary.prompts) if by_adapter else [])
+    with_base = list(boundary.prompts) if boundary is not None and not by_adapter else []
     engine = RefitOptions(
         steps=options["steps"], lr=options["lr"], batch_size=options["refit_batch"],
         anchor_share=options["anchor_share"], first_tokens=options["first_tokens"],
@@ -103,7 +107,7 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         proximal=options["proximal"], start=options["start"], constraint=options["constraint"],
         max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"])
     result = refit_adapter(ctx.base, modules, distill, anchors.prompts, engine,
-                           safety=ctx.safety, progress=ctx.progress)
+                           safety=ctx.safety, progress=ctx.progress, boundary_prompts=with_base)
     return result.modules, RefitReport(
         base_model=ctx.base_model, adapter=ctx.adapter, options=dict(options), anchor_prompts=anchors.name,
         task_prompts=task.name if task else "-", boundary_prompts=boundary.name if boundary else "-", anchors=result.anchors, distilled=result.distilled,
@@ -124,10 +128,12 @@ METHOD = Method(
         MethodOption("anchor_prompts", str, "advbench-calibration", "Harmful prompts whose base-model responses "
                      "are the anchors (never an evaluation split)."),
         MethodOption("max_anchors", int, 100, "Use at most this many anchor prompts.", minimum=1),
-        MethodOption("boundary_prompts", str, "none", "Benign prompts that sound risky (file or "
-                     "built-in set; 'none' for none); the adapter's answers to them are distilled with the task's, "
-                     "so that the refusal does not spread to them."),
+        MethodOption("boundary_prompts", str, "none", "Benign prompts near the refusal boundary (file or "
+                     "built-in set, such as benign-boundary; 'none' for none), learned with their "
+                     "--boundary-teacher's answers so that the refusal does not spread to them."),
         MethodOption("max_boundary", int, 128, "Use at most this many boundary prompts.", minimum=1),
+        MethodOption("boundary_teacher", str, "adapter", "Whose answers to the boundary prompts are learned: base "
+                     "(the base model's, as anchors of the other side) or adapter (distilled with the task's)."),
         MethodOption("steps", int, 40, "Optimizer steps.", minimum=1),
         MethodOption("lr", float, 1e-4, "Peak learning rate (AdamW, cosine, 10% warmup).", minimum=0.0),
         MethodOption("refit_batch", int, 8, "Examples per step.", minimum=1),

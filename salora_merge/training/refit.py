@@ -130,8 +130,10 @@ def _teacher_topk(model, examples: Sequence[TokenizedExample], k: int, batch_siz
 
 def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_prompts: Sequence[str],
                   anchor_prompts: Sequence[str], options: RefitOptions, safety=None, progress: Progress = silent,
-                  echo: Callable[[str], None] | None = None) -> RefitResult:
-    """The re-fitted modules (same names, ranks and scalings as ``modules``) and what the run did."""
+                  echo: Callable[[str], None] | None = None, boundary_prompts: Sequence[str] = ()) -> RefitResult:
+    """The re-fitted modules (same names, ranks and scalings as ``modules``) and what the run did.
+    ``boundary_prompts`` (benign) join the anchors with the base model's own answers: the anchors then hold
+    both sides of the refusal boundary, and the anchor share counts both."""
     started = time.perf_counter()
     device = pick_device(options.device)
     tokenizer, model = base.tokenizer, base.load_model(device)
@@ -147,6 +149,13 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     anchor_ids = [chat_prompt_ids(tokenizer, p) for p in anchor_prompts]
     refusals = base_responses(base, model, anchor_ids, options.max_new_tokens, options.generation_batch_size, progress)
     anchors = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(anchor_ids, refusals)) if e]
+    if boundary_prompts:
+        boundary_ids = [chat_prompt_ids(tokenizer, p) for p in boundary_prompts]
+        answers = base_responses(base, model, boundary_ids, options.max_new_tokens, options.generation_batch_size,
+                                 progress)
+        kept = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(boundary_ids, answers)) if e]
+        pooled = [e for pair in zip(anchors, kept) for e in pair]  # alternate, then the longer list's rest
+        anchors = pooled + anchors[len(kept):] + kept[len(anchors):]
     factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
     task_ids = [chat_prompt_ids(tokenizer, p) for p in task_prompts]
     with progress("generating the adapter's answers", len(task_ids)) as advance, lora_applied(model, factors):
