@@ -116,6 +116,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-balanced": ("refit", {"answer_first_weight": 4.0}),  # the answers' first tokens weighted as the anchors'
     "refit-boundary": ("refit", {"boundary_prompts": "benign-boundary"}),  # benign prompts of the anchors' form, risky topics
     "refit-boundary-base": ("refit", {"boundary_prompts": "benign-boundary", "boundary_teacher": "base"}),
+    "refit-kl-boundary-base": ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary",
+                                         "boundary_teacher": "base"}),
     "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, "boundary_prompts": "benign-boundary"}),
     "refit-kl": ("refit", {"distill": "kl"}),
     "refit-share25": ("refit", {"anchor_share": 0.25}),
