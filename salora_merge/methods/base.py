@@ -28,10 +28,11 @@ __all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method", "
 
 # What the cards and summaries of the repair methods say: what the repair study (docs/repair-study.md) measured.
 REPAIR_MEASURED = (
-    "In salora-merge's repair study (docs/repair-study.md, SmolLM2-135M, a benign-instruction adapter on a "
-    "LoRA-aligned model) the repair methods restored the held-out refusals but kept under half of the adapter's "
-    "task improvement; none met the study's bar. Check refusals on held-out harmful prompts (`salora-merge "
-    "repair` measures them; `salora-merge audit --behavior`) and the adapter's task before deployment."
+    "In salora-merge's repair study (docs/repair-study.md, SmolLM2-135M, benign-instruction and arithmetic "
+    "adapters on a LoRA-aligned model) the repair methods restored held-out refusals (refit far above the shrink "
+    "curve) but none kept 90% of the adapter's task without refusing some benign requests; none met the study's "
+    "bar. Check refusals on held-out harmful prompts, benign refusals and the adapter's task before deployment "
+    "(`salora-merge repair` measures them; `salora-merge audit --behavior`)."
 )
 
 # What a method can ask for, and how the user gives it (the CLI's options; the API's keywords).
