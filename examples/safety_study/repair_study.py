@@ -118,6 +118,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-boundary-base": ("refit", {"boundary_prompts": "benign-boundary", "boundary_teacher": "base"}),
     "refit-kl-boundary-base": ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary",
                                          "boundary_teacher": "base"}),
+    "refit-proximal-boundary-base": ("refit", {"proximal": 0.3, "boundary_prompts": "benign-boundary",
+                                               "boundary_teacher": "base"}),
     "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, "boundary_prompts": "benign-boundary"}),
     "refit-kl": ("refit", {"distill": "kl"}),
     "refit-share25": ("refit", {"anchor_share": 0.25}),
