@@ -169,6 +169,9 @@ def test_refit_constraint_and_proximal_term(tiny_model_dir, tiny_calibration_pro
     (["--task-prompts", "EMPTY"], "no prompts"),
     (["--task-prompts", "MISSING"], "no such file"),
     (["--task-prompts", "TASK", "--boundary-prompts", "EMPTY"], "--boundary-prompts"),
+    (["--anchor-share", "1", "--boundary-prompts", "TASK"], "--boundary-teacher adapter has no effect"),
+    (["--task-prompts", "TASK", "--boundary-prompts", "TASK", "--boundary-teacher", "aligned"],
+     "--boundary-teacher 'aligned': expected one of base, adapter"),
     (["--task-prompts", "TASK", "--distill", "mse"], "--distill 'mse': expected one of ce, kl"),
     (["--task-prompts", "TASK", "--constraint", "salora"], "needs an output-side safety module (--safety)"),
     (["--task-prompts", "TASK", "--unaligned", "x"], "--aligned and --unaligned belong to the methods that use the aligned/unaligned pair"),
@@ -239,3 +242,24 @@ def test_refit_boundary_prompts_by_teacher(tiny_model_dir, tmp_path, monkeypatch
     assert reports["base"]["distilled"] == 8 and reports["base"]["anchors"] == 8
     assert reports["base"]["boundary_prompts"] == "boundary.txt[:3]"
     assert len(list((tmp_path / "cache" / "anchors").iterdir())) == 2  # the anchors' and the boundary's answers
+    # Anchors only: the base-answered boundary prompts still join them (8 harmful + 3 benign, each once).
+    result = _refit(tiny_model_dir, adapter, tmp_path / "only", "--anchor-share", 1, "--steps", 2,
+                    "--boundary-prompts", boundary, "--boundary-teacher", "base", "--max-boundary", 3)
+    assert result.exit_code == 0, result.output
+    only = json.loads(result.stdout)
+    assert only["distilled"] == 0 and only["anchors"] == 11
+
+
+def test_distilled_items_weight_the_first_answer_tokens_and_anchors_alternate():
+    from salora_merge.training.data import example_from_ids
+    from salora_merge.training.refit import RefitOptions, alternate, distilled_item
+
+    example = example_from_ids([1, 2], [5, 6, 7], 64)  # labels: IGNORE, IGNORE, 5, 6, 7
+    ce = distilled_item(example, None, RefitOptions(first_tokens=2, answer_first_weight=3.0))
+    assert ce.weights == [0.0, 0.0, 3.0, 3.0, 1.0] and ce.teacher_weights is None
+    teacher = (torch.zeros(5, 4, dtype=torch.long), torch.ones(5, 4))
+    kl = distilled_item(example, teacher, RefitOptions(first_tokens=2, answer_first_weight=3.0, distill="kl"))
+    assert kl.weights == [0.0] * 5 and kl.teacher is teacher
+    assert kl.teacher_weights == [0.0, 3.0, 3.0, 1.0, 0.0]  # position j predicts label j + 1
+    assert alternate([1, 2, 3, 4], ["a", "b"]) == [1, "a", 2, "b", 3, 4]
+    assert alternate([1], ["a", "b", "c"]) == [1, "a", "b", "c"]

@@ -114,7 +114,8 @@ CONFIGS = {"full": FULL, "smoke": SMOKE}
 # benign adapter (the erosion case) and arithmetic adapter (an exact task).
 VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-balanced": ("refit", {"answer_first_weight": 4.0}),  # the answers' first tokens weighted as the anchors'
-    "refit-boundary": ("refit", {"boundary_prompts": "benign-boundary"}),  # benign prompts of the anchors' form, risky topics
+    # benign prompts in the anchors' form and on risky topics, with the adapter's (default) or the base's answers
+    "refit-boundary": ("refit", {"boundary_prompts": "benign-boundary"}),
     "refit-boundary-base": ("refit", {"boundary_prompts": "benign-boundary", "boundary_teacher": "base"}),
     "refit-kl-boundary-base": ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary",
                                          "boundary_teacher": "base"}),
@@ -288,8 +289,9 @@ def task_prompt_file(cache: Cache, cfg: RepairConfig, data: repair_data.RepairDa
 FIRST_DEFAULTS = {
     "refit": {"anchor_prompts": "advbench-calibration", "max_anchors": 100, "steps": 40, "lr": 1e-4, "refit_batch": 8,
               "anchor_share": 0.5, "first_tokens": 5, "first_weight": 4.0, "answer_first_weight": 1.0,
-              "boundary_prompts": "none", "boundary_teacher": "adapter", "distill": "ce", "kl_top_k": 32, "proximal": 0.0, "start": "factors",
-              "constraint": "none", "answer_tokens": 64, "example_length": 256, "seed": 0},
+              "boundary_prompts": "none", "boundary_teacher": "adapter", "distill": "ce", "kl_top_k": 32,
+              "proximal": 0.0, "start": "factors", "constraint": "none", "answer_tokens": 64, "example_length": 256,
+              "seed": 0},
 }
 
 

@@ -43,16 +43,23 @@ class RefitReport:
 # Re-fitted LoRA adapter
 
 `{self.adapter}` re-fitted by [salora-merge](https://pypi.org/project/salora-merge/): {o['steps']} steps (lr
-{o['lr']:g}) from its {o['start']} on {self.anchors} refusal anchors (`{self.anchor_prompts}` with the base
+{o['lr']:g}) from its {o['start']} on {self.anchors} anchors (refusals: `{self.anchor_prompts}` with the base
 model's own responses, the first {o['first_tokens']} response tokens weighted {o['first_weight']:g}) mixed with
 distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled}
-task prompts (`{self.task_prompts}`); boundary prompts `{self.boundary_prompts}` learned with the
-{o['boundary_teacher']}'s answers;
-proximal coefficient {o['proximal']:g}, constraint `{o['constraint']}`. Same targets, rank and scaling as the
+prompts (task: `{self.task_prompts}`){self._boundary_text()}; proximal coefficient {o['proximal']:g},
+constraint `{o['constraint']}`. Same targets, rank and scaling as the
 original. Figures in `salora_refit.json`.
 
 {REPAIR_MEASURED}
 """
+
+    def _boundary_text(self) -> str:
+        if self.boundary_prompts == "-":
+            return ""
+        if self.options["boundary_teacher"] == "base":
+            return (f"; benign boundary prompts `{self.boundary_prompts}` with the base model's answers, among "
+                    "the anchors")
+        return f"; benign boundary prompts `{self.boundary_prompts}` distilled from its own answers"
 
     def render(self) -> str:
         first = self.losses[0][1] if self.losses else float("nan")
@@ -72,6 +79,10 @@ def _check(values: Mapping[str, Any]) -> None:
                          "answers are distilled) unless --anchor-share 1")
     if values["anchor_share"] == 1.0 and values["task_prompts"] is not None:
         raise InputError("--anchor-share 1 trains on anchors only; drop --task-prompts or lower --anchor-share")
+    if (values["anchor_share"] == 1.0 and values["boundary_prompts"] != "none"
+            and values["boundary_teacher"] == "adapter"):
+        raise InputError("--anchor-share 1 distills nothing, so --boundary-teacher adapter has no effect; use "
+                         "--boundary-teacher base or lower --anchor-share")
 
 
 def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
@@ -93,7 +104,7 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
     if task is not None and not task.prompts:
         raise InputError(f"--task-prompts {options['task_prompts']}: no prompts")
     boundary = None
-    if options["boundary_prompts"] != "none" and options["anchor_share"] < 1.0:
+    if options["boundary_prompts"] != "none":
         boundary = load("boundary_prompts", options["boundary_prompts"]).head(options["max_boundary"])
         if not boundary.prompts:
             raise InputError(f"--boundary-prompts {options['boundary_prompts']}: no prompts (or 'none')")
@@ -103,14 +114,16 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
     engine = RefitOptions(
         steps=options["steps"], lr=options["lr"], batch_size=options["refit_batch"],
         anchor_share=options["anchor_share"], first_tokens=options["first_tokens"],
-        first_weight=options["first_weight"], answer_first_weight=options["answer_first_weight"], distill=options["distill"], kl_top_k=options["kl_top_k"],
+        first_weight=options["first_weight"], answer_first_weight=options["answer_first_weight"],
+        distill=options["distill"], kl_top_k=options["kl_top_k"],
         proximal=options["proximal"], start=options["start"], constraint=options["constraint"],
         max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"])
     result = refit_adapter(ctx.base, modules, distill, anchors.prompts, engine,
                            safety=ctx.safety, progress=ctx.progress, boundary_prompts=with_base)
     return result.modules, RefitReport(
         base_model=ctx.base_model, adapter=ctx.adapter, options=dict(options), anchor_prompts=anchors.name,
-        task_prompts=task.name if task else "-", boundary_prompts=boundary.name if boundary else "-", anchors=result.anchors, distilled=result.distilled,
+        task_prompts=task.name if task else "-", boundary_prompts=boundary.name if boundary else "-",
+        anchors=result.anchors, distilled=result.distilled,
         losses=result.losses, seconds_prepare=result.seconds_prepare, seconds_train=result.seconds_train,
         output=ctx.output)
 

@@ -90,6 +90,21 @@ class _Item:
     teacher_weights: list[float] | None = None  # weight per predicting position (T) of the teacher's distribution
 
 
+def distilled_item(example: TokenizedExample, teacher, options: RefitOptions) -> _Item:
+    """A distilled answer's training item: cross-entropy weights on its tokens (``ce``), or weights on the
+    teacher's distributions (``kl``; the one at position ``j`` predicts label ``j + 1``), the first
+    ``first_tokens`` answer tokens weighted ``answer_first_weight``."""
+    w = token_weights(example.labels, options.first_tokens, options.answer_first_weight)
+    if options.distill == "kl":
+        return _Item(example, [0.0] * len(w), teacher, w[1:] + [0.0])
+    return _Item(example, w)
+
+
+def alternate(first: list, second: list) -> list:
+    """``first`` and ``second`` interleaved item by item, then the rest of the longer one."""
+    return [x for pair in zip(first, second) for x in pair] + first[len(second):] + second[len(first):]
+
+
 def _collate(pad: int, k: int) -> Callable[[Sequence[_Item]], dict[str, torch.Tensor]]:
     def collate(items: Sequence[_Item]) -> dict[str, torch.Tensor]:
         batch = pad_batch([i.example for i in items], pad)
@@ -154,8 +169,7 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
         answers = base_responses(base, model, boundary_ids, options.max_new_tokens, options.generation_batch_size,
                                  progress)
         kept = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(boundary_ids, answers)) if e]
-        pooled = [e for pair in zip(anchors, kept) for e in pair]  # alternate, then the longer list's rest
-        anchors = pooled + anchors[len(kept):] + kept[len(anchors):]
+        anchors = alternate(anchors, kept)
     factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
     task_ids = [chat_prompt_ids(tokenizer, p) for p in task_prompts]
     with progress("generating the adapter's answers", len(task_ids)) as advance, lora_applied(model, factors):
@@ -171,13 +185,7 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
         raise InputError(f"refit: no task prompt kept an answer token within --example-length {options.max_length}; "
                          "raise it or give other --task-prompts")
 
-    items = []
-    for e, t in zip(distilled, teachers):
-        w = token_weights(e.labels, options.first_tokens, options.answer_first_weight)
-        if options.distill == "kl":  # the teacher's distribution at position j predicts label j + 1
-            items.append(_Item(e, [0.0] * len(w), t, w[1:] + [0.0]))
-        else:
-            items.append(_Item(e, w))
+    items = [distilled_item(e, t, options) for e, t in zip(distilled, teachers)]
     rng = random.Random(options.seed)
     if options.anchor_share > 0 and anchors:
         wanted = (len(items) * options.anchor_share / (1.0 - options.anchor_share) if options.anchor_share < 1.0
