@@ -124,7 +124,8 @@ def test_refit_pulls_the_anchors_back_and_loads_in_peft(tiny_model_dir, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["method"] == "refit" and report["distilled"] == 8 and report["anchors"] == 24
-    assert len(list((tmp_path / "cache" / "anchors").iterdir())) == 1  # generated once, cached
+    # The base model's answers, generated once and cached: the anchors' and the default boundary prompts'.
+    assert len(list((tmp_path / "cache" / "anchors").iterdir())) == 2
     assert _anchor_nll(tiny_model_dir, _factors(out)) < _anchor_nll(tiny_model_dir, _factors(adapter))
     before = json.loads((adapter / "adapter_config.json").read_text())
     assert json.loads((out / "adapter_config.json").read_text()) == before  # same targets, rank and scaling
@@ -169,7 +170,8 @@ def test_refit_constraint_and_proximal_term(tiny_model_dir, tiny_calibration_pro
     (["--task-prompts", "EMPTY"], "no prompts"),
     (["--task-prompts", "MISSING"], "no such file"),
     (["--task-prompts", "TASK", "--boundary-prompts", "EMPTY"], "--boundary-prompts"),
-    (["--anchor-share", "1", "--boundary-prompts", "TASK"], "--boundary-teacher adapter has no effect"),
+    (["--anchor-share", "1", "--boundary-prompts", "TASK", "--boundary-teacher", "adapter"],
+     "--boundary-teacher adapter has no effect"),
     (["--task-prompts", "TASK", "--boundary-prompts", "TASK", "--boundary-teacher", "aligned"],
      "--boundary-teacher 'aligned': expected one of base, adapter"),
     (["--task-prompts", "TASK", "--distill", "mse"], "--distill 'mse': expected one of ce, kl"),

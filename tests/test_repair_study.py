@@ -76,8 +76,8 @@ def test_smoke_repair_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path
     expected = {"original"} | {f"{a}/aligned" for a in cfg.aligned_kinds}
     for a in cfg.aligned_kinds:
         for kind in cfg.kinds:
-            for extra in (False, True):
-                expected |= {f"{a}/{kind}/{key}" for key in repair_study.rows(cfg, kind, a, extra)}
+            for phase in range(repair_study.PHASES):
+                expected |= {f"{a}/{kind}/{key}" for key in repair_study.rows(cfg, kind, a, phase)}
     assert set(results) == expected
     for row in results.values():
         for key in ("advbench", "harmbench", "benign", "overrefusal", "arithmetic", "json"):
@@ -101,3 +101,20 @@ def test_smoke_repair_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path
     assert repair_study.main(args + ["--report-only", "--doc", str(tmp_path / "again.md")]) == 0
     again = (tmp_path / "again.md").read_text().replace("again.svg", "repair.svg")
     assert again.split("## Settings")[1] == text.split("## Settings")[1]
+
+
+def test_row_keys_follow_the_resolved_options():
+    """A row's cache key records the options that differ from refit's first defaults, given or defaulted: the
+    previous default spelled out keeps the first main row's key, and today's default (base-answered boundary
+    prompts) gives the main row a new one."""
+    key = lambda opts: (repair_study.keyed_options("refit", opts), repair_study.changed_defaults("refit", opts))
+    assert key({"boundary_prompts": "none"}) == ({}, {})
+    assert key({"distill": "kl", "boundary_prompts": "none"}) == ({"distill": "kl"}, {})
+    boundary = {"boundary_prompts": "benign-boundary", "max_boundary": 128, "boundary_teacher": "base"}
+    assert key({}) == ({}, {"defaults": boundary})
+    assert key({"boundary_prompts": "benign-boundary", "boundary_teacher": "adapter"}) == (
+        {"boundary_prompts": "benign-boundary"}, {"defaults": {"max_boundary": 128}})
+    assert key({"seed": 1})[1] == {"defaults": boundary}
+    # Methods without recorded first defaults key by their options as given.
+    assert key({})[0] == repair_study.keyed_options("shrink", {}) == {}
+    assert repair_study.keyed_options("shrink", {"gamma": 0.5}) == {"gamma": 0.5}

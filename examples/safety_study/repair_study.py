@@ -77,7 +77,7 @@ class RepairConfig:
     calibration_prompts: int = 64
     calibration_rank: int = 32
     seed: int = 0
-    seeds: tuple[int, ...] = (0, 1, 2)  # refit seeds on the headline rows (the benign adapter)
+    seeds: tuple[int, ...] = (0, 1, 2)  # refit seeds on the headline rows (the benign and arithmetic adapters)
     repair_args: tuple[str, ...] = ()  # flag/value pairs, each passed to the methods that own the flag (smoke sizes)
     aligned_kinds: tuple[str, ...] = ("lora", "full")
     kinds: tuple[str, ...] = KINDS
@@ -110,38 +110,47 @@ SMOKE = RepairConfig(
 CONFIGS = {"full": FULL, "smoke": SMOKE}
 
 
-# The refit variants the issue asks to compare (each one change from the defaults), on the LoRA-aligned model's
-# benign adapter (the erosion case) and arithmetic adapter (an exact task).
+# The refit variants the issue asks to compare, on the LoRA-aligned model's benign adapter (the erosion case) and
+# arithmetic adapter (an exact task). The first ones are one change from refit's first defaults, which had no
+# boundary prompts: they say so ("boundary_prompts": "none"), and so keep the rows measured before the default
+# changed. The boundary ones came next; refit-boundary-base became the default.
+_NO_BOUNDARY = {"boundary_prompts": "none"}
+_BY_ADAPTER = {"boundary_prompts": "benign-boundary", "boundary_teacher": "adapter"}
+_BY_BASE = {"boundary_prompts": "benign-boundary", "boundary_teacher": "base"}
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "refit-balanced": ("refit", {"answer_first_weight": 4.0}),  # the answers' first tokens weighted as the anchors'
-    # benign prompts in the anchors' form and on risky topics, with the adapter's (default) or the base's answers
-    "refit-boundary": ("refit", {"boundary_prompts": "benign-boundary"}),
-    "refit-boundary-base": ("refit", {"boundary_prompts": "benign-boundary", "boundary_teacher": "base"}),
-    "refit-kl-boundary-base": ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary",
-                                         "boundary_teacher": "base"}),
-    "refit-proximal-boundary-base": ("refit", {"proximal": 0.3, "boundary_prompts": "benign-boundary",
-                                               "boundary_teacher": "base"}),
-    "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, "boundary_prompts": "benign-boundary"}),
-    "refit-kl": ("refit", {"distill": "kl"}),
-    "refit-share25": ("refit", {"anchor_share": 0.25}),
-    "refit-proximal": ("refit", {"proximal": 1.0}),
-    "refit-uniform": ("refit", {"first_weight": 1.0}),
-    "refit-fresh": ("refit", {"start": "fresh"}),
-    "refit-salora": ("refit", {"constraint": "salora"}),
+    "refit-balanced": ("refit", {"answer_first_weight": 4.0, **_NO_BOUNDARY}),  # answers' first tokens as anchors'
+    # benign prompts in the anchors' form and on risky topics, with the adapter's or the base's answers
+    "refit-boundary": ("refit", _BY_ADAPTER),
+    "refit-boundary-base": ("refit", _BY_BASE),  # the default's options, spelled out (a replicate of `refit`)
+    "refit-kl-boundary-base": ("refit", {"distill": "kl", **_BY_BASE}),
+    "refit-proximal-boundary-base": ("refit", {"proximal": 0.3, **_BY_BASE}),
+    "refit-balanced-boundary": ("refit", {"answer_first_weight": 4.0, **_BY_ADAPTER}),
+    "refit-kl": ("refit", {"distill": "kl", **_NO_BOUNDARY}),
+    "refit-share25": ("refit", {"anchor_share": 0.25, **_NO_BOUNDARY}),
+    "refit-proximal": ("refit", {"proximal": 1.0, **_NO_BOUNDARY}),
+    "refit-uniform": ("refit", {"first_weight": 1.0, **_NO_BOUNDARY}),
+    "refit-fresh": ("refit", {"start": "fresh", **_NO_BOUNDARY}),
+    "refit-salora": ("refit", {"constraint": "salora", **_NO_BOUNDARY}),
+    "refit-task-no-boundary": ("refit", {"task_prompts": "@task", **_NO_BOUNDARY}),
 }
 VARIANT_KINDS = ("arithmetic", "benign")
+PHASES = 3  # 0: the main rows; 1: the previous default and the further seeds; 2: the variants and refit-task
 
 
-def rows(cfg: RepairConfig, kind: str, aligned_kind: str, extra: bool = False) -> dict[str, tuple[str, dict]]:
-    """The repair rows of one adapter: key -> (method, options). The main rows (controls, then the methods), or
-    with ``extra`` the further refit seeds and the refit variants (run after every main row)."""
+def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dict[str, tuple[str, dict]]:
+    """The repair rows of one adapter in one phase: key -> (method, options). The study runs phase 0 on every
+    adapter, then phase 1 on every adapter, then phase 2, so a partial run has the main rows first."""
     out: dict[str, tuple[str, dict]] = {}
-    if extra:
-        if kind == "benign":
+    if phase == 1:
+        if kind in VARIANT_KINDS:
+            out["refit-no-boundary"] = ("refit", _NO_BOUNDARY)  # the previous default
             for seed in cfg.seeds[1:]:
                 out[f"refit-seed{seed}"] = ("refit", {"seed": seed})
+        return out
+    if phase == 2:
         if kind in VARIANT_KINDS and aligned_kind == cfg.aligned_kinds[0]:  # the refit variants, on one model
             out.update(VARIANTS)
+        out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
     out["none"] = ("none", {})
@@ -152,7 +161,6 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, extra: bool = False) -
     for g in SHRINK:
         out.setdefault(f"shrink-{g:g}", ("shrink", {"gamma": g}))
     out["random"] = ("random", {})
-    out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts (a user who has them)
     return out
 
 
@@ -307,11 +315,19 @@ def changed_defaults(method: str, options: dict) -> dict:
     return {"defaults": changed} if changed else {}
 
 
+def keyed_options(method: str, options: dict) -> dict:
+    """The options a row's key records: those given that differ from the first defaults (an option spelled out at
+    its first default's value changes nothing, so the row keeps its key)."""
+    first = FIRST_DEFAULTS.get(method, {})
+    return {k: v for k, v in options.items() if k not in first or first[k] != v}
+
+
 def run_repair(cache: Cache, cfg: RepairConfig, aligned: Path, original: Path, adapter: Path, safety: Path,
                method: str, options: dict, task_file: Path | None) -> dict:
     """One repair through the CLI in a child process; the adapter folder, wall seconds and peak RSS."""
-    depends = {"aligned": aligned.parent.name, "adapter": adapter.name, "method": method, "options": options,
-               "extra": cfg.repair_args, "version": VERSION, **changed_defaults(method, options)}
+    depends = {"aligned": aligned.parent.name, "adapter": adapter.name, "method": method,
+               "options": keyed_options(method, options), "extra": cfg.repair_args, "version": VERSION,
+               **changed_defaults(method, options)}
 
     def build(tmp: Path):
         out = tmp / "adapter"
@@ -435,13 +451,13 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
     folders: dict[str, Path] = {}
     train_stats: dict[str, dict] = {}
 
-    def do_rows(a_kind: str, kind: str, extra: bool) -> None:
+    def do_rows(a_kind: str, kind: str, phase: int) -> None:
         folder = folders[a_kind]
         adapter = eroding_adapter(cache, cfg, data, folder, answers, kind)
         train_stats[f"{a_kind}/{kind}"] = json.loads((adapter / "study_train.json").read_text())
         safety = safety_module(cache, cfg, folder)
         task_file = task_prompt_file(cache, cfg, data, kind)
-        for key, (method, options) in rows(cfg, kind, a_kind, extra).items():
+        for key, (method, options) in rows(cfg, kind, a_kind, phase).items():
             name = f"{a_kind}/{kind}/{key}"
             if only and only not in name:
                 continue
@@ -464,13 +480,13 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
             results[f"{a_kind}/aligned"] = evaluated("aligned", folders[a_kind], None, folders[a_kind].parent.name)
         return folders[a_kind]
 
-    # Every main row first (adapter kind by kind, both aligned models each), then the seeds and variants.
-    for extra in (False, True):
+    # Every main row first (adapter kind by kind, both aligned models each), then the seeds, then the variants.
+    for phase in range(PHASES):
         for kind in cfg.kinds:
             for a_kind in cfg.aligned_kinds:
                 try:
                     aligned_folder(a_kind)
-                    do_rows(a_kind, kind, extra)
+                    do_rows(a_kind, kind, phase)
                 except Missing:
                     continue
     summary = {"config": asdict(cfg), "results": results, "repairs": repairs,

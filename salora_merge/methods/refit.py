@@ -141,11 +141,11 @@ METHOD = Method(
         MethodOption("anchor_prompts", str, "advbench-calibration", "Harmful prompts whose base-model responses "
                      "are the anchors (never an evaluation split)."),
         MethodOption("max_anchors", int, 100, "Use at most this many anchor prompts.", minimum=1),
-        MethodOption("boundary_prompts", str, "none", "Benign prompts near the refusal boundary (file or "
-                     "built-in set, such as benign-boundary; 'none' for none), learned with their "
+        MethodOption("boundary_prompts", str, "benign-boundary", "Benign prompts near the refusal boundary (file "
+                     "or built-in set; 'none' for none), learned with their "
                      "--boundary-teacher's answers so that the refusal does not spread to them."),
         MethodOption("max_boundary", int, 128, "Use at most this many boundary prompts.", minimum=1),
-        MethodOption("boundary_teacher", str, "adapter", "Whose answers to the boundary prompts are learned: base "
+        MethodOption("boundary_teacher", str, "base", "Whose answers to the boundary prompts are learned: base "
                      "(the base model's, as anchors of the other side) or adapter (distilled with the task's)."),
         MethodOption("steps", int, 40, "Optimizer steps.", minimum=1),
         MethodOption("lr", float, 1e-4, "Peak learning rate (AdamW, cosine, 10% warmup).", minimum=0.0),
