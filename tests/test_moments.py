@@ -176,3 +176,26 @@ def test_symmetric_gram_equals_dense_product(d):
     out = symmetric_gram(rows)
     assert torch.allclose(out, rows.T @ rows, rtol=1e-12, atol=1e-9)
     assert torch.allclose(out, out.T, rtol=1e-12, atol=1e-9)
+
+
+def test_flattened_layer_inputs_count_exactly_the_selected_tokens():
+    """A layer fed ``(B * T, d)`` (OPT's fc1/fc2, an MoE block's shared expert) accumulates the same second moment
+    as the ``(B, T, d)`` layout, equal to the dense float64 sum over the masked tokens; a layer that sees only some
+    of the tokens is an error naming it."""
+    from salora_merge.core.moments import MaskSlot, MomentAccumulator, masked_rows, record_moments
+    from salora_merge.errors import InputError
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, dtype=torch.float64, generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.4
+    lin = torch.nn.Linear(4, 2).double()
+    accumulator = MomentAccumulator({"flat": 4}, ("response",))
+    slot = MaskSlot({"response": mask})
+    with record_moments({"flat": lin}, accumulator, slot):
+        lin(x.reshape(-1, 4))
+    selected = x[mask]
+    assert torch.allclose(accumulator.sums[("flat", "response")], selected.T @ selected, atol=1e-12)
+    assert accumulator.counts[("flat", "response")] == int(mask.sum())
+    assert torch.equal(masked_rows(x.reshape(15, 4), mask), masked_rows(x, mask))
+    with pytest.raises(InputError, match="layer experts.0: its input has \\(6, 4\\)"):
+        masked_rows(x.reshape(15, 4)[:6], mask, "experts.0")

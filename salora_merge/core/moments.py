@@ -15,12 +15,15 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from salora_merge.errors import InputError
+
 __all__ = [
     "TOKEN_POLICIES",
     "token_masks",
     "MomentAccumulator",
     "symmetric_gram",
     "MaskSlot",
+    "masked_rows",
     "record_moments",
     "group_modules_by_input",
 ]
@@ -102,6 +105,24 @@ class MomentAccumulator:
         self.counts[(site, statistic)] += int(rows.shape[0])
 
 
+def masked_rows(x: torch.Tensor, mask: torch.Tensor, site: str = "layer") -> torch.Tensor:
+    """The rows of a layer input ``x: (..., d)`` at the selected token positions of ``mask: (B, T)``.
+
+    ``x`` may keep the batch and token axes (``(B, T, d)``) or flatten them in order (``(B * T, d)``, as OPT's
+    decoder and the MoE blocks' shared experts do); the mask is flattened the same way, so exactly the selected
+    tokens are counted. Any other leading shape (a layer that sees only some of the tokens) cannot be matched to
+    the mask and is an error naming the site, never a silent skip.
+    """
+    lead = tuple(x.shape[:-1])
+    if lead == tuple(mask.shape):
+        return x[mask]
+    if len(lead) >= 1 and x.shape[:-1].numel() == mask.numel():
+        return x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
+    raise InputError(f"layer {site}: its input has {tuple(x.shape)} (tokens, features) where the batch is "
+                     f"{tuple(mask.shape)}; a layer that sees only some of the tokens (a routed expert) cannot be "
+                     "calibrated by token masks")
+
+
 @dataclass
 class MaskSlot:
     """The token masks of the batch being run, on the model's device, set before each forward pass."""
@@ -127,11 +148,11 @@ def record_moments(
 
     def add(site: str, x: torch.Tensor) -> None:
         for statistic, mask in slot.masks.items():
-            accumulator.add(site, statistic, x[mask])  # (N, d); masks are on x's device
+            accumulator.add(site, statistic, masked_rows(x, mask, site))  # (N, d); masks are on x's device
 
     def make_pre_hook(site: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            add(site, args[0])  # (B, T, d_in)
+            add(site, args[0])  # (B, T, d_in), or (B * T, d_in) where the model flattens the tokens (OPT)
 
         return hook
 

@@ -1,0 +1,138 @@
+"""The architecture matrix (in the manner of PEFT's): a tiny random model of each family users bring, built
+here from transformers' config classes (no Hub), with an adapter made by PEFT itself on every linear layer,
+through calibrate, realign, merge and audit. References: PEFT loads the outputs without a warning and its own
+``merge_and_unload`` (float32) equals our merge; the realignment invariant is checked in float64 on the
+layers' effective ``(d_out, d_in)`` maps (GPT-2's Conv1D stores the transpose)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from conftest import build_tokenizer, make_peft_adapter
+
+from salora_merge.cli import main
+from salora_merge.io.safety_file import load_safety_module
+
+HIDDEN, FFN, LAYERS, HEADS = 32, 64, 2, 4
+
+
+def _config(family: str, tokenizer):
+    import transformers as t
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    llama_like = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      num_key_value_heads=2, max_position_embeddings=512, **ids)
+    if family == "llama":
+        return t.LlamaConfig(tie_word_embeddings=True, **llama_like)
+    if family == "mistral":
+        return t.MistralConfig(**llama_like)
+    if family == "qwen2":  # q/k/v biases
+        return t.Qwen2Config(**llama_like)
+    if family == "gemma2":  # tied output layer, logit softcapping
+        return t.Gemma2Config(head_dim=HIDDEN // HEADS, **llama_like)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return t.Phi3Config(**llama_like)
+    if family == "gpt2":  # Conv1D layers (fan_in_fan_out)
+        return t.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=512, **ids)
+    if family == "gpt_neox":
+        return t.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, max_position_embeddings=512, **ids)
+    if family == "opt":  # flattens the tokens to (B * T, d) before fc1 / fc2
+        return t.OPTConfig(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           word_embed_proj_dim=HIDDEN, max_position_embeddings=512, **ids)
+    if family == "falcon":
+        return t.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, **ids)
+    raise KeyError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "falcon")
+
+
+def build_family(family: str, folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(family, tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _effective(module) -> torch.Tensor:
+    """The layer's ``(d_out, d_in)`` map in float64 (Conv1D stores ``(d_in, d_out)``)."""
+    weight = module.weight.detach().double()
+    return weight.T if type(module).__name__ == "Conv1D" else weight
+
+
+def _peft(base_dir: Path, adapter: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(adapter))
+    return model, [str(w.message) for w in caught if "peft" in str(w.filename)]
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_through_calibrate_realign_merge_and_audit(family, tmp_path, tiny_calibration_prompts):
+    from transformers import AutoModelForCausalLM
+
+    base = build_family(family, tmp_path / "base")
+    adapter = make_peft_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, target_modules="all-linear")
+    safety = tmp_path / "safety.safetensors"
+    _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 4, "--max-new-tokens", 6,
+         "-o", safety)
+    module = load_safety_module(safety)
+    targeted = {k.split(".lora_A")[0].removeprefix("base_model.model.")
+                for k in load_file(str(adapter / "adapter_model.safetensors")) if ".lora_A" in k}
+    assert targeted and targeted <= set(module.bases), sorted(targeted - set(module.bases))
+
+    # realign: loads in PEFT without a warning; the update leaves every layer's safety outputs untouched.
+    out = tmp_path / "realigned"
+    _cli("realign", "--base", base, "--adapter", adapter, "--safety", safety, "-o", out)
+    realigned, warned = _peft(base, out)
+    assert warned == []
+    merged = dict(realigned.merge_and_unload().named_modules())
+    plain = dict(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).named_modules())
+    original = dict(_peft(base, adapter)[0].merge_and_unload().named_modules())
+    for name in sorted(targeted):
+        u = module.bases[name].double()  # (d_out, r)
+        w_base, w_new, w_old = _effective(plain[name]), _effective(merged[name]), _effective(original[name])
+        assert w_base.shape[0] == u.shape[0], name
+        assert torch.allclose(u.T @ (w_new - w_base), torch.zeros(()).double(), atol=1e-5), name
+        assert not torch.allclose(u.T @ (w_old - w_base), torch.zeros(()).double(), atol=1e-4), name
+
+    # merge: equal to PEFT's merge_and_unload, tensor by tensor.
+    merged_dir = tmp_path / "merged"
+    _cli("merge", "--base", base, "--adapter", adapter, "-o", merged_dir)
+    ours = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).state_dict()
+    reference = _peft(base, adapter)[0].merge_and_unload().state_dict()
+    assert ours.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.allclose(ours[key], value, atol=2e-6, rtol=1e-5), key
+
+    # audit: every targeted module scored.
+    result = _cli("audit", "--base", base, "--safety", safety, "--adapter", adapter, "--format", "json")
+    audited = json.loads(result.stdout)["adapters"][0]
+    assert audited["error"] is None and audited["warnings"] == []
+    scored = audited["weight_space"]["modules"]
+    assert {m["module"] for m in scored} == targeted
+    assert all(0.0 <= m["rho"] <= 1.0 and m["update_norm"] > 0 for m in scored)
