@@ -49,10 +49,13 @@ def _config(family: str, tokenizer):
                            word_embed_proj_dim=HIDDEN, max_position_embeddings=512, **ids)
     if family == "falcon":
         return t.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, **ids)
+    if family == "qwen2_moe":  # routed experts (3-D parameters), a shared expert and its Linear(hidden, 1) gate
+        return t.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                shared_expert_intermediate_size=FFN, **llama_like)
     raise KeyError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "falcon")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "qwen2_moe")
 
 
 def build_family(family: str, folder: Path) -> Path:
@@ -98,9 +101,13 @@ def test_family_through_calibrate_realign_merge_and_audit(family, tmp_path, tiny
     base = build_family(family, tmp_path / "base")
     adapter = make_peft_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, target_modules="all-linear")
     safety = tmp_path / "safety.safetensors"
-    _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 4, "--max-new-tokens", 6,
-         "-o", safety)
+    result = _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 4,
+                  "--max-new-tokens", 6, "-o", safety)
     module = load_safety_module(safety)
+    small = {n: 1 for n in module.bases if n.endswith("shared_expert_gate")}  # Linear(hidden, 1): rank capped
+    assert module.metadata["rank_capped"] == small
+    assert ("layers are smaller than --rank 4" in result.output) == bool(small)
+    assert all(module.bases[n].shape[1] == small.get(n, 4) for n in module.bases)
     targeted = {k.split(".lora_A")[0].removeprefix("base_model.model.")
                 for k in load_file(str(adapter / "adapter_model.safetensors")) if ".lora_A" in k}
     assert targeted and targeted <= set(module.bases), sorted(targeted - set(module.bases))
@@ -136,3 +143,13 @@ def test_family_through_calibrate_realign_merge_and_audit(family, tmp_path, tiny
     scored = audited["weight_space"]["modules"]
     assert {m["module"] for m in scored} == targeted
     assert all(0.0 <= m["rho"] <= 1.0 and m["update_norm"] > 0 for m in scored)
+
+
+def test_a_named_layer_smaller_than_the_rank_is_a_one_line_error(tmp_path, tiny_calibration_prompts):
+    base = build_family("qwen2_moe", tmp_path / "base")
+    out = tmp_path / "safety.safetensors"
+    result = CliRunner().invoke(main, ["calibrate", "--base", str(base), "--prompts", str(tiny_calibration_prompts),
+                                       "--rank", "4", "--targets", "q_proj,shared_expert_gate", "-o", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert ("--rank 4 exceeds the size of layer model.layers.0.mlp.shared_expert_gate (1 x 32); lower --rank to 1 "
+            "or leave it out of --targets") in result.output

@@ -35,7 +35,7 @@ def obtain_safety(
     exactly ``targets`` (and saved when ``save_safety`` is given). Returns it with a label for reports."""
     if safety_path is not None:
         return load_checked(base, safety_path), str(safety_path)
-    options = replace(calibration or CalibrationOptions(), targets=tuple(targets))
+    options = replace(calibration or CalibrationOptions(), targets=tuple(targets), cap_small_layers=True)
     safety = calibrate(base, options, progress).safety
     if save_safety is not None:
         save_safety_module(safety, Path(save_safety), overwrite=overwrite)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -54,6 +54,9 @@ class CalibrationOptions:
     rank: int = 32
     side: str = "output"
     targets: tuple[str, ...] | None = None  # module names or suffixes; None = every linear layer
+    # Layers smaller than the rank (a router, a gate with d_out = 1): None caps their rank at their size when the
+    # targets are the default ones and refuses them when named in --targets; True caps, False refuses.
+    cap_small_layers: bool | None = None
     token_policy: str | None = None  # None: "response", or "prompt" with responses=none
     extra_policies: tuple[str, ...] = ()  # more statistics accumulated in the same pass (kept moments)
     keep_moments: bool = False
@@ -112,11 +115,12 @@ class Calibration:
     seconds_generate: float
     seconds_forward: float
     n_tokens: int
+    capped: Mapping[str, int] = field(default_factory=dict)  # layers smaller than the rank -> the rank they got
 
 
 def select_targets(available: Sequence[str], targets: Sequence[str] | None) -> list[str]:
     """Module names matching ``targets`` (exact names or ``.suffix``es); all of ``available`` if None."""
-    if targets is None or list(targets) in (["all-linear"], ["all"]):
+    if is_default_targets(targets):
         return list(available)
     chosen = [name for name in available if any(name == t or name.endswith(f".{t}") for t in targets)]
     unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in available)]
@@ -124,6 +128,22 @@ def select_targets(available: Sequence[str], targets: Sequence[str] | None) -> l
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in available})
         raise InputError(f"--targets {unmatched[0]!r} matches no linear layer of the model; available: {', '.join(suffixes)}")
     return chosen
+
+
+def is_default_targets(targets: Sequence[str] | None) -> bool:
+    return targets is None or list(targets) in (["all-linear"], ["all"])
+
+
+def small_layer_ranks(shapes: Mapping[str, tuple[int, int]], rank: int, cap: bool) -> dict[str, int]:
+    """The layers too small for ``rank`` (``min(d_out, d_in) < rank``), each with the rank it gets: its size. With
+    ``cap`` False the first one is a one-line error naming it (a layer the user named in --targets)."""
+    small = {n: min(shape) for n, shape in shapes.items() if min(shape) < rank}
+    if small and not cap:
+        name = next(iter(small))
+        d_out, d_in = shapes[name]
+        raise InputError(f"--rank {rank} exceeds the size of layer {name} ({d_out} x {d_in}); lower --rank to "
+                         f"{small[name]} or leave it out of --targets")
+    return small
 
 
 def _load_calibration_set(options: CalibrationOptions) -> PromptSet:
@@ -260,9 +280,9 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     model = base.load_model(device)
     linear = linear_modules(model)
     names = select_targets(list(linear), options.targets)
-    max_rank = min(min(weight_matrix(linear[n]).shape) for n in names)
-    if options.rank > max_rank:
-        raise InputError(f"--rank {options.rank} exceeds the smallest target layer dimension ({max_rank})")
+    caps = small_layer_ranks({n: tuple(weight_matrix(linear[n]).shape) for n in names}, options.rank,
+                             options.cap_small_layers if options.cap_small_layers is not None
+                             else is_default_targets(options.targets))
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
 
     t0 = time.perf_counter()
@@ -292,7 +312,7 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
         with progress("eigendecompositions", 1) as advance:
             bases, values = compute_safety_bases(weights, moments, options.rank, options.side,
                                                  frozenset(n for n in names if site_of[n] in output_sites),
-                                                 energy=options.energy)
+                                                 energy=options.energy, ranks=caps)
             advance(1)
     else:
         contrast_set = load_prompt_set(options.contrast).head(options.max_prompts)
@@ -311,7 +331,8 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
                                          accumulator.counts[(site_of[n], policy)])
                 benign = _output_moment(weights[n], c_acc.sums[(c_site_of[n], policy)].to("cpu"),
                                         c_site_of[n] in c_output_sites, c_acc.counts[(c_site_of[n], policy)])
-                basis, eig = contrastive_output_basis(harmful, benign, options.rank, options.contrast_ridge)
+                basis, eig = contrastive_output_basis(harmful, benign, caps.get(n, options.rank),
+                                                      options.contrast_ridge)
                 bases[n], values[n] = basis.to(torch.float32).contiguous(), eig
                 advance(1)
         contrast_meta = {"contrast_prompt_set": contrast_set.name, "contrast_prompt_set_sha256": contrast_set.digest(),
@@ -335,6 +356,7 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
         "token_policy": policy,
         "statistics": list(policies),
         "rank": options.rank,
+        "rank_capped": caps,  # layers smaller than the rank: their basis spans the whole layer
         "method": ("contrastive: generalized eigenvectors of W S_h W^T against W S_b W^T" if options.contrast
                    else f"{options.side}-side eigenvectors of W S W^T" if options.side == "output"
                    else "input-side eigenvectors of S"),
@@ -354,4 +376,4 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
         counts=dict(accumulator.counts),
     )
     return Calibration(safety=safety, seconds_generate=seconds_generate, seconds_forward=seconds_forward,
-                       n_tokens=n_tokens)
+                       n_tokens=n_tokens, capped=caps)

@@ -92,6 +92,11 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
         f"{meta['n_prompts']} prompts, {meta['n_tokens']} {meta['token_policy']} tokens "
         f"(generation {result.seconds_generate:.1f}s, statistics {result.seconds_forward:.1f}s)"
     )
+    if result.capped:
+        listed = ", ".join(f"{n} ({k})" for n, k in list(result.capped.items())[:4])
+        more = f" and {len(result.capped) - 4} more" if len(result.capped) > 4 else ""
+        click.echo(f"Note: {len(result.capped)} layers are smaller than --rank {meta['rank']} and got a basis of "
+                   f"their own size: {listed}{more}")
     click.echo(f"Wrote {output}")
 
 

@@ -53,9 +53,11 @@ def compute_safety_bases(
     side: str = "output",
     output_moments: frozenset[str] = frozenset(),
     energy: float | None = None,
+    ranks: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Safety bases for every module from its weight ``(d_out, d_in)`` and input second moment.
 
+    ``ranks`` overrides ``rank`` per module (a layer smaller than the rank gets its own size).
     Modules named in ``output_moments`` carry the output moment ``W S W^T`` instead of ``S``
     (output side only). With ``energy``, each module keeps the fewest directions that capture that share
     of its whole spectrum (``rank`` is then the cap). Returns float32 bases and float64 eigenvalues,
@@ -67,12 +69,13 @@ def compute_safety_bases(
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     bases, values = {}, {}
     for name, weight in weights.items():
+        k = (ranks or {}).get(name, rank)
         if name in output_moments:
-            basis, eig = output_basis_from_output_moment(moments[name], rank)
+            basis, eig = output_basis_from_output_moment(moments[name], k)
         elif side == "output":
-            basis, eig = output_basis(weight, moments[name], rank)
+            basis, eig = output_basis(weight, moments[name], k)
         else:
-            basis, eig = input_basis(moments[name], rank)
+            basis, eig = input_basis(moments[name], k)
         if energy is not None:
             total = energy_total(weight, moments[name], name in output_moments, side)
             k = rank_for_energy(eig, energy, total)
