@@ -153,3 +153,40 @@ def test_a_named_layer_smaller_than_the_rank_is_a_one_line_error(tmp_path, tiny_
     assert result.exit_code == 1 and not out.exists()
     assert ("--rank 4 exceeds the size of layer model.layers.0.mlp.shared_expert_gate (1 x 32); lower --rank to 1 "
             "or leave it out of --targets") in result.output
+
+
+def test_a_base_model_without_a_chat_template_is_said_and_can_be_given_one(tmp_path, tiny_calibration_prompts):
+    base = build_family("gpt2", tmp_path / "base")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in base.glob("chat_template.*"):
+        extra.unlink()
+    common = ["calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 2,
+              "--max-new-tokens", 4, "--targets", "c_attn"]
+    raw = _cli(*common, "-o", tmp_path / "raw.safetensors")
+    assert "has no chat template, so the prompts were used as raw text" in raw.output
+    assert load_safety_module(tmp_path / "raw.safetensors").metadata["chat_template"].startswith("none (the model")
+    plain = _cli(*common, "--chat-template", "plain", "-o", tmp_path / "plain.safetensors")
+    assert "no chat template" not in plain.output
+    label = load_safety_module(tmp_path / "plain.safetensors").metadata["chat_template"]
+    assert label.startswith("plain (sha256 ")
+    # The template changes the tokens the statistics see, so the bases differ.
+    a = load_safety_module(tmp_path / "raw.safetensors").bases
+    b = load_safety_module(tmp_path / "plain.safetensors").bases
+    assert any(not torch.allclose(a[n].abs(), b[n].abs(), atol=1e-3) for n in a)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:")
+    own = _cli(*common, "--chat-template", template, "-o", tmp_path / "own.safetensors")
+    assert load_safety_module(tmp_path / "own.safetensors").metadata["chat_template"].startswith("t.jinja (sha256")
+    assert "no chat template" not in own.output
+    for bad, message in ((tmp_path / "missing.jinja", "no such file, and not one of chatml, plain, none"),
+                         (tmp_path / "t.txt", "never mentions them"),
+                         (tmp_path / "broken.jinja", "does not render a user message")):
+        if bad.name == "t.txt":
+            bad.write_text("hello")
+        if bad.name == "broken.jinja":
+            bad.write_text("{% for m in messages %}{{ m['content'] }")
+        out = tmp_path / "bad.safetensors"
+        result = CliRunner().invoke(main, [str(a) for a in (*common, "--chat-template", bad, "-o", out)])
+        assert result.exit_code == 1 and message in result.output and not out.exists(), result.output

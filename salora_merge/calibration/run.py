@@ -21,6 +21,7 @@ from salora_merge.core.safety import SIDES, SafetyModule, compute_safety_bases
 from salora_merge.core.subspace import contrastive_output_basis
 from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.chat_templates import apply_chat_template_choice
 from salora_merge.hf.models import (
     chat_prompt_ids,
     greedy_responses,
@@ -70,6 +71,7 @@ class CalibrationOptions:
     energy: float | None = None  # keep the fewest directions capturing this share (rank = the cap)
     contrast: str | None = None  # benign/task prompts: contrastive bases (generalized eigenproblem)
     contrast_ridge: float = 1e-3
+    chat_template: str | None = None  # None: the model's own (raw prompt text when it has none); a name or a file
 
     def policy(self) -> str:
         if self.token_policy:
@@ -276,7 +278,7 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     options.validate()
     prompt_set = _load_calibration_set(options)
     device = pick_device(options.device)
-    tokenizer = base.tokenizer
+    tokenizer, template = apply_chat_template_choice(base.tokenizer, options.chat_template)
     model = base.load_model(device)
     linear = linear_modules(model)
     names = select_targets(list(linear), options.targets)
@@ -354,6 +356,7 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
         "max_new_tokens": options.max_new_tokens if options.responses == "self" else None,
         "max_length": options.max_length,
         "token_policy": policy,
+        "chat_template": template,
         "statistics": list(policies),
         "rank": options.rank,
         "rank_capped": caps,  # layers smaller than the rank: their basis spans the whole layer

@@ -92,6 +92,9 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
         f"{meta['n_prompts']} prompts, {meta['n_tokens']} {meta['token_policy']} tokens "
         f"(generation {result.seconds_generate:.1f}s, statistics {result.seconds_forward:.1f}s)"
     )
+    if meta["chat_template"].startswith("none (the model has no"):
+        click.echo(f"Note: {meta['base_model']} has no chat template, so the prompts were used as raw text; give "
+                   "--chat-template chatml, plain or a Jinja file to use one (recorded in the safety module).")
     if result.capped:
         listed = ", ".join(f"{n} ({k})" for n, k in list(result.capped.items())[:4])
         more = f" and {len(result.capped) - 4} more" if len(result.capped) > 4 else ""

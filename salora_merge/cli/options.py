@@ -45,6 +45,9 @@ def calibration_options(func: Callable) -> Callable:
                help="Prompts per batch when generating the base model's responses."),
         option(s, "--max-length", default=512, show_default=True, type=int, help="Tokens per example, prompt included."),
         option(s, "--max-new-tokens", default=64, show_default=True, type=int, help="Length of self-generated responses."),
+        option(s, "--chat-template", default=None,
+               help="For a base model without one (GPT-2, OPT...): chatml, plain, a Jinja file, or none for the "
+                    "raw prompt text [default: the model's own; raw text, with a note, when it has none]."),
         option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         option(s, "--energy", default=None, type=float,
                help="Keep per module the fewest directions capturing this share of the energy (--rank caps it)."),
@@ -65,7 +68,7 @@ def build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_moment
         batch_size=kwargs["batch_size"], generation_batch_size=kwargs["generation_batch_size"],
         max_length=kwargs["max_length"], max_new_tokens=kwargs["max_new_tokens"], device=kwargs["device"],
         keep_moments=keep_moments, energy=kwargs["energy"], contrast=kwargs["contrast_prompts"],
-        contrast_ridge=kwargs["contrast_ridge"],
+        contrast_ridge=kwargs["contrast_ridge"], chat_template=kwargs.get("chat_template"),
     )
 
 

@@ -1,0 +1,60 @@
+"""Chat templates for base models that have none (GPT-2, GPT-NeoX, OPT, Falcon): named ones, a user's file, or the
+raw prompt text, and the label a safety module records of which was used."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+from salora_merge.errors import InputError
+
+__all__ = ["NAMED", "RAW", "apply_chat_template_choice"]
+
+RAW = "none"
+
+# Jinja templates in the form transformers' ``apply_chat_template`` renders (messages, add_generation_prompt).
+NAMED = {
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "plain": ("{% for m in messages %}{{ 'User' if m['role'] == 'user' else 'Assistant' }}: {{ m['content'] }}\n"
+              "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"),
+}
+
+
+def apply_chat_template_choice(tokenizer, choice: str | None) -> tuple[object, str]:
+    """The tokenizer to prompt with and a label of the template used.
+
+    ``choice`` None keeps the model's own template (label ``model``) or, when it has none, the raw prompt text
+    (label ``none (the model has no chat template: raw prompt text)``); ``none`` forces the raw text; a name of
+    :data:`NAMED` or a file of Jinja text sets that template on a copy of the tokenizer (the label names it with
+    its SHA-256)."""
+    own = getattr(tokenizer, "chat_template", None)
+    if choice is None:
+        return tokenizer, "model" if own else "none (the model has no chat template: raw prompt text)"
+    if choice == RAW:
+        chosen = copy.copy(tokenizer)
+        chosen.chat_template = None
+        return chosen, "none (raw prompt text, as asked)"
+    if choice in NAMED:
+        text, label = NAMED[choice], choice
+    else:
+        path = Path(choice)
+        if not path.is_file():
+            raise InputError(f"--chat-template {choice}: no such file, and not one of {', '.join([*NAMED, RAW])}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"--chat-template {choice}: not a UTF-8 text file of Jinja") from None
+        if "messages" not in text:
+            raise InputError(f"--chat-template {choice}: a chat template renders 'messages'; this file never "
+                             "mentions them")
+        label = path.name
+    chosen = copy.copy(tokenizer)
+    chosen.chat_template = text
+    try:
+        chosen.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # a template error, reported in one line
+        raise InputError(f"--chat-template {choice}: does not render a user message ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return chosen, f"{label} (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]})"
