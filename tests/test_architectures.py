@@ -190,3 +190,57 @@ def test_a_base_model_without_a_chat_template_is_said_and_can_be_given_one(tmp_p
         out = tmp_path / "bad.safetensors"
         result = CliRunner().invoke(main, [str(a) for a in (*common, "--chat-template", bad, "-o", out)])
         assert result.exit_code == 1 and message in result.output and not out.exists(), result.output
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_lora_on_the_output_layer_is_calibrated_realigned_and_audited(tied, tmp_path, tiny_calibration_prompts):
+    """lm_head's statistics come from the backbone's last hidden state (no logits): equal to its input in a full
+    forward pass (dense float64 reference); realign keeps its safety outputs and loads in PEFT; audit scores it."""
+    from conftest import build_tiny_llama
+
+    from salora_merge.hf.models import chat_prompt_ids
+    from salora_merge.io.adapter import read_adapter
+
+    base = tmp_path / "base"
+    model, tokenizer = build_tiny_llama(base)
+    if not tied:
+        config = json.loads((base / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (base / "config.json").write_text(json.dumps(config))
+        from transformers import AutoModelForCausalLM
+        untied = AutoModelForCausalLM.from_pretrained(str(base))
+        untied.lm_head.weight.data = torch.randn_like(untied.lm_head.weight)  # untied: a weight of its own
+        untied.save_pretrained(str(base), safe_serialization=True)
+    adapter = make_peft_adapter(base, tmp_path / "lora", target_modules=["q_proj", "lm_head"])
+    safety = tmp_path / "safety.safetensors"
+    _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 4, "--responses", "none",
+         "--targets", "q_proj,lm_head", "--keep-moments", "-o", safety)
+    module = load_safety_module(safety)
+    assert "lm_head" in module.bases and module.bases["lm_head"].shape == (len(tokenizer), 4)
+    from transformers import AutoModelForCausalLM
+    full = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float64)
+    seen = []
+    handle = full.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0][0]))
+    prompts = [json.loads(line)["prompt"] for line in tiny_calibration_prompts.read_text().splitlines()]
+    with torch.no_grad():
+        for p in prompts:
+            full(input_ids=torch.tensor([chat_prompt_ids(tokenizer, p)]))
+    handle.remove()
+    rows = torch.cat(seen)
+    moment = module.moments[(module.sites["lm_head"], module.metadata["token_policy"])].double()
+    assert torch.allclose(moment, rows.T @ rows, rtol=1e-4, atol=1e-4)
+
+    out = tmp_path / "realigned"
+    _cli("realign", "--base", base, "--adapter", adapter, "--safety", safety, "-o", out)
+    # No warning but those PEFT gives the original adapter (on a tied model: its ensure_weight_tying advice).
+    assert _peft(base, out)[1] == _peft(base, adapter)[1]
+    head = read_adapter(out).modules["lm_head"]
+    u = module.bases["lm_head"].double()
+    assert torch.allclose(u.T @ head.lora_B.double(), torch.zeros(()).double(), atol=1e-5)
+    assert not torch.allclose(u.T @ read_adapter(adapter).modules["lm_head"].lora_B.double(),
+                              torch.zeros(()).double(), atol=1e-4)
+    result = _cli("audit", "--base", base, "--safety", safety, "--adapter", adapter, "--format", "json")
+    audited = json.loads(result.stdout)["adapters"][0]
+    assert audited["error"] is None
+    assert {m["module"] for m in audited["weight_space"]["modules"]} == {"lm_head"} | {
+        f"model.layers.{i}.self_attn.q_proj" for i in range(2)}

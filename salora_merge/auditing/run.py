@@ -134,7 +134,7 @@ def run_audit(
     if not refs:
         raise InputError("--adapter: give at least one adapter (or a folder of adapters)")
     base = resolve_model(base)
-    shapes = base.checkpoint.linear_weight_shapes()
+    shapes = base.module_weight_shapes
     prompt_sets = None
     if options.behavior is not None:  # every input problem surfaces before any long step
         from salora_merge.auditing.judges import load_judge

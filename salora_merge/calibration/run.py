@@ -24,6 +24,7 @@ from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.chat_templates import apply_chat_template_choice
 from salora_merge.hf.models import (
     chat_prompt_ids,
+    output_layer_name,
     greedy_responses,
     linear_modules,
     pick_device,
@@ -231,9 +232,15 @@ def accumulate_moments(
     backbone = backbone_of(model)
     batches = length_sorted_batches(sequences, batch_size)
     probe_ids, probe_attention, _ = batch_tensors(batches[0][:1], pad, policies, device)
+    # The output layer (lm_head, tied or not) reads the backbone's last hidden state: taken from there, so no
+    # logits are computed.
+    head = output_layer_name(model)
+    from_output = {head: backbone} if head in modules and backbone is not model else {}
     groups = group_modules_by_input(
-        modules, lambda: backbone(input_ids=probe_ids, attention_mask=probe_attention, use_cache=False)
+        {n: m for n, m in modules.items() if n not in from_output},
+        lambda: backbone(input_ids=probe_ids, attention_mask=probe_attention, use_cache=False)
     )
+    groups.update({n: [n] for n in from_output})
     shapes = {site: tuple(weight_matrix(modules[site]).shape) for site in groups}  # (d_out, d_in)
     output_sites = frozenset(
         site for site, members in groups.items()
@@ -243,7 +250,7 @@ def accumulate_moments(
     accumulator = MomentAccumulator(dims, tuple(policies), dtype, device)
     slot = MaskSlot()
     with progress("accumulating second moments", len(sequences)) as advance:
-        with record_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites):
+        with record_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites, from_output):
             for batch in batches:
                 input_ids, attention, slot.masks = batch_tensors(batch, pad, policies, device)
                 backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
@@ -280,8 +287,10 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     device = pick_device(options.device)
     tokenizer, template = apply_chat_template_choice(base.tokenizer, options.chat_template)
     model = base.load_model(device)
-    linear = linear_modules(model)
-    names = select_targets(list(linear), options.targets)
+    linear = linear_modules(model, include_output=True)
+    head = output_layer_name(model)  # calibrated only when named (--targets lm_head, or an adapter on it)
+    names = select_targets([n for n in linear if n != head or not is_default_targets(options.targets)],
+                           options.targets)
     caps = small_layer_ranks({n: tuple(weight_matrix(linear[n]).shape) for n in names}, options.rank,
                              options.cap_small_layers if options.cap_small_layers is not None
                              else is_default_targets(options.targets))

@@ -136,8 +136,13 @@ def record_moments(
     accumulator: MomentAccumulator,
     slot: MaskSlot,
     output_sites: frozenset[str] = frozenset(),
+    input_from_output: Mapping[str, nn.Module] | None = None,
 ) -> Iterator[None]:
     """Accumulate second moments at the masked positions while inside; hooks removed on exit.
+
+    A site in ``input_from_output`` takes its input from another module's output (its first element when a
+    tuple or model output): the output layer's input is the backbone's last hidden state, so the statistics
+    need no logits.
 
     For most sites the statistic is the module's input ``x``. For sites in ``output_sites`` it is the
     module's output without bias, ``y = W x``, whose second moment ``sum y y^T = W S W^T`` is all the
@@ -163,9 +168,17 @@ def record_moments(
 
         return hook
 
+    def make_output_hook(site: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            add(site, output[0] if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple") else output)
+
+        return hook
+
     try:
         for site, module in site_modules.items():
-            if site in output_sites:
+            if input_from_output and site in input_from_output:
+                handles.append(input_from_output[site].register_forward_hook(make_output_hook(site)))
+            elif site in output_sites:
                 handles.append(module.register_forward_hook(make_post_hook(site)))
             else:
                 handles.append(module.register_forward_pre_hook(make_pre_hook(site)))

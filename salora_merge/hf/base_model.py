@@ -48,6 +48,17 @@ class BaseModel:
         return tied_embedding_weights(self.folder)
 
     @cached_property
+    def module_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Module name -> stored weight shape for every 2-D weight, with a tied output layer (stored only as the
+        input embedding it shares) given the embedding's shape: an adapter on ``lm_head`` fits a tied model."""
+        shapes = dict(self.checkpoint.linear_weight_shapes())
+        if self.tied_embeddings:
+            inp, out = self.tied_embeddings
+            if out not in self.checkpoint.files and inp in self.checkpoint.files:
+                shapes[out[: -len(".weight")]] = self.checkpoint.shapes[inp]
+        return shapes
+
+    @cached_property
     def tokenizer(self):
         from salora_merge.hf.models import load_tokenizer
 

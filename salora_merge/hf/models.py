@@ -17,6 +17,7 @@ __all__ = [
     "load_tokenizer",
     "dequantize_gguf",
     "chat_prompt_ids",
+    "output_layer_name",
     "generate_greedy",
     "linear_modules",
     "weight_matrix",
@@ -159,16 +160,22 @@ def greedy_responses(model: nn.Module, tokenizer, prompts: Sequence[list[int]], 
     return [r + [eos] if len(r) < max_new_tokens else r for r in out]
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) except the output embedding."""
+def linear_modules(model: nn.Module, include_output: bool = False) -> dict[str, nn.Module]:
+    """Every linear layer (``nn.Linear`` or GPT-2 ``Conv1D``), the output embedding only with ``include_output``."""
     from transformers.pytorch_utils import Conv1D
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+        if isinstance(module, (nn.Linear, Conv1D)) and (include_output or module is not output)
     }
+
+
+def output_layer_name(model: nn.Module) -> str | None:
+    """The module name of the output embedding (``lm_head``), tied or not."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is output), None)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -52,7 +52,7 @@ def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: s
     sources.check_for(chosen)
     adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
     base = resolve_model(base)
-    check_adapter_fits(adapter, base.checkpoint.linear_weight_shapes())
+    check_adapter_fits(adapter, base.module_weight_shapes)
     ctx = gather(chosen, base, adapter, str(adapter_ref), str(out), sources, overwrite, progress)
     new_modules, report = chosen.apply(adapter.modules, ctx, options)
     config = adapter.config

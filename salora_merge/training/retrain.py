@@ -132,7 +132,7 @@ def run_retrain(
                          "(train supports multi-process runs)")
     base, fingerprint, safety = prepare_run(base, safety_path, run)
     adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=options.allow_pickle)
-    check_adapter_fits(adapter, base.checkpoint.linear_weight_shapes())
+    check_adapter_fits(adapter, base.module_weight_shapes)
     old_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}
 
     device = pick_device(train_options.device)
