@@ -144,6 +144,29 @@ def test_family_through_calibrate_realign_merge_and_audit(family, tmp_path, tiny
     assert {m["module"] for m in scored} == targeted
     assert all(0.0 <= m["rho"] <= 1.0 and m["update_norm"] > 0 for m in scored)
 
+    # train: one SaLoRA step on every targeted layer kind; the export loads in PEFT.
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n"
+                            for w in ("red", "green", "blue", "amber")))
+    trainable = {n for n in targeted if n not in small}  # a Linear(hidden, 1) gate cannot hold rank 2
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in trainable})
+    trained = tmp_path / "trained"
+    _cli("train", "--base", base, "--data", data, "--safety", safety, "--rank", 2, "--alpha", 4, "--task-rank", 2,
+         "--targets", ",".join(suffixes), "--max-steps", 1, "--batch-size", 2, "--grad-accum", 1,
+         "--lr", "1e-2", "--warmup-ratio", 0, "--device", "cpu", "--quiet", "-o", trained)
+    peft_trained, warned = _peft(base, trained)
+    assert warned == []
+    assert {k.split(".lora_A")[0].removeprefix("base_model.model.")
+            for k in load_file(str(trained / "adapter_model.safetensors")) if ".lora_A" in k} == trainable
+    # SaLoRA's guarantee, through PEFT's merge of the export: the update leaves the safety outputs untouched.
+    merged = dict(peft_trained.merge_and_unload().named_modules())
+    moved = 0
+    for name in sorted(trainable):
+        delta = _effective(merged[name]) - _effective(plain[name])
+        moved += bool(delta.abs().max() > 0)
+        assert torch.allclose(module.bases[name].double().T @ delta, torch.zeros(()).double(), atol=1e-5), name
+    assert moved == len(trainable), f"{moved} of {len(trainable)} layers moved in one step"
+
 
 def test_a_named_layer_smaller_than_the_rank_is_a_one_line_error(tmp_path, tiny_calibration_prompts):
     base = build_family("qwen2_moe", tmp_path / "base")

@@ -87,6 +87,17 @@ class SaLoRALinear(nn.Module):
                 f"r_s={self.safety_basis.shape[1]}, s={self.scaling:g}")
 
 
+def _linear_view(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` over a Conv1D's own storage (its weight the transposed view, so ``W_res`` written into the
+    Conv1D's weight is what it computes with); nothing is copied."""
+    d_in, d_out = conv.weight.shape
+    linear = nn.Linear(d_in, d_out, bias=conv.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv.weight.data.T, requires_grad=False)
+    if conv.bias is not None:
+        linear.bias = nn.Parameter(conv.bias.data, requires_grad=False)
+    return linear
+
+
 def inject(model: nn.Module, inits: Mapping[str, LayerInit], dropout: float = 0.0) -> dict[str, SaLoRALinear]:
     """Replace each named ``nn.Linear`` by a ``SaLoRALinear``; freeze every other parameter."""
     for param in model.parameters():
@@ -94,6 +105,8 @@ def inject(model: nn.Module, inits: Mapping[str, LayerInit], dropout: float = 0.
     layers = {}
     for name, init in inits.items():
         base = model.get_submodule(name)
+        if type(base).__name__ == "Conv1D":  # GPT-2: y = x W + b with W stored (d_in, d_out)
+            base = _linear_view(base)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{name} is a {type(base).__name__}, not nn.Linear")
         layer = SaLoRALinear(base, init, dropout)

@@ -46,6 +46,7 @@ class PreparedModel:
     seconds_init: float
     task_tokens: int
     linear_names: list[str] = field(default_factory=list)  # every linear layer of the base, before injection
+    fan_in_fan_out: bool = False  # the targets are GPT-2-style Conv1D layers (weights stored (d_in, d_out))
 
 
 def _init_sample(examples: Sequence[TokenizedExample], n: int, seed: int) -> list[TokenizedExample]:
@@ -105,9 +106,14 @@ def prepare_model(
     model = model if model is not None else base.load_model(pick_device(options.device))
     linear = linear_modules(model)
     names = select_targets(list(linear), options.targets)
+    kinds = {type(linear[n]).__name__ for n in names}
+    if len(kinds) > 1:  # PEFT's fan_in_fan_out is one setting per adapter
+        raise InputError(f"--targets mixes layer types ({', '.join(sorted(kinds))}); a PEFT adapter stores Conv1D "
+                         "and nn.Linear layers differently (fan_in_fan_out), so train them in separate adapters")
     for name in names:
-        if not isinstance(linear[name], torch.nn.Linear):
-            raise InputError(f"--targets: {name} is a {type(linear[name]).__name__}; only nn.Linear layers can be trained")
+        if not (isinstance(linear[name], torch.nn.Linear) or type(linear[name]).__name__ == "Conv1D"):
+            raise InputError(f"--targets: {name} is a {type(linear[name]).__name__}; only nn.Linear and Conv1D "
+                             "layers can be trained")
         d_out, d_in = weight_matrix(linear[name]).shape
         if options.rank > min(d_out, d_in):
             raise InputError(f"--rank {options.rank} exceeds the dimensions of {name} ({d_out} x {d_in})")
@@ -164,7 +170,7 @@ def prepare_model(
     layers = inject(model, inits, options.dropout)
     model.config.use_cache = False
     return PreparedModel(model=model, tokenizer=tokenizer, layers=layers, seconds_init=time.perf_counter() - t0, task_tokens=task_tokens,
-                         linear_names=list(linear))
+                         linear_names=list(linear), fan_in_fan_out=kinds == {"Conv1D"})
 
 
 def export_modules(layers: Mapping[str, SaLoRALinear]) -> dict[str, LoraModule]:
@@ -185,7 +191,8 @@ def _target_modules(names: Sequence[str], all_linear: Sequence[str]) -> list[str
     return suffixes if selected == set(names) else sorted(names)
 
 
-def adapter_config(options: TrainOptions, base_id: str, target_modules: list[str], doubled: bool) -> dict:
+def adapter_config(options: TrainOptions, base_id: str, target_modules: list[str], doubled: bool,
+                   fan_in_fan_out: bool = False) -> dict:
     """A stock PEFT ``adapter_config.json`` for the exported adapter; the scaling equals training's."""
     factor = 2 if doubled else 1
     return {
@@ -198,7 +205,7 @@ def adapter_config(options: TrainOptions, base_id: str, target_modules: list[str
         "target_modules": target_modules,
         "lora_dropout": options.dropout,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,

@@ -154,7 +154,8 @@ def train_adapter(
     modules = export_modules(prepared.layers)
     doubled = any(layer.has_initial_part for layer in prepared.layers.values())
     config = adapter_config(options, base.model_id,
-                            _target_modules(list(prepared.layers), prepared.linear_names), doubled)
+                            _target_modules(list(prepared.layers), prepared.linear_names), doubled,
+                            prepared.fan_in_fan_out)
     scores = module_scores({n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()},
                            {n: safety.bases[n] for n in modules})
     report = TrainReport(
