@@ -274,16 +274,56 @@ def test_a_lora_on_the_output_layer_is_calibrated_realigned_and_audited(tied, tm
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_fused_expert_adapters_are_refused_in_one_line(family, tmp_path):
-    """Not yet supported (docs/usage.md says so): PEFT's default adapter for these models carries
-    target_parameters; every command refuses it in one line, writing nothing."""
+@pytest.mark.parametrize("stored", ["per-expert", "fused"])
+def test_fused_expert_adapters_merge_exactly_and_are_refused_elsewhere(family, stored, tmp_path,
+                                                                        tiny_calibration_prompts):
+    """PEFT's default adapter for these models carries target_parameters (the fused 3-D experts and, for Mixtral,
+    the router): merge equals PEFT's merge_and_unload, whether the checkpoint stores the experts one by one
+    (as transformers 5 writes them, fused at load) or fused; realign, audit, train, retrain and merge --realign
+    refuse it in one line, writing nothing."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
     base = build_family(family, tmp_path / "base")
+    if stored == "fused":  # the parameters under their own names, as a checkpoint saved without conversion holds
+        state = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).state_dict()
+        state.pop("lm_head.weight", None) if json.loads((base / "config.json").read_text()).get(
+            "tie_word_embeddings") else None
+        save_file({k: v.contiguous() for k, v in state.items()}, str(base / "model.safetensors"),
+                  metadata={"format": "pt"})
+        assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(str(base / "model.safetensors"))
+    else:
+        assert "model.layers.0.mlp.experts.gate_up_proj" not in load_file(str(base / "model.safetensors"))
     adapter = make_peft_adapter(base, tmp_path / "lora", target_modules="all-linear")
-    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
-    for command in (["realign", "--safety", tmp_path / "none.safetensors"], ["merge"]):
-        out = tmp_path / f"out-{command[0]}"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_parameters"] and config["rank_pattern"]  # PEFT gives gate_up_proj twice the rank
+
+    merged = tmp_path / "merged"
+    _cli("merge", "--base", base, "--adapter", adapter, "-o", merged)
+    ours = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).state_dict()
+    reference = _peft(base, adapter)[0].merge_and_unload().state_dict()
+    original = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).state_dict()
+    assert ours.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.allclose(ours[key], value, atol=2e-6, rtol=1e-5), key
+    experts = [k for k in reference if ".experts." in k]
+    assert experts and all(not torch.equal(reference[k], original[k]) for k in experts)
+
+    # Refused before anything is calibrated or trained (no --safety: these would calibrate first).
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"}) + "\n")
+    safety = tmp_path / "safety.safetensors"
+    _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 2, "--max-new-tokens", 2,
+         "--targets", "q_proj", "-o", safety)
+    for command in (["realign"], ["realign", "--safety", safety], ["retrain", "--data", data, "--safety", safety],
+                    ["merge", "--realign"]):
+        out = tmp_path / f"out-{command[0]}-{len(command)}"
         result = CliRunner().invoke(main, [str(a) for a in (command[0], "--base", base, "--adapter", adapter,
                                                                *command[1:], "-o", out)])
         assert result.exit_code == 1 and not out.exists(), result.output
-        assert "'target_parameters' (LoRA on raw parameters) is not supported" in result.output
+        assert "fused expert parameters" in result.output, result.output
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["audit", "--base", str(base), "--adapter", str(adapter), "--prompts",
+                                       str(tiny_calibration_prompts), "--rank", "2", "--max-new-tokens", "2",
+                                       "--format", "json"])
+    assert result.exit_code == 4 and "fused expert parameters" in json.loads(result.stdout)["adapters"][0]["error"]

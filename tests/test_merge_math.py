@@ -52,3 +52,27 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(InputError, match="--shard-size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_expert_update_equals_pefts_einsum_in_float64(transposed):
+    """A LoRA on a fused 3-D expert parameter, unpacked from PEFT's layout (lora_A (r*E, d_in), expert-major rows;
+    lora_B (d_out, r*E), rank-major columns) and added per expert, equals PEFT's own formula for the delta."""
+    from salora_merge.core.merge_math import ExpertUpdate, merged_weight
+    from salora_merge.io.adapter import ParamLayout, ParamLora
+
+    g = torch.Generator().manual_seed(0)
+    experts, rank, d_out, d_in = 3, 2, 5, 4
+    a_all = torch.randn(rank * experts, d_in, generator=g, dtype=torch.float64)
+    b_all = torch.randn(d_out, rank * experts, generator=g, dtype=torch.float64)
+    shape = (experts, d_in, d_out) if transposed else (experts, d_out, d_in)
+    lora = ParamLora(ParamLayout("m.experts", "w", shape, transposed), "m.experts", a_all, b_all, 0.5)
+    # PEFT's ParamWrapper.get_delta_weight, written out: einsum over B (o, r, e) and A (e, r, i).
+    peft_b = b_all.reshape(d_out, rank, experts)
+    peft_a = a_all.reshape(experts, rank, d_in)
+    expected = torch.einsum("o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i", peft_b, peft_a) * 0.5
+    a, b = lora.expert_factors()
+    update = ExpertUpdate(a, b, 0.5, transposed)
+    assert torch.allclose(update.dense(), expected, atol=1e-12)
+    weight = torch.randn(*shape, generator=g, dtype=torch.float64)
+    assert torch.allclose(merged_weight(weight, [update]), weight + expected, atol=1e-12)

@@ -39,6 +39,11 @@ class LoraSpec:
     fan_in_fan_out: bool = False
     modules_to_save: tuple[str, ...] = ()
     base_model_name_or_path: str | None = None
+    target_parameters: tuple[str, ...] = ()  # LoRA on raw parameters (PEFT's ParamWrapper: fused MoE experts)
+
+    def targets_parameter(self, key: str) -> bool:
+        """Whether PEFT wraps the parameter ``key`` (``module.param``) under ``target_parameters``."""
+        return any(key == t or key.endswith(f".{t}") for t in self.target_parameters)
 
     def rank_for(self, module: str) -> int:
         """``r`` of a module after ``rank_pattern``."""
@@ -135,8 +140,9 @@ def parse_lora_config(raw: Mapping[str, Any], source: str) -> LoraSpec:
             f"{source}: bias={bias!r} trains the base model's biases, which realign cannot constrain; "
             "retrain with bias='none'"
         )
-    if raw.get("target_parameters"):
-        raise AdapterError(f"{source}: 'target_parameters' (LoRA on raw parameters) is not supported")
+    target_parameters = raw.get("target_parameters") or ()
+    if isinstance(target_parameters, str) or not all(isinstance(t, str) for t in target_parameters):
+        raise AdapterError(f"{source}: 'target_parameters' must be a list of parameter names")
     try:
         r = int(raw["r"])
         alpha = float(raw.get("lora_alpha", 8))
@@ -165,6 +171,7 @@ def parse_lora_config(raw: Mapping[str, Any], source: str) -> LoraSpec:
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         modules_to_save=tuple(raw.get("modules_to_save") or ()),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
+        target_parameters=tuple(target_parameters),
     )
 
 

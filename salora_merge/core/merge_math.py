@@ -16,7 +16,7 @@ import torch
 
 from salora_merge.errors import InputError
 
-__all__ = ["LowRankUpdate", "merged_weight", "cast_exact", "compute_dtype", "parse_size"]
+__all__ = ["LowRankUpdate", "ExpertUpdate", "merged_weight", "cast_exact", "compute_dtype", "parse_size"]
 
 
 def compute_dtype(stored: torch.dtype) -> torch.dtype:
@@ -39,7 +39,23 @@ class LowRankUpdate:
         return update.T if self.fan_in_fan_out else update
 
 
-def merged_weight(weight: torch.Tensor, updates: Sequence[LowRankUpdate]) -> torch.Tensor:
+@dataclass(frozen=True)
+class ExpertUpdate:
+    """``scale * B_e @ A_e`` for every expert ``e`` of a 3-D parameter (or the one matrix of a 2-D one, E = 1);
+    ``transposed``: each expert is stored ``(d_in, d_out)``."""
+
+    lora_A: torch.Tensor  # (E, r, d_in)
+    lora_B: torch.Tensor  # (E, d_out, r)
+    scale: float
+    transposed: bool = False
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The update in the stored layout, ``(E, d_out, d_in)`` or ``(E, d_in, d_out)`` (references, tests)."""
+        update = torch.bmm(self.lora_B.to(dtype), self.lora_A.to(dtype)) * self.scale
+        return update.transpose(1, 2) if self.transposed else update
+
+
+def merged_weight(weight: torch.Tensor, updates: Sequence[LowRankUpdate | ExpertUpdate]) -> torch.Tensor:
     """``W + sum_i scale_i * B_i @ A_i`` in the compute dtype; the caller casts back once.
 
     Each update is one in-place ``addmm`` on the float32 copy of ``W``: no dense ``d_out x d_in``
@@ -47,6 +63,9 @@ def merged_weight(weight: torch.Tensor, updates: Sequence[LowRankUpdate]) -> tor
     """
     out = weight.to(compute_dtype(weight.dtype), copy=True)
     for update in updates:
+        if isinstance(update, ExpertUpdate):
+            _add_experts(out, update)
+            continue
         a, b = update.lora_A.to(out.dtype), update.lora_B.to(out.dtype)
         if update.fan_in_fan_out:
             a, b = b.T, a.T  # stored (d_in, d_out): W += s * A^T B^T
@@ -54,6 +73,20 @@ def merged_weight(weight: torch.Tensor, updates: Sequence[LowRankUpdate]) -> tor
             raise ValueError(f"update of shape {(b.shape[0], a.shape[1])} does not fit weight {tuple(out.shape)}")
         out.addmm_(b, a, alpha=update.scale)
     return out
+
+
+def _add_experts(out: torch.Tensor, update: ExpertUpdate) -> None:
+    """Add each expert's rank-r product in place (one ``addmm`` per expert; nothing dense materialised)."""
+    a, b = update.lora_A.to(out.dtype), update.lora_B.to(out.dtype)
+    stacks = out if out.dim() == 3 else out.unsqueeze(0)
+    if stacks.shape[0] != a.shape[0]:
+        raise ValueError(f"update for {a.shape[0]} experts does not fit weight {tuple(out.shape)}")
+    for e in range(a.shape[0]):
+        lhs, rhs = (a[e].T, b[e].T) if update.transposed else (b[e], a[e])
+        if (lhs.shape[0], rhs.shape[1]) != tuple(stacks[e].shape):
+            raise ValueError(f"update of shape {(lhs.shape[0], rhs.shape[1])} does not fit expert weight "
+                             f"{tuple(stacks[e].shape)}")
+        stacks[e].addmm_(lhs, rhs, alpha=update.scale)
 
 
 def cast_exact(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

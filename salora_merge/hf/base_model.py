@@ -58,6 +58,23 @@ class BaseModel:
                 shapes[out[: -len(".weight")]] = self.checkpoint.shapes[inp]
         return shapes
 
+    def bind(self, adapter):
+        """The adapter with its LoRA on raw parameters (``target_parameters``) bound to this model's parameters;
+        unchanged when it has none."""
+        from salora_merge.hf.models import parameter_layouts
+        from salora_merge.io.adapter import bind_parameters
+
+        if not adapter.unbound and not adapter.spec.target_parameters:
+            return adapter
+        layouts, transforms = parameter_layouts(self.folder, adapter.spec.targets_parameter)
+        object.__setattr__(self, "_conversions", transforms)
+        return bind_parameters(adapter, layouts)
+
+    @property
+    def conversions(self) -> list:
+        """The model's checkpoint conversion mapping, known once an adapter on raw parameters was bound."""
+        return getattr(self, "_conversions", [])
+
     @cached_property
     def tokenizer(self):
         from salora_merge.hf.models import load_tokenizer

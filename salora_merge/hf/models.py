@@ -22,6 +22,7 @@ __all__ = [
     "linear_modules",
     "weight_matrix",
     "tied_embedding_weights",
+    "parameter_layouts",
     "load_sequence_classifier",
     "conversation_ids",
     "classify_pairs",
@@ -183,6 +184,41 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def _meta_model(folder: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise InputError(f"{folder}/config.json: transformers could not build the architecture ({exc})") from None
+
+
+def parameter_layouts(folder: Path, selects: Callable[[str], bool]) -> tuple[list, list]:
+    """The base model's parameters that ``selects`` (PEFT's ``target_parameters`` rule on ``module.param``)
+    picks, in the order PEFT wraps them (module by module, each module's own parameters in registration order),
+    with their shapes and the module's ``is_transposed``; and the model's checkpoint conversion mapping
+    (transformers' transforms from stored tensors to parameters; empty when it has none). The architecture is
+    built on the meta device."""
+    from salora_merge.io.adapter import ParamLayout
+
+    model = _meta_model(folder)
+    out = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if selects(f"{module_name}.{param_name}"):
+                out.append(ParamLayout(module_name, param_name, tuple(param.shape),
+                                       bool(getattr(module, "is_transposed", False))))
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+        transforms = list(extract_weight_conversions_for_model(model) or [])
+    except ImportError:  # a transformers without checkpoint conversions stores parameters as they are
+        transforms = []
+    return out, transforms
 
 
 def tied_embedding_weights(folder: Path) -> tuple[str, str] | None:

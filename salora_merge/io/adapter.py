@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -20,7 +20,10 @@ from salora_merge.errors import AdapterError, ShapeMismatchError
 
 __all__ = [
     "LoraModule",
+    "ParamLayout",
+    "ParamLora",
     "Adapter",
+    "bind_parameters",
     "read_adapter",
     "write_adapter",
     "check_adapter_fits",
@@ -52,6 +55,58 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class ParamLayout:
+    """A parameter PEFT wraps under ``target_parameters``, as the base model declares it."""
+
+    module: str  # e.g. "model.layers.0.mlp.experts"
+    param: str  # e.g. "gate_up_proj"
+    shape: tuple[int, ...]  # (experts, d_out, d_in), (experts, d_in, d_out) when transposed, or (d_out, d_in)
+    transposed: bool = False  # the module's is_transposed: experts stored (d_in, d_out)
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.param}"
+
+    @property
+    def experts(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    @property
+    def d_out_in(self) -> tuple[int, int]:
+        if len(self.shape) == 2:
+            return self.shape[0], self.shape[1]
+        return (self.shape[2], self.shape[1]) if self.transposed else (self.shape[1], self.shape[2])
+
+
+@dataclass(frozen=True)
+class ParamLora:
+    """A LoRA on a raw parameter (PEFT's ``ParamWrapper``): per expert ``e``, ``dW_e = scaling * B_e @ A_e`` in the
+    ``(d_out, d_in)`` layout, with PEFT's packing ``lora_A (r * E, d_in)`` (expert-major rows) and
+    ``lora_B (d_out, r * E)`` (rank-major columns)."""
+
+    layout: ParamLayout
+    key_path: str  # the module path in the adapter's keys (".base_layer" once per parameter wrapped after it)
+    lora_A: torch.Tensor  # (r * E, d_in)
+    lora_B: torch.Tensor  # (d_out, r * E)
+    scaling: float
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0]) // self.layout.experts
+
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` per expert: ``(E, r, d_in)`` and ``(E, d_out, r)``."""
+        e, r = self.layout.experts, self.rank
+        a = self.lora_A.reshape(e, r, self.lora_A.shape[-1])
+        b = self.lora_B.reshape(self.lora_B.shape[0], r, e).permute(2, 0, 1)
+        return a, b
+
+
+@dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter as read from disk."""
 
@@ -60,6 +115,10 @@ class Adapter:
     spec: LoraSpec
     modules: Mapping[str, LoraModule]
     passthrough: Mapping[str, torch.Tensor]  # modules_to_save tensors, by original key
+    # LoRA on raw parameters (target_parameters), by parameter name, once bound to the base (bind_parameters)
+    params: Mapping[str, ParamLora] = field(default_factory=dict)
+    # their factors as read, by key path, until bound: which parameter each is needs the base model's layout
+    unbound: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def base_tensor_name(key: str) -> str:
@@ -143,6 +202,7 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
             )
 
     modules: dict[str, LoraModule] = {}
+    unbound: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in sorted(factors):
         pair = factors[name]
         for factor in ("A", "B"):
@@ -154,6 +214,12 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
                 f"{weights_path}: {lora_key(name, 'A')} {tuple(a.shape)} and {lora_key(name, 'B')} "
                 f"{tuple(b.shape)} are not a (r, d_in), (d_out, r) pair"
             )
+        if not spec.targets(name) and spec.target_parameters:
+            for factor, tensor in (("A", a), ("B", b)):
+                if not torch.isfinite(tensor).all():
+                    raise AdapterError(f"{weights_path}: {lora_key(name, factor)} contains NaN or Inf values")
+            unbound[name] = (a, b)  # a LoRA on a raw parameter: bound to it with the base model's layout
+            continue
         if not spec.targets(name):
             raise AdapterError(
                 f"{weights_path}: {lora_key(name, 'A')} is for module {name}, which adapter_config.json's "
@@ -169,17 +235,65 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
             if not torch.isfinite(tensor).all():
                 raise AdapterError(f"{weights_path}: {lora_key(name, factor)} contains NaN or Inf values")
         modules[name] = LoraModule(name=name, lora_A=a, lora_B=b, scaling=spec.scaling_for(name))
-    if not modules:
+    if not modules and not unbound:
         raise AdapterError(f"{weights_path}: no lora_A/lora_B tensors found")
-    return Adapter(path=folder, config=raw, spec=spec, modules=modules, passthrough=passthrough)
+    return Adapter(path=folder, config=raw, spec=spec, modules=modules, passthrough=passthrough, unbound=unbound)
 
 
-def check_adapter_fits(adapter: Adapter, weight_shapes: Mapping[str, tuple[int, ...]]) -> None:
+def bind_parameters(adapter: Adapter, layouts: Sequence[ParamLayout]) -> Adapter:
+    """Bind the adapter's LoRA on raw parameters to the base model's parameters.
+
+    ``layouts``: every parameter of the base the config's ``target_parameters`` select, in the order PEFT wraps
+    them (module by module, each module's parameters in registration order). PEFT nests one wrapper per
+    parameter of a module, so the k-th of n wrapped parameters has its factors under the module's path with
+    ``.base_layer`` repeated ``n - 1 - k`` times. Raises on a missing, unselected or misshapen factor pair.
+    """
+    if not adapter.unbound and not adapter.spec.target_parameters:
+        return adapter
+    where = adapter.path / SAFETENSORS_NAME
+    by_module: dict[str, list[ParamLayout]] = {}
+    for layout in layouts:
+        by_module.setdefault(layout.module, []).append(layout)
+    unbound = dict(adapter.unbound)
+    params: dict[str, ParamLora] = {}
+    for module, wrapped in by_module.items():
+        for k, layout in enumerate(wrapped):
+            key_path = module + ".base_layer" * (len(wrapped) - 1 - k)
+            if key_path not in unbound:
+                raise AdapterError(f"{where}: adapter_config.json's target_parameters select {layout.name} but "
+                                   f"there is no {lora_key(key_path, 'A')} (PEFT would start it at zero); fix "
+                                   "the config or the file")
+            a, b = unbound.pop(key_path)
+            rank = adapter.spec.rank_for(layout.name)
+            d_out, d_in = layout.d_out_in
+            expected = ((rank * layout.experts, d_in), (d_out, rank * layout.experts))
+            if (tuple(a.shape), tuple(b.shape)) != expected:
+                raise ShapeMismatchError(
+                    f"{where}: {lora_key(key_path, 'A')} {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
+                    f"{layout.name} {layout.shape} at rank {rank} ({layout.experts} experts: expected "
+                    f"{expected[0]} and {expected[1]}); is this adapter for another model?")
+            params[layout.name] = ParamLora(layout, key_path, a, b, adapter.spec.scaling_for(layout.name))
+    if unbound:
+        name = sorted(unbound)[0]
+        raise AdapterError(f"{where}: {lora_key(name, 'A')} is for {name}, which neither target_modules nor "
+                           "target_parameters select in this base model (PEFT would ignore it); is this adapter "
+                           "for another model?")
+    return replace(adapter, params=params, unbound={})
+
+
+def check_adapter_fits(adapter: Adapter, weight_shapes: Mapping[str, tuple[int, ...]],
+                       parameters: bool = False) -> None:
     """Check every adapted module against the base model's stored weight shapes.
 
     ``weight_shapes`` maps module names (no ``.weight``) to the stored weight shape: ``(d_out, d_in)``,
-    or ``(d_in, d_out)`` for ``fan_in_fan_out`` (Conv1D) layers. Raises on the first mismatch.
+    or ``(d_in, d_out)`` for ``fan_in_fan_out`` (Conv1D) layers. Raises on the first mismatch. A LoRA on raw
+    parameters (``target_parameters``) is refused unless ``parameters`` (merge, which binds and merges them).
     """
+    if not parameters and (adapter.unbound or adapter.params or adapter.spec.target_parameters):
+        raise AdapterError(
+            f"{adapter.path}: a LoRA on fused expert parameters (target_parameters "
+            f"{', '.join(adapter.spec.target_parameters)}) can be merged (salora-merge merge) but not yet "
+            "realigned, audited or trained; leave the experts out (target_parameters=[]) to use this command")
     if adapter.spec.target_modules != "all-linear":
         for name in sorted(weight_shapes):
             if adapter.spec.targets(name) and name not in adapter.modules:
@@ -212,9 +326,13 @@ def write_adapter(
     config: Mapping[str, Any],
     modules: Mapping[str, LoraModule],
     passthrough: Mapping[str, torch.Tensor],
+    params: Mapping[str, ParamLora] | None = None,
 ) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into an existing (temporary) folder."""
     tensors: dict[str, torch.Tensor] = {}
+    for param in (params or {}).values():
+        tensors[lora_key(param.key_path, "A")] = param.lora_A.contiguous()
+        tensors[lora_key(param.key_path, "B")] = param.lora_B.contiguous()
     for name, module in modules.items():
         tensors[lora_key(name, "A")] = module.lora_A.contiguous()
         tensors[lora_key(name, "B")] = module.lora_B.contiguous()

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from salora_merge.core.merge_math import LowRankUpdate, cast_exact, merged_weight
+from salora_merge.hf.expert_layout import stored_name, stored_slices
+from salora_merge.core.merge_math import ExpertUpdate, LowRankUpdate, cast_exact, merged_weight
 from salora_merge.errors import AdapterError, InputError, ShapeMismatchError
 from salora_merge.io.adapter import (
     BASE_LAYER,
@@ -41,6 +42,9 @@ class OutTensor:
     shape: tuple[int, ...]
     updates: tuple[tuple[int, str], ...] = ()  # (adapter index, module name) LoRA updates to add
     replacement: tuple[int, str] | None = None  # (adapter index, adapter key) of a modules_to_save tensor
+    # (adapter index, fused parameter, expert, row start, row stop): a stored per-expert tensor's share of a LoRA
+    # on a fused expert parameter (target_parameters)
+    slices: tuple[tuple[int, str, int, int, int], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -81,20 +85,39 @@ def plan_merge(
     tied: tuple[str, str] | None,
     dtype: torch.dtype | None,
     shard_size: int,
+    conversions: Sequence = (),
 ) -> MergePlan:
-    """Decide every output tensor and shard from the headers alone; raises on any misfit first."""
+    """Decide every output tensor and shard from the headers alone; raises on any misfit first.
+
+    ``conversions``: the model's checkpoint conversion mapping, for LoRA on fused expert parameters stored per
+    expert."""
     shapes = dict(checkpoint.linear_weight_shapes())
     inp_name, out_name = tied if tied else (None, None)
     if tied and out_name not in checkpoint.files and inp_name in checkpoint.files:
         shapes[out_name[: -len(".weight")]] = checkpoint.shapes[inp_name]  # the output layer reads the shared tensor
     for adapter in adapters:
-        check_adapter_fits(adapter, shapes)
+        check_adapter_fits(adapter, shapes, parameters=True)
 
     updates: dict[str, list[tuple[int, str]]] = {}
+    slices: dict[str, list[tuple[int, str, int, int, int]]] = {}
     replacements: dict[str, tuple[int, str]] = {}
     for index, adapter in enumerate(adapters):
         for module in adapter.modules:
             updates.setdefault(f"{module}.weight", []).append((index, module))
+        for name, param in adapter.params.items():  # LoRA on raw parameters
+            tensor_name = stored_name(name, conversions, checkpoint.shapes) or name
+            stored = checkpoint.shapes.get(tensor_name)
+            if stored is None and param.layout.experts > 1 and not param.layout.transposed:
+                # stored per expert (transformers fuses them at load): each expert's rows go to their tensor
+                d_out, d_in = param.layout.d_out_in
+                for cut in stored_slices(name, param.layout.experts, d_out, d_in, conversions, checkpoint.shapes):
+                    slices.setdefault(cut.tensor, []).append((index, name, cut.expert, cut.start, cut.stop))
+                continue
+            if stored is None or tuple(stored) != param.layout.shape:
+                raise ShapeMismatchError(
+                    f"{adapter.path}: target_parameters {name} has shape {param.layout.shape} in the model's "
+                    f"architecture but {'no tensor' if stored is None else tuple(stored)} in its checkpoint")
+            updates.setdefault(tensor_name, []).append((index, name))
         for key, tensor in adapter.passthrough.items():
             name = base_tensor_name(key)
             source = inp_name if tied and name == out_name and out_name not in checkpoint.files else name
@@ -131,7 +154,7 @@ def plan_merge(
         for name in checkpoint.in_file_order(shard):
             stored = checkpoint.dtypes[name]
             plan.append(OutTensor(name, name, _output_dtype(stored, dtype), tuple(checkpoint.shapes[name]),
-                                  tuple(updates.get(name, ())), replacements.get(name)))
+                                  tuple(updates.get(name, ())), replacements.get(name), tuple(slices.get(name, ()))))
             if untie and name == inp_name and out_name not in checkpoint.files:
                 plan.append(OutTensor(out_name, name, _output_dtype(stored, dtype), tuple(checkpoint.shapes[name]),
                                       tuple(updates.get(out_name, ())), replacements.get(out_name)))
@@ -159,10 +182,18 @@ def _compute(tensor: torch.Tensor, out: OutTensor, adapters: Sequence[Adapter]) 
     if out.replacement is not None:
         index, key = out.replacement
         tensor = adapters[index].passthrough[key]
-    if not out.updates:
+    if not out.updates and not out.slices:
         return cast_exact(tensor, target, out.name)
     updates = []
+    for index, name, expert, start, stop in out.slices:
+        a, b = adapters[index].params[name].expert_factors()
+        updates.append(LowRankUpdate(a[expert], b[expert][start:stop], adapters[index].params[name].scaling))
     for index, module in out.updates:
+        if module in adapters[index].params:  # a LoRA on a raw (3-D expert) parameter
+            param = adapters[index].params[module]
+            a, b = param.expert_factors()
+            updates.append(ExpertUpdate(a, b, param.scaling, param.layout.transposed))
+            continue
         lora = adapters[index].modules[module]
         updates.append(LowRankUpdate(lora.lora_A, lora.lora_B, lora.scaling, adapters[index].spec.fan_in_fan_out))
     return cast_exact(merged_weight(tensor, updates), target, out.name)

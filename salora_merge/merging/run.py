@@ -147,14 +147,19 @@ def run_merge(
     base = resolve_model(base)
     checkpoint = base.checkpoint
     folders = [resolve_adapter(a.ref) for a in adapters_in]
-    adapters = [read_adapter(f, allow_pickle=allow_pickle) for f in folders]
+    adapters = [base.bind(read_adapter(f, allow_pickle=allow_pickle)) for f in folders]
     tied = base.tied_embeddings if _may_touch_embeddings(checkpoint, adapters, base.folder) else None
     requested = DTYPE_CHOICES[options.dtype]
-    plan = plan_merge(checkpoint, adapters, tied, requested, parse_size(options.shard_size))
+    plan = plan_merge(checkpoint, adapters, tied, requested, parse_size(options.shard_size), base.conversions)
 
     realign_reports: list[dict] | None = None
     safety_record = None
     if options.realign:
+        fused = next((a for a in adapters if a.params), None)
+        if fused is not None:
+            raise InputError(f"--realign: {fused.path} has LoRA on fused expert parameters "
+                             f"({', '.join(sorted(fused.params))[:120]}), which cannot be realigned yet; merge "
+                             "without --realign")
         targets = tuple(sorted({m for a in adapters for m in a.modules}))
         safety, label = obtain_safety(base, targets, safety_path, calibration, progress=progress)
         realign_reports = []
@@ -170,7 +175,8 @@ def run_merge(
                          **{k: safety.metadata.get(k) for k in ("prompt_set", "prompt_set_sha256", "token_policy",
                                                                "n_prompts", "n_tokens")}}
     # The weighted sum: scale each adapter's updates by its weight (scaling is a plain float per module).
-    weighted = [replace(a, modules={n: replace(m, scaling=m.scaling * spec.weight) for n, m in a.modules.items()})
+    weighted = [replace(a, modules={n: replace(m, scaling=m.scaling * spec.weight) for n, m in a.modules.items()},
+                        params={n: replace(p, scaling=p.scaling * spec.weight) for n, p in a.params.items()})
                 for spec, a in zip(adapters_in, adapters)]
 
     report = MergeReport(
@@ -184,7 +190,8 @@ def run_merge(
         options=asdict(options), output=str(out),
         dtype=options.dtype if requested is not None else "auto (" + ", ".join(
             sorted({str(DTYPES[t.dtype]).replace("torch.", "") for t in plan.tensors})) + ")",
-        changed_tensors=sum(1 for t in plan.tensors if t.updates or t.replacement or t.name in plan.untied),
+        changed_tensors=sum(1 for t in plan.tensors
+                            if t.updates or t.slices or t.replacement or t.name in plan.untied),
         untied=list(plan.untied),
     )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
