@@ -105,8 +105,11 @@ def test_family_through_calibrate_realign_merge_and_audit(family, tmp_path, tiny
     base = build_family(family, tmp_path / "base")
     adapter = make_peft_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, target_modules="all-linear")
     safety = tmp_path / "safety.safetensors"
+    # A random tiny model's few greedy response tokens may all go to some experts: MoE families count the
+    # prompts' tokens too, so that every expert receives some.
+    moe = ["--token-policy", "all"] if family.endswith("moe") else []
     result = _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 4,
-                  "--max-new-tokens", 6, "-o", safety)
+                  "--max-new-tokens", 6, *moe, "-o", safety)
     module = load_safety_module(safety)
     small = {n: 1 for n in module.bases if n.endswith("shared_expert_gate")}  # Linear(hidden, 1): rank capped
     assert module.metadata["rank_capped"] == small
@@ -309,21 +312,90 @@ def test_fused_expert_adapters_merge_exactly_and_are_refused_elsewhere(family, s
     experts = [k for k in reference if ".experts." in k]
     assert experts and all(not torch.equal(reference[k], original[k]) for k in experts)
 
-    # Refused before anything is calibrated or trained (no --safety: these would calibrate first).
+    # calibrate: each expert's matrices get a basis from the tokens routed to it; the router is calibrated too.
+    safety = tmp_path / "safety.safetensors"
+    _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 2, "--max-new-tokens", 4,
+         "--token-policy", "all", "--keep-moments", "-o", safety)
+    module = load_safety_module(safety)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    layer = model.model.layers[0].mlp
+    experts = layer.experts.gate_up_proj.shape[0]
+    for e in range(experts):
+        for param in ("gate_up_proj", "down_proj"):
+            assert module.bases[f"model.layers.0.mlp.experts.{param}[{e}]"].shape[1] == 2
+    assert "model.layers.0.mlp.gate" in module.bases
+
+    # realign (salora): PEFT loads it; per expert, the update leaves that expert's safety outputs unchanged.
+    out = tmp_path / "realigned"
+    _cli("realign", "--base", base, "--adapter", adapter, "--safety", safety, "-o", out)
+    realigned, warned = _peft(base, out)
+    assert warned == _peft(base, adapter)[1]
+    new = realigned.merge_and_unload().state_dict()
+    old = _peft(base, adapter)[0].merge_and_unload().state_dict()
+    for i in range(2):
+        for param in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{i}.mlp.experts.{param}"
+            for e in range(experts):
+                u = module.bases[f"{key}[{e}]"].double()
+                before, after = (old[key][e] - original[key][e]).double(), (new[key][e] - original[key][e]).double()
+                assert torch.allclose(u.T @ after, torch.zeros(()).double(), atol=1e-5), (key, e)
+                assert not torch.allclose(u.T @ before, torch.zeros(()).double(), atol=1e-4), (key, e)
+                assert after.abs().max() > 0, (key, e)  # the rest of the update survives
+        gate = f"model.layers.{i}.mlp.gate.weight"
+        u = module.bases[f"model.layers.{i}.mlp.gate"].double()
+        assert torch.allclose(u.T @ (new[gate] - original[gate]).double(), torch.zeros(()).double(), atol=1e-5)
+
+    # audit (weight space): every expert scored against its own basis.
+    result = _cli("audit", "--base", base, "--safety", safety, "--adapter", adapter, "--format", "json")
+    scored = {m["module"] for m in json.loads(result.stdout)["adapters"][0]["weight_space"]["modules"]}
+    assert {f"model.layers.0.mlp.experts.down_proj[{e}]" for e in range(experts)} <= scored
+
+    # Refused in one line, writing nothing: training, the methods that are not per-module projections, the
+    # behavioural audit and merge --realign.
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"}) + "\n")
-    safety = tmp_path / "safety.safetensors"
-    _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 2, "--max-new-tokens", 2,
-         "--targets", "q_proj", "-o", safety)
-    for command in (["realign"], ["realign", "--safety", safety], ["retrain", "--data", data, "--safety", safety],
-                    ["merge", "--realign"]):
+    for command in (["retrain", "--data", data, "--safety", safety], ["realign", "--method", "safedelta"],
+                    ["merge", "--realign", "--safety", safety]):
         out = tmp_path / f"out-{command[0]}-{len(command)}"
         result = CliRunner().invoke(main, [str(a) for a in (command[0], "--base", base, "--adapter", adapter,
                                                                *command[1:], "-o", out)])
         assert result.exit_code == 1 and not out.exists(), result.output
         assert "fused expert parameters" in result.output, result.output
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-    result = CliRunner().invoke(main, ["audit", "--base", str(base), "--adapter", str(adapter), "--prompts",
-                                       str(tiny_calibration_prompts), "--rank", "2", "--max-new-tokens", "2",
-                                       "--format", "json"])
-    assert result.exit_code == 4 and "fused expert parameters" in json.loads(result.stdout)["adapters"][0]["error"]
+    result = CliRunner().invoke(main, ["audit", "--base", str(base), "--adapter", str(adapter), "--safety",
+                                       str(safety), "--behavior", "--format", "json"])
+    assert result.exit_code == 4 and "without --behavior" in json.loads(result.stdout)["adapters"][0]["error"]
+
+
+def test_expert_moments_count_exactly_the_tokens_routed_to_each_expert(tmp_path, tiny_calibration_prompts):
+    """Each expert's second moments against a direct computation in float64: the prompts run one by one through
+    the model, the router's choices read from its own output, the expert's input rows (and down_proj's,
+    act(gate) * up) summed by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from salora_merge.hf.models import chat_prompt_ids
+
+    base = build_family("qwen3_moe", tmp_path / "base")
+    safety = tmp_path / "safety.safetensors"
+    _cli("calibrate", "--base", base, "--prompts", tiny_calibration_prompts, "--rank", 2, "--responses", "none",
+         "--targets", "gate_up_proj,down_proj", "--keep-moments", "-o", safety)
+    module = load_safety_module(safety)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)  # the experts' kernels: float32
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(base))
+    moe = model.model.layers[1].mlp
+    seen = []
+    handle = moe.experts.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[1])))
+    with torch.no_grad():
+        for line in tiny_calibration_prompts.read_text().splitlines():
+            model(input_ids=torch.tensor([chat_prompt_ids(tokenizer, json.loads(line)["prompt"])]))
+    handle.remove()
+    policy = module.metadata["token_policy"]
+    for e in range(moe.experts.gate_up_proj.shape[0]):
+        rows = torch.cat([h[(idx == e).any(-1)] for h, idx in seen]).double()
+        gate, up = (rows @ moe.experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
+        inter = torch.nn.functional.silu(gate) * up
+        for param, x in (("gate_up_proj", rows), ("down_proj", inter)):
+            name = f"model.layers.1.mlp.experts.{param}[{e}]"
+            got = module.moments[(module.sites[name], policy)].double()
+            assert torch.allclose(got, x.T @ x, rtol=1e-4, atol=1e-5), name  # float32 products per batch
+            assert module.counts[(module.sites[name], policy)] == rows.shape[0]

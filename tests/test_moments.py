@@ -199,3 +199,37 @@ def test_flattened_layer_inputs_count_exactly_the_selected_tokens():
     assert torch.equal(masked_rows(x.reshape(15, 4), mask), masked_rows(x, mask))
     with pytest.raises(InputError, match="layer experts.0: its input has \\(6, 4\\)"):
         masked_rows(x.reshape(15, 4)[:6], mask, "experts.0")
+
+
+def test_experts_that_compute_another_pattern_are_refused_by_name():
+    """The routed inputs assume gate_up -> act(gate) * up -> down; an experts module that computes anything else is
+    a one-line error naming it instead of silently wrong statistics."""
+    from salora_merge.core.moments import MaskSlot, MomentAccumulator, expert_output, expert_site, record_moments
+    from salora_merge.errors import InputError
+
+    class Experts(torch.nn.Module):
+        def __init__(self, twist: float):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(3, 8, 4, generator=g))
+            self.down_proj = torch.nn.Parameter(torch.randn(3, 4, 4, generator=g))
+            self.act_fn, self.twist = torch.nn.functional.silu, twist
+
+        def forward(self, hidden, top_k_index, top_k_weights):
+            return self.twist * expert_output(hidden, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                                              self.act_fn)
+
+    hidden = torch.randn(6, 4)
+    index, weights = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1], [1, 2], [2, 0]]), torch.full((6, 2), 0.5)
+    sites = {expert_site("experts", p, e): 4 for p in ("gate_up_proj", "down_proj") for e in range(3)}
+    for twist, fails in ((1.0, False), (2.0, True)):
+        module = Experts(twist)
+        accumulator = MomentAccumulator(sites, ("all",))
+        slot = MaskSlot({"all": torch.ones(2, 3, dtype=torch.bool)})
+        with record_moments({}, accumulator, slot, experts={"experts": module}):
+            if fails:
+                with pytest.raises(InputError, match="layer experts: Experts does not compute the fused-expert"):
+                    module(hidden, index, weights)
+            else:
+                module(hidden, index, weights)
+                assert accumulator.counts[("experts.gate_up_proj[0]", "all")] == 4  # tokens 0, 2, 3 and 5

@@ -8,7 +8,7 @@ becomes an ``error`` entry and the others are still audited.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +23,7 @@ from salora_merge.core.audit_math import by_layer, module_scores, standouts, sum
 from salora_merge.errors import InputError, SaloraError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_adapter, resolve_model
-from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
+from salora_merge.io.adapter import Adapter, check_adapter_fits, expand_params, read_adapter
 from salora_merge.io.stream import file_sha256
 from salora_merge.methods.projection import realign_modules
 from salora_merge.progress import Progress, silent
@@ -150,7 +150,13 @@ def run_audit(
         entries.append(entry)
         try:
             adapter = read_adapter(resolve_adapter(ref), allow_pickle=options.allow_pickle)
-            check_adapter_fits(adapter, shapes)
+            if adapter.spec.target_parameters and options.behavior is not None:
+                raise InputError("a LoRA on fused expert parameters (target_parameters) is audited in weight "
+                                 "space only for now; audit it without --behavior")
+            adapter = base.bind(adapter)
+            check_adapter_fits(adapter, shapes, parameters=True)
+            # Each expert of a fused parameter is scored as a module of its own, against its own basis.
+            adapter = replace(adapter, modules={**adapter.modules, **expand_params(adapter.params)}, params={})
         except SaloraError as exc:
             entry["error"] = str(exc)
             continue

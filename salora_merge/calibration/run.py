@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -10,8 +11,10 @@ from typing import Mapping, Sequence
 import torch
 
 from salora_merge.core.moments import (
+    EXPERT_PARAMS,
     TOKEN_POLICIES,
     MaskSlot,
+    expert_site,
     MomentAccumulator,
     group_modules_by_input,
     record_moments,
@@ -24,7 +27,9 @@ from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.chat_templates import apply_chat_template_choice
 from salora_merge.hf.models import (
     chat_prompt_ids,
+    expert_modules,
     output_layer_name,
+    router_modules,
     greedy_responses,
     linear_modules,
     pick_device,
@@ -125,10 +130,14 @@ def select_targets(available: Sequence[str], targets: Sequence[str] | None) -> l
     """Module names matching ``targets`` (exact names or ``.suffix``es); all of ``available`` if None."""
     if is_default_targets(targets):
         return list(available)
-    chosen = [name for name in available if any(name == t or name.endswith(f".{t}") for t in targets)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in available)]
+    def matches(name: str, target: str) -> bool:  # an expert's matrix also matches its parameter's name
+        whole = re.sub(r"\[\d+\]$", "", name)
+        return any(n == target or n.endswith(f".{target}") for n in {name, whole})
+
+    chosen = [name for name in available if any(matches(name, t) for t in targets)]
+    unmatched = [t for t in targets if not any(matches(n, t) for n in available)]
     if unmatched:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in available})
+        suffixes = sorted({re.sub(r"\[\d+\]$", "", n).rsplit(".", 1)[-1] for n in available})
         raise InputError(f"--targets {unmatched[0]!r} matches no linear layer of the model; available: {', '.join(suffixes)}")
     return chosen
 
@@ -220,13 +229,16 @@ def accumulate_moments(
     dtype: torch.dtype = torch.float64,
     progress: Progress = silent,
     allow_output_moments: bool = False,
+    experts: Mapping[str, torch.nn.Module] | None = None,
+    expert_sites: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, list[str]], MomentAccumulator, frozenset[str]]:
     """Stream ``sequences`` through the model and accumulate second moments per input site.
 
     With ``allow_output_moments``, a site read by a single module with ``d_out < d_in`` accumulates
     the module's output moment ``W S W^T`` instead of ``S`` (enough for output-side bases, and
-    cheaper). Returns the sites (``{site: [modules reading that input]}``), the filled accumulator
-    and the set of output-moment sites.
+    cheaper). ``expert_sites`` (site -> d_in): experts' matrices (``expert_site`` names) of the fused-experts
+    modules ``experts``, fed the tokens routed to each. Returns the sites (``{site: [modules reading that
+    input]}``), the filled accumulator and the set of output-moment sites.
     """
     device = next(model.parameters()).device
     backbone = backbone_of(model)
@@ -239,22 +251,27 @@ def accumulate_moments(
     groups = group_modules_by_input(
         {n: m for n, m in modules.items() if n not in from_output},
         lambda: backbone(input_ids=probe_ids, attention_mask=probe_attention, use_cache=False)
-    )
+    ) if modules else {}
     groups.update({n: [n] for n in from_output})
     shapes = {site: tuple(weight_matrix(modules[site]).shape) for site in groups}  # (d_out, d_in)
     output_sites = frozenset(
         site for site, members in groups.items()
         if allow_output_moments and len(members) == 1 and shapes[site][0] < shapes[site][1]
+        and (isinstance(modules[site], torch.nn.Linear) or type(modules[site]).__name__ == "Conv1D")  # y = W x
     )
     dims = {site: shapes[site][0] if site in output_sites else shapes[site][1] for site in groups}
+    dims.update(expert_sites or {})
     accumulator = MomentAccumulator(dims, tuple(policies), dtype, device)
+    wanted = {m: e for m, e in (experts or {}).items() if any(n.startswith(f"{m}.") for n in expert_sites or {})}
     slot = MaskSlot()
     with progress("accumulating second moments", len(sequences)) as advance:
-        with record_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites, from_output):
+        with record_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites, from_output,
+                            wanted):
             for batch in batches:
                 input_ids, attention, slot.masks = batch_tensors(batch, pad, policies, device)
                 backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 advance(len(batch))
+    groups.update({n: [n] for n in expert_sites or {}})
     return groups, accumulator, output_sites
 
 
@@ -287,11 +304,18 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     device = pick_device(options.device)
     tokenizer, template = apply_chat_template_choice(base.tokenizer, options.chat_template)
     model = base.load_model(device)
-    linear = linear_modules(model, include_output=True)
+    linear = {**linear_modules(model, include_output=True), **router_modules(model)}
+    experts = expert_modules(model)
+    expert_weights = {expert_site(m, p, e): getattr(module, p)[e] for m, module in experts.items()
+                      for p in EXPERT_PARAMS for e in range(getattr(module, p).shape[0])}
     head = output_layer_name(model)  # calibrated only when named (--targets lm_head, or an adapter on it)
-    names = select_targets([n for n in linear if n != head or not is_default_targets(options.targets)],
-                           options.targets)
-    caps = small_layer_ranks({n: tuple(weight_matrix(linear[n]).shape) for n in names}, options.rank,
+    names = select_targets([n for n in linear if n != head or not is_default_targets(options.targets)]
+                           + list(expert_weights), options.targets)
+
+    def matrix(n: str) -> torch.Tensor:
+        return expert_weights[n] if n in expert_weights else weight_matrix(linear[n])
+
+    caps = small_layer_ranks({n: tuple(matrix(n).shape) for n in names}, options.rank,
                              options.cap_small_layers if options.cap_small_layers is not None
                              else is_default_targets(options.targets))
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
@@ -303,10 +327,12 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     sequences = build_sequences(prompt_ids, responses, options.max_length)
     policies = tuple(dict.fromkeys((options.policy(), *options.extra_policies)))
     t1 = time.perf_counter()
+    chosen_experts = {n: expert_weights[n].shape[1] for n in names if n in expert_weights}
     groups, accumulator, output_sites = accumulate_moments(
-        model, {n: linear[n] for n in names}, sequences, policies, options.batch_size, tokenizer.pad_token_id,
-        getattr(torch, options.accumulate_dtype), progress,
+        model, {n: linear[n] for n in names if n in linear}, sequences, policies, options.batch_size,
+        tokenizer.pad_token_id, getattr(torch, options.accumulate_dtype), progress,
         allow_output_moments=options.side == "output" and not options.keep_moments,
+        experts=experts, expert_sites=chosen_experts,
     )
     seconds_forward = time.perf_counter() - t1
     site_of = {member: site for site, members in groups.items() for member in members}
@@ -314,9 +340,12 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     policy = options.policy()
     for site in groups:
         if accumulator.counts[(site, policy)] == 0:
+            if site in chosen_experts:
+                raise InputError(f"no calibration tokens were routed to expert {site} under token policy "
+                                 f"{policy!r}; give more calibration prompts (--prompts, --max-prompts)")
             raise InputError(f"no calibration tokens reached {site} under token policy {policy!r}; "
                              "check the prompts, --responses and --max-length")
-    weights = {n: weight_matrix(linear[n]).detach().to("cpu", torch.float64) for n in names}
+    weights = {n: matrix(n).detach().to("cpu", torch.float64) for n in names}
     moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
     contrast_meta: dict = {}
     if options.contrast is None:

@@ -24,6 +24,9 @@ __all__ = [
     "symmetric_gram",
     "MaskSlot",
     "masked_rows",
+    "expert_site",
+    "routed_expert_inputs",
+    "expert_output",
     "record_moments",
     "group_modules_by_input",
 ]
@@ -123,6 +126,44 @@ def masked_rows(x: torch.Tensor, mask: torch.Tensor, site: str = "layer") -> tor
                      "calibrated by token masks")
 
 
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def expert_site(module: str, param: str, expert: int) -> str:
+    """The name of one expert's matrix of a fused expert parameter (a site, a safety basis, an audited module)."""
+    return f"{module}.{param}[{expert}]"
+
+
+def routed_expert_inputs(hidden: torch.Tensor, top_k_index: torch.Tensor, gate_up: torch.Tensor,
+                         act: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, tuple[torch.Tensor, ...]]:
+    """Per expert that receives tokens: ``(token indices, gate_up_proj's input rows, down_proj's input rows)``.
+
+    The fused-expert MoE pattern (Mixtral, Qwen2/3-MoE in transformers 5): expert ``e`` sees the tokens routed to
+    it, ``gate, up = (x W_gu[e]^T).chunk(2)`` and ``down_proj`` reads ``act(gate) * up``. ``hidden: (N, d)``,
+    ``top_k_index: (N, k)``, ``gate_up: (E, 2F, d)``."""
+    out = {}
+    for e in range(gate_up.shape[0]):
+        idx = (top_k_index == e).any(-1).nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            continue
+        x = hidden[idx]
+        gate, up = torch.nn.functional.linear(x, gate_up[e]).chunk(2, dim=-1)
+        out[e] = (idx, x, act(gate) * up)
+    return out
+
+
+def expert_output(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  gate_up: torch.Tensor, down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> torch.Tensor:
+    """The experts' output under that pattern (``sum`` over each token's experts of weight * down(act * up)):
+    the check that a model's experts compute what the routed inputs above assume."""
+    out = torch.zeros_like(hidden)
+    for e, (idx, _, inter) in routed_expert_inputs(hidden, top_k_index, gate_up, act).items():
+        weight = (top_k_weights[idx] * (top_k_index[idx] == e)).sum(-1, keepdim=True)
+        out.index_add_(0, idx, (torch.nn.functional.linear(inter, down[e]) * weight).to(out.dtype))
+    return out
+
+
 @dataclass
 class MaskSlot:
     """The token masks of the batch being run, on the model's device, set before each forward pass."""
@@ -137,12 +178,17 @@ def record_moments(
     slot: MaskSlot,
     output_sites: frozenset[str] = frozenset(),
     input_from_output: Mapping[str, nn.Module] | None = None,
+    experts: Mapping[str, nn.Module] | None = None,
 ) -> Iterator[None]:
     """Accumulate second moments at the masked positions while inside; hooks removed on exit.
 
     A site in ``input_from_output`` takes its input from another module's output (its first element when a
     tuple or model output): the output layer's input is the backbone's last hidden state, so the statistics
     need no logits.
+
+    ``experts`` (module name -> a fused-experts module, called as ``(hidden, top_k_index, top_k_weights)``):
+    each expert's matrices are sites of their own (:func:`expert_site`), fed the rows of the tokens routed to
+    it; the first call checks that the module computes the pattern those rows assume.
 
     For most sites the statistic is the module's input ``x``. For sites in ``output_sites`` it is the
     module's output without bias, ``y = W x``, whose second moment ``sum y y^T = W S W^T`` is all the
@@ -174,7 +220,34 @@ def record_moments(
 
         return hook
 
+    def make_expert_hook(name: str, module: nn.Module) -> Callable:
+        wanted = {(p, e) for p in EXPERT_PARAMS for e in range(getattr(module, p).shape[0])
+                  if (expert_site(name, p, e), next(iter(accumulator.statistics))) in accumulator.sums}
+        checked = []
+
+        def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            hidden, top_k_index, top_k_weights = args[:3]
+            if not checked:
+                expected = expert_output(hidden, top_k_index, top_k_weights, mod.gate_up_proj, mod.down_proj,
+                                         mod.act_fn)
+                scale = float(expected.abs().max()) or 1.0
+                if not torch.allclose(output.to(expected.dtype), expected, atol=1e-4 * scale, rtol=1e-3):
+                    raise InputError(f"layer {name}: {type(mod).__name__} does not compute the fused-expert pattern "
+                                     "(gate_up_proj, act, down_proj) salora-merge calibrates its experts through")
+                checked.append(True)
+            routed = routed_expert_inputs(hidden, top_k_index, mod.gate_up_proj, mod.act_fn)
+            for e, (idx, x, inter) in routed.items():
+                for statistic, mask in slot.masks.items():
+                    keep = mask.reshape(-1)[idx]
+                    for param, rows in (("gate_up_proj", x), ("down_proj", inter)):
+                        if (param, e) in wanted:
+                            accumulator.add(expert_site(name, param, e), statistic, rows[keep])
+
+        return hook
+
     try:
+        for name, module in (experts or {}).items():
+            handles.append(module.register_forward_hook(make_expert_hook(name, module)))
         for site, module in site_modules.items():
             if input_from_output and site in input_from_output:
                 handles.append(input_from_output[site].register_forward_hook(make_output_hook(site)))

@@ -18,6 +18,8 @@ __all__ = [
     "dequantize_gguf",
     "chat_prompt_ids",
     "output_layer_name",
+    "expert_modules",
+    "router_modules",
     "generate_greedy",
     "linear_modules",
     "weight_matrix",
@@ -171,6 +173,25 @@ def linear_modules(model: nn.Module, include_output: bool = False) -> dict[str, 
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, Conv1D)) and (include_output or module is not output)
     }
+
+
+def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The fused-experts modules (transformers 5's MoE ``experts``: 3-D ``gate_up_proj`` ``(E, 2F, d)`` and
+    ``down_proj`` ``(E, d, F)`` in the ``(d_out, d_in)`` layout, and an ``act_fn``), by module name."""
+    out = {}
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if (all(p in params and params[p].dim() == 3 for p in ("gate_up_proj", "down_proj"))
+                and hasattr(module, "act_fn") and not getattr(module, "is_transposed", False)):
+            out[name] = module
+    return out
+
+
+def router_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """MoE routers that are not ``nn.Linear`` but hold a 2-D ``weight`` ``(E, d)`` applied to their input."""
+    return {name: module for name, module in model.named_modules()
+            if type(module).__name__.endswith("Router") and not isinstance(module, nn.Linear)
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 2}
 
 
 def output_layer_name(model: nn.Module) -> str | None:

@@ -24,6 +24,8 @@ __all__ = [
     "ParamLora",
     "Adapter",
     "bind_parameters",
+    "expand_params",
+    "collapse_params",
     "read_adapter",
     "write_adapter",
     "check_adapter_fits",
@@ -238,6 +240,40 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
     if not modules and not unbound:
         raise AdapterError(f"{weights_path}: no lora_A/lora_B tensors found")
     return Adapter(path=folder, config=raw, spec=spec, modules=modules, passthrough=passthrough, unbound=unbound)
+
+
+def expand_params(params: Mapping[str, ParamLora]) -> dict[str, LoraModule]:
+    """Each expert of each LoRA on a raw parameter as a module of its own (named ``module.param[e]``; a 2-D
+    parameter such as a router's ``weight`` is its module), for the per-module math of realign and audit."""
+    out: dict[str, LoraModule] = {}
+    for param in params.values():
+        if param.layout.transposed:
+            raise AdapterError(f"{param.name}: experts stored (d_in, d_out) (is_transposed) are not supported here")
+        if len(param.layout.shape) == 2:
+            out[param.layout.module] = LoraModule(param.layout.module, param.lora_A, param.lora_B, param.scaling)
+            continue
+        a, b = param.expert_factors()
+        for e in range(param.layout.experts):
+            name = f"{param.name}[{e}]"
+            out[name] = LoraModule(name, a[e], b[e], param.scaling)
+    return out
+
+
+def collapse_params(params: Mapping[str, ParamLora], modules: Mapping[str, LoraModule]) -> dict[str, ParamLora]:
+    """The inverse of :func:`expand_params`: the new per-expert factors packed back in PEFT's layout."""
+    out: dict[str, ParamLora] = {}
+    for name, param in params.items():
+        if len(param.layout.shape) == 2:
+            module = modules[param.layout.module]
+            out[name] = replace(param, lora_A=module.lora_A, lora_B=module.lora_B, scaling=module.scaling)
+            continue
+        experts = [modules[f"{name}[{e}]"] for e in range(param.layout.experts)]
+        if len({m.scaling for m in experts}) != 1 or len({m.rank for m in experts}) != 1:
+            raise AdapterError(f"{name}: its experts came back with different ranks or scalings")
+        a = torch.cat([m.lora_A for m in experts])  # (E * r, d_in), expert-major
+        b = torch.stack([m.lora_B for m in experts], dim=-1)  # (d_out, r, E)
+        out[name] = replace(param, lora_A=a, lora_B=b.reshape(b.shape[0], -1), scaling=experts[0].scaling)
+    return out
 
 
 def bind_parameters(adapter: Adapter, layouts: Sequence[ParamLayout]) -> Adapter:

@@ -91,9 +91,10 @@ def plan_pipeline(config: PipelineConfig, progress=None) -> list[Step]:
             safety_path = out / "safety.safetensors"
             calibration = config.calibration or CalibrationOptions()
             # The safety module covers exactly the adapters' modules (what realign needs).
-            from salora_merge.io.adapter import read_adapter
+            from salora_merge.io.adapter import expand_params, read_adapter
 
-            targets = tuple(sorted({m for ref, _, _ in adapters for m in read_adapter(resolve_adapter(ref)).modules}))
+            read = [base.bind(read_adapter(resolve_adapter(ref))) for ref, _, _ in adapters]
+            targets = tuple(sorted({m for a in read for m in (*a.modules, *expand_params(a.params))}))
             options = CalibrationOptions(**{**asdict(calibration), "targets": targets})
             safety_key = _digest({"step": "calibrate", "base": base_print, "options": asdict(options),
                                   "version": __version__})

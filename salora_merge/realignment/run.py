@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,14 +15,20 @@ from salora_merge.io.adapter import (
     Adapter,
     LoraModule,
     check_adapter_fits,
+    collapse_params,
+    expand_params,
     read_adapter,
     write_adapter,
 )
+from salora_merge.errors import InputError
 from salora_merge.io.atomic import atomic_output_dir, check_output_free
 from salora_merge.methods import DEFAULT, get_method
 from salora_merge.methods.base import Method, MethodReport
 from salora_merge.progress import Progress, silent
 from salora_merge.realignment.needs import Sources, gather
+
+# The methods that work module by module from the safety basis alone, so each expert of a fused parameter too.
+PARAMETER_METHODS = ("salora", "random", "shrink")
 
 __all__ = ["run_realign", "apply_method", "write_applied", "Applied", "Sources"]
 
@@ -37,6 +43,7 @@ class Applied:
     modules: dict[str, LoraModule]
     report: MethodReport
     base: BaseModel
+    params: dict = field(default_factory=dict)  # LoRA on fused expert parameters, by parameter (ParamLora)
 
 
 def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: str, method_options: Mapping[str, Any],
@@ -52,22 +59,30 @@ def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: s
     sources.check_for(chosen)
     adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
     base = resolve_model(base)
-    check_adapter_fits(adapter, base.module_weight_shapes)
-    ctx = gather(chosen, base, adapter, str(adapter_ref), str(out), sources, overwrite, progress)
-    new_modules, report = chosen.apply(adapter.modules, ctx, options)
+    if adapter.spec.target_parameters and chosen.name not in PARAMETER_METHODS:
+        raise InputError(f"{adapter.path}: a LoRA on fused expert parameters (target_parameters) can be realigned "
+                         f"with --method {', '.join(PARAMETER_METHODS)}, not {chosen.name}")
+    adapter = base.bind(adapter)
+    check_adapter_fits(adapter, base.module_weight_shapes, parameters=True)
+    # Each expert of a LoRA on a fused parameter is a module of its own for the method (its own safety basis).
+    flat = replace(adapter, modules={**adapter.modules, **expand_params(adapter.params)})
+    ctx = gather(chosen, base, flat, str(adapter_ref), str(out), sources, overwrite, progress)
+    new_flat, report = chosen.apply(flat.modules, ctx, options)
+    new_modules = {n: m for n, m in new_flat.items() if n in adapter.modules}
+    params = collapse_params(adapter.params, new_flat)
     config = adapter.config
     if chosen.rewrites_rank:  # every module now has one rank and scaling 1
         ranks = {m.rank for m in new_modules.values()}
         assert len(ranks) == 1 and all(m.scaling == 1.0 for m in new_modules.values()), chosen.name
         config = with_uniform_rank(adapter.config, ranks.pop())
-    return Applied(chosen, adapter, config, new_modules, report, base)
+    return Applied(chosen, adapter, config, new_modules, report, base, params)
 
 
 def write_applied(applied: Applied, out: Path, overwrite: bool = False, extra: Mapping[str, str] | None = None,
                   card: str | None = None) -> None:
     """The adapter folder (stock PEFT), the method's JSON report, ``extra`` files and the card, atomically."""
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
-        write_adapter(tmp, applied.config, applied.modules, applied.adapter.passthrough)
+        write_adapter(tmp, applied.config, applied.modules, applied.adapter.passthrough, applied.params)
         (tmp / applied.method.report_name).write_text(json.dumps(applied.report.to_json(), indent=2) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
