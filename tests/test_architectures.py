@@ -276,8 +276,7 @@ def test_a_lora_on_the_output_layer_is_calibrated_realigned_and_audited(tied, tm
         f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("stored", ["per-expert", "fused"])
+@pytest.mark.parametrize("family, stored", [("mixtral", "per-expert"), ("qwen3_moe", "fused")])
 def test_fused_expert_adapters_merge_exactly_and_are_refused_elsewhere(family, stored, tmp_path,
                                                                         tiny_calibration_prompts):
     """PEFT's default adapter for these models carries target_parameters (the fused 3-D experts and, for Mixtral,
