@@ -123,3 +123,23 @@ def test_bad_input_is_one_line(case, cli_safety, tiny_model_dir, tmp_path):
     assert not out.exists() or case == "existing_output"
     assert not (tmp_path / "s.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_2_with_the_traceback_under_debug(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """The last-resort guard: an exception no check anticipated reaches the user as one line naming the command,
+    exit code 2; ``salora-merge --debug`` lets the traceback through."""
+    import salora_merge.api as api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape bookkeeping went wrong\nsecond line of detail")
+
+    monkeypatch.setattr(api, "merge", broken)
+    args = ["merge", "--base", str(tiny_model_dir), "--adapter", str(tmp_path), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == ["Error: internal error in merge: RuntimeError: shape bookkeeping went wrong; re-run with "
+                     "salora-merge --debug for the traceback, and please report it"]
+    debug = CliRunner().invoke(main, ["--debug", *args])
+    assert isinstance(debug.exception, RuntimeError) and "Traceback" not in debug.output

@@ -362,3 +362,28 @@ def test_cli_merge_errors_are_one_line(tiny_model_dir, tmp_path):
                                   "--no-realign", "--safety", str(tmp_path), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "--safety is only used with --realign" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("weight, message", [
+    (float("nan"), "--weight nan for"), (float("inf"), "--weight inf for"),
+    (3e38, "is scaled beyond the float32 range"), ("huge", "makes it NaN or Inf; nothing was written"),
+])
+def test_a_merge_that_would_write_nan_or_inf_is_refused(weight, message, tiny_model_dir, tmp_path):
+    """Never a non-finite merged tensor: a non-finite weight is refused up front, a scale beyond float32 and a
+    finite adapter whose product overflows (factors times 1e21) are refused before the tensor is written, naming it
+    and the adapter; nothing at the output."""
+    from safetensors.torch import load_file, save_file
+
+    from salora_merge.errors import InputError
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "a", target_modules=["q_proj"])
+    if weight == "huge":
+        path = adapter / "adapter_model.safetensors"
+        save_file({k: v * 1e21 for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
+        weight = 1.0
+    out = tmp_path / "merged"
+    with pytest.raises(InputError, match=message) as caught:
+        run_merge(str(tiny_model_dir), [AdapterInput(str(adapter), weight)], out)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["a"]
+    if "nothing was written" in message or "beyond" in message:
+        assert "q_proj.weight" in str(caught.value) and str(adapter) in str(caught.value)

@@ -28,6 +28,7 @@ from salora_merge.errors import SaloraError
 from salora_merge.version import __version__
 
 EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 2  # an unexpected exception, reported in one line (salora-merge --debug shows the traceback)
 EXIT_INTERRUPTED = 130
 
 
@@ -44,6 +45,17 @@ def _friendly_errors(func: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("Interrupted; no output was written.", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # the last resort: every case that reaches it is a missing check (a bug)
+            context = click.get_current_context(silent=True)
+            if context is not None and context.find_root().params.get("debug"):
+                raise
+            command = context.info_name if context is not None else "salora-merge"
+            message = (str(exc).strip().splitlines() or [""])[0][:300]
+            click.echo(f"Error: internal error in {command}: {type(exc).__name__}: {message}; "
+                       "re-run with salora-merge --debug for the traceback, and please report it", err=True)
+            sys.exit(EXIT_INTERNAL_ERROR)
 
     return wrapper
 
@@ -60,7 +72,8 @@ def _echo_err(quiet: bool) -> Callable[[str], None] | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="salora-merge")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error instead of one line.")
+def main(debug: bool) -> None:
     """Keep LoRA-fine-tuned LLMs safe: compute safety modules, realign adapters."""
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from salora_merge.hf.expert_layout import stored_name, stored_slices
-from salora_merge.core.merge_math import ExpertUpdate, LowRankUpdate, cast_exact, merged_weight
+from salora_merge.core.merge_math import ExpertUpdate, LowRankUpdate, cast_exact, compute_dtype, merged_weight
 from salora_merge.errors import AdapterError, InputError, ShapeMismatchError
 from salora_merge.io.adapter import (
     BASE_LAYER,
@@ -196,7 +196,17 @@ def _compute(tensor: torch.Tensor, out: OutTensor, adapters: Sequence[Adapter]) 
             continue
         lora = adapters[index].modules[module]
         updates.append(LowRankUpdate(lora.lora_A, lora.lora_B, lora.scaling, adapters[index].spec.fan_in_fan_out))
-    return cast_exact(merged_weight(tensor, updates), target, out.name)
+    sources = sorted({str(adapters[i].path) for i, *_ in (*out.updates, *out.slices)})
+    limit = torch.finfo(compute_dtype(tensor.dtype)).max
+    if any(abs(u.scale) > limit for u in updates):
+        raise InputError(f"tensor {out.name}: the update of {', '.join(sources)} is scaled beyond the "
+                         f"{str(compute_dtype(tensor.dtype)).replace('torch.', '')} range (check --weight); nothing "
+                         "was written")
+    merged = merged_weight(tensor, updates)
+    if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(tensor).all()):
+        raise InputError(f"tensor {out.name}: adding the update of {', '.join(sources)} makes it NaN or Inf; "
+                         "nothing was written (check --weight and the adapter's values)")
+    return cast_exact(merged, target, out.name)
 
 
 def write_merged_shards(

@@ -9,6 +9,7 @@ budget as the tensors come. Resident memory is the tensors in flight and the ada
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -144,6 +145,9 @@ def run_merge(
     check_output_free(out, overwrite)
     if not adapters_in:
         raise InputError("--adapter: give at least one adapter to merge")
+    for given in adapters_in:
+        if not math.isfinite(given.weight):
+            raise InputError(f"--weight {given.weight} for {given.ref}: expected a finite number")
     base = resolve_model(base)
     checkpoint = base.checkpoint
     folders = [resolve_adapter(a.ref) for a in adapters_in]
