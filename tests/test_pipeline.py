@@ -34,7 +34,7 @@ def test_every_schema_problem_is_reported_at_once(tmp_path):
         load_pipeline(config)
     message = str(info.value)
     for expected in ("extra: unknown key", "base: required", "adapters[0].colour: unknown key",
-                     "adapters[0].weight: expected a number", "safety: give file or calibrate, not both",
+                     "adapters[0].weight: expected a finite number", "safety: give file or calibrate, not both",
                      "safety.file: ", "safety.calibrate.flavour: unknown option", "--rank must be positive",
                      "merge.dtype: 'int8'", "merge.shard_size 'lots'", "push.repo_id: expected org/name"):
         assert expected in message, expected

@@ -109,7 +109,7 @@ class CalibrationOptions:
         if self.contrast is not None and self.energy is not None:
             problems.append("--energy and --contrast-prompts cannot be combined (generalized eigenvalues are "
                             "not shares of energy)")
-        if self.contrast_ridge <= 0:
+        if not 0 < self.contrast_ridge < float("inf"):  # also NaN
             problems.append(f"--contrast-ridge must be positive, got {self.contrast_ridge}")
         if self.accumulate_dtype not in ("float32", "float64"):
             problems.append(f"--accumulate-dtype must be float32 or float64, got {self.accumulate_dtype!r}")

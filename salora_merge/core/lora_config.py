@@ -120,6 +120,42 @@ def _as_tuple(value: Any, name: str, source: str) -> tuple | str | None:
     raise AdapterError(f"{source}: '{name}' must be a list or a string, got {type(value).__name__}")
 
 
+_MAX_RANK = 1 << 20
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _positive_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_RANK:
+        raise AdapterError(f"{source}: '{name}' must be a positive integer (a LoRA rank), got {value!r}")
+    return value
+
+
+def _finite_number(value: Any, name: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > _FLOAT32_MAX:
+        raise AdapterError(f"{source}: '{name}' must be a finite number within float32's range, got {value!r}")
+    return float(value)
+
+
+def _compile(pattern: str, name: str, source: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AdapterError(f"{source}: '{name}' {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _pattern_map(value: Any, name: str, source: str, check) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"{source}: '{name}' must map module patterns to values, got {type(value).__name__}")
+    out = {}
+    for key, item in value.items():
+        _compile(key, f"{name}[{key!r}]", source)
+        out[key] = check(item, key)
+    return out
+
+
 def parse_lora_config(raw: Mapping[str, Any], source: str) -> LoraSpec:
     """Validate a PEFT config dict and return the fields that matter; ``source`` names the file.
 
@@ -141,35 +177,55 @@ def parse_lora_config(raw: Mapping[str, Any], source: str) -> LoraSpec:
             "retrain with bias='none'"
         )
     target_parameters = raw.get("target_parameters") or ()
-    if isinstance(target_parameters, str) or not all(isinstance(t, str) for t in target_parameters):
+    if isinstance(target_parameters, str) or not isinstance(target_parameters, (list, tuple)) or not all(
+            isinstance(t, str) for t in target_parameters):
         raise AdapterError(f"{source}: 'target_parameters' must be a list of parameter names")
-    try:
-        r = int(raw["r"])
-        alpha = float(raw.get("lora_alpha", 8))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterError(f"{source}: 'r' and 'lora_alpha' must be numbers ({exc})") from None
-    if r <= 0:
-        raise AdapterError(f"{source}: 'r' must be positive, got {r}")
+    r = _positive_int(raw.get("r"), "r", source)
+    alpha = _finite_number(raw.get("lora_alpha", 8), "lora_alpha", source)
     layers = raw.get("layers_to_transform")
     if isinstance(layers, list):
-        layers = tuple(int(i) for i in layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise AdapterError(f"{source}: 'layers_to_transform' must be a layer index or a list of them, got "
+                               f"{layers[:4]!r}")
+        layers = tuple(layers)
+    elif layers is not None and (not isinstance(layers, int) or isinstance(layers, bool)):
+        raise AdapterError(f"{source}: 'layers_to_transform' must be a layer index or a list of them, got {layers!r}")
     pattern = raw.get("layers_pattern")
     if isinstance(pattern, str):
         pattern = (pattern,)
-    elif isinstance(pattern, list):
+    elif isinstance(pattern, list) and all(isinstance(x, str) for x in pattern):
         pattern = tuple(pattern)
+    elif pattern is not None:
+        raise AdapterError(f"{source}: 'layers_pattern' must be a string or a list of strings")
+    rank_pattern = _pattern_map(raw.get("rank_pattern"), "rank_pattern", source,
+                                lambda v, k: _positive_int(v, f"rank_pattern[{k!r}]", source))
+    alpha_pattern = _pattern_map(raw.get("alpha_pattern"), "alpha_pattern", source,
+                                 lambda v, k: _finite_number(v, f"alpha_pattern[{k!r}]", source))
+    target_modules = _as_tuple(raw.get("target_modules"), "target_modules", source)
+    exclude_modules = _as_tuple(raw.get("exclude_modules"), "exclude_modules", source)
+    for name, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(value, str) and value != "all-linear":
+            _compile(value, name, source)
+        elif isinstance(value, tuple) and not all(isinstance(x, str) for x in value):
+            raise AdapterError(f"{source}: '{name}' must be a list of module names or a regular expression")
+    to_save = raw.get("modules_to_save") or ()
+    if not isinstance(to_save, (list, tuple)) or not all(isinstance(x, str) for x in to_save):
+        raise AdapterError(f"{source}: 'modules_to_save' must be a list of module names, got {to_save!r}")
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(raw.get(flag, False), bool):
+            raise AdapterError(f"{source}: '{flag}' must be true or false, got {raw.get(flag)!r}")
     return LoraSpec(
         r=r,
         lora_alpha=alpha,
         use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        target_modules=_as_tuple(raw.get("target_modules"), "target_modules", source),
-        exclude_modules=_as_tuple(raw.get("exclude_modules"), "exclude_modules", source),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
         layers_to_transform=layers,
         layers_pattern=pattern,
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        modules_to_save=tuple(raw.get("modules_to_save") or ()),
+        modules_to_save=tuple(to_save),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
         target_parameters=tuple(target_parameters),
     )

@@ -124,6 +124,6 @@ def parse_size(text: str, option: str = "--shard-size") -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in _UNITS or value <= 0:
+    if unit not in _UNITS or not (0 < value < 1e18):  # also NaN and Inf
         raise InputError(f"{option} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
     return int(value * _UNITS[unit])

@@ -80,6 +80,7 @@ def resolve_model(ref: "str | BaseModel") -> BaseModel:
         return ref
     path = Path(ref).expanduser()
     if path.is_dir():
+        check_model_config(path)
         return BaseModel(ref=ref, folder=path.resolve(), model_id=str(path.resolve()))
     if ref in ALIASES:
         alias = ALIASES[ref]
@@ -92,8 +93,24 @@ def resolve_model(ref: "str | BaseModel") -> BaseModel:
             f"base model {ref!r}: not a folder, not a built-in alias ({known}) and not a Hub id org/name[@rev]"
         )
     repo_id, revision = parsed
-    return BaseModel(ref=ref, folder=hub.download_snapshot(repo_id, revision, "base model"),
-                         model_id=repo_id, revision=revision)
+    folder = hub.download_snapshot(repo_id, revision, "base model")
+    check_model_config(folder)
+    return BaseModel(ref=ref, folder=folder, model_id=repo_id, revision=revision)
+
+
+def check_model_config(folder: Path) -> None:
+    """A model folder's ``config.json``, when there, must be a JSON object (transformers builds the model from
+    it)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return  # said where the folder is read (no weights, or transformers' own message)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelResolutionError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type", ""), str):
+        raise ModelResolutionError(f"{path}: expected a JSON object with the model's configuration, got "
+                                   f"{type(config).__name__}")
 
 
 def resolve_adapter(ref: str) -> Path:

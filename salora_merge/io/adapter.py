@@ -39,6 +39,7 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 BASE_LAYER = ".base_layer.weight"
 
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
@@ -171,6 +172,8 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterError(f"{config_path}: nested too deeply to be a PEFT config") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{config_path}: expected a JSON object")
     spec = parse_lora_config(raw, str(config_path))
@@ -211,6 +214,11 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> Adapter:
             if factor not in pair:
                 raise AdapterError(f"{weights_path}: {lora_key(name, factor)} is missing")
         a, b = pair["A"], pair["B"]
+        for factor, tensor in (("A", a), ("B", b)):
+            if tensor.dtype not in FACTOR_DTYPES:
+                raise AdapterError(
+                    f"{weights_path}: {lora_key(name, factor)} is {str(tensor.dtype).replace('torch.', '')}; LoRA "
+                    "factors must be float16, bfloat16, float32 or float64 (convert the adapter first)")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapterError(
                 f"{weights_path}: {lora_key(name, 'A')} {tuple(a.shape)} and {lora_key(name, 'B')} "

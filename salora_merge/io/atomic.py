@@ -16,9 +16,18 @@ __all__ = ["atomic_output_dir", "atomic_output_file", "check_output_free"]
 
 
 def check_output_free(path: Path, overwrite: bool) -> None:
-    """Fail early (before any work) if ``path`` exists and ``overwrite`` is false."""
+    """Fail early (before any work) if ``path`` exists and ``overwrite`` is false, or if it cannot be created:
+    an existing part of its path is a file, or the nearest existing folder is not writable."""
+    path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; choose another output or pass --overwrite")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{path}: {ancestor} is a file, not a folder; choose an output path under a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: the folder {ancestor} is not writable; choose another output path")
 
 
 def _umask_mode(mode: int) -> int:

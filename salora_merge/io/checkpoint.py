@@ -90,8 +90,13 @@ def open_checkpoint(folder: Path) -> CheckpointIndex:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
             raise InputError(f"{index_path}: malformed index ({exc}); re-save the checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v and "/" not in v and "\\" not in v
+                for k, v in weight_map.items()):
+            raise InputError(f"{index_path}: 'weight_map' must map tensor names to shard file names in the folder; "
+                             "re-save the checkpoint")
         for shard in sorted(set(weight_map.values())):
             shard_path = folder / shard
             if not shard_path.is_file():

@@ -53,8 +53,19 @@ def load_safety_module(path: Path) -> SafetyModule:
         raise SafetyModuleError(f"{path}: not a salora-merge safety module (no '{_META_KEY}' metadata)")
     try:
         meta = json.loads(raw_meta)
-    except json.JSONDecodeError as exc:
-        raise SafetyModuleError(f"{path}: corrupt safety metadata ({exc})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise SafetyModuleError(f"{path}: corrupt safety metadata ({str(exc)[:120]})") from None
+    if not isinstance(meta, dict):
+        raise SafetyModuleError(f"{path}: corrupt safety metadata (a {type(meta).__name__}, not an object); "
+                                "recompute it with salora-merge calibrate")
+    counts, sites = meta.get("counts", {}), meta.get("sites", {})
+    if not isinstance(counts, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in counts.values()):
+        raise SafetyModuleError(f"{path}: corrupt safety metadata ('counts' must map sites to token counts); "
+                                "recompute it with salora-merge calibrate")
+    if not isinstance(sites, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sites.items()):
+        raise SafetyModuleError(f"{path}: corrupt safety metadata ('sites' must map modules to sites); "
+                                "recompute it with salora-merge calibrate")
     if meta.get("format_version") != FORMAT_VERSION:
         raise SafetyModuleError(
             f"{path}: safety module format {meta.get('format_version')} is not {FORMAT_VERSION}; recompute it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,10 @@ def load_pipeline(path: Path) -> PipelineConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(f"{path}: cannot read the pipeline config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be a pipeline config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -103,8 +108,8 @@ def load_pipeline(path: Path) -> PipelineConfig:
                 problems.append(f"adapters[{i}].{key}: unknown key (expected path, weight)")
             ref, weight = item.get("path"), item.get("weight", 1.0)
             ok = need(isinstance(ref, str) and ref, f"adapters[{i}].path: required, a folder or Hub id")
-            ok = need(isinstance(weight, (int, float)) and not isinstance(weight, bool),
-                       f"adapters[{i}].weight: expected a number, got {weight!r}") and ok
+            ok = need(isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                      and math.isfinite(weight), f"adapters[{i}].weight: expected a finite number, got {weight!r}") and ok
             if ok:
                 adapters.append((_resolve_path(root, ref), float(weight)))
 

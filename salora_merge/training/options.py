@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
@@ -45,14 +46,18 @@ class TrainOptions:
                 problems.append(f"{name} must be positive, got {value}")
         if self.init not in INITS:
             problems.append(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:  # also NaN
             problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.fit.lr <= 0:
-            problems.append(f"--lr must be positive, got {self.fit.lr}")
-        if self.fit.max_steps <= 0 and self.fit.epochs <= 0:
-            problems.append(f"--epochs must be positive, got {self.fit.epochs}")
-        if self.alpha == 0:
-            problems.append("--alpha must not be 0 (the update would be switched off)")
+        if not 0 < self.fit.lr < 1e3:
+            problems.append(f"--lr must be a positive number below 1000, got {self.fit.lr}")
+        if not 0.0 <= self.fit.warmup_ratio <= 1.0:
+            problems.append(f"--warmup-ratio must be in [0, 1], got {self.fit.warmup_ratio}")
+        if not 0 < self.fit.epochs < 1e6:  # checked even when --max-steps makes it unused
+            problems.append(f"--epochs must be a positive number, got {self.fit.epochs}")
+        if not 0 <= self.fit.seed < 2 ** 32:  # the seed numpy and the Trainer accept
+            problems.append(f"--seed must be in [0, 2**32), got {self.fit.seed}")
+        if self.alpha == 0 or not math.isfinite(self.alpha) or abs(self.alpha) > 1e6:
+            problems.append(f"--alpha must be a finite non-zero number (up to 1e6), got {self.alpha}")
         if not self.targets:
             problems.append("--targets is empty")
         if problems:
