@@ -80,6 +80,18 @@ def _set(config: dict, **values) -> None:
     config.update(values)
 
 
+class _NotATensor:  # a pickle that weights_only=True refuses (it would have to run code to build this)
+    pass
+
+
+def _pickle_case(world, tmp: Path) -> dict:
+    folder = tmp / "adapter"
+    shutil.copytree(world["adapter"], folder)
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({"base_model.model.x.lora_A.weight": _NotATensor()}, str(folder / "adapter_model.bin"))
+    return {"adapter": folder, "extra": ["--allow-pickle"]}
+
+
 rng = random.Random(SEED)
 HUGE = [10.0 ** rng.randint(39, 308) for _ in range(2)]
 
@@ -105,6 +117,7 @@ ADAPTER_CASES = [
     ("fp8-factor", _weights_case(lambda t: _first(t, lambda v: v.to(torch.float8_e4m3fn))), "float8"),
     ("int-factor", _weights_case(lambda t: _first(t, lambda v: (v * 100).to(torch.int32))), "int32"),
     ("bool-factor", _weights_case(lambda t: _first(t, lambda v: v > 0)), "bool"),
+    ("pickle-with-code", _pickle_case, "adapter_model.bin"),
 ]
 
 ACCEPTED = {
@@ -136,7 +149,7 @@ def test_corrupted_adapters_are_one_line_errors(world, tmp_path, case, command):
             "merge": ["merge", "-o", out],
             "audit": ["audit", "--safety", world["safety"], "-o", out / "report.json"]}[command]
     result = CliRunner().invoke(main, [str(a) for a in (args[0], "--base", world["base"], "--adapter",
-                                                        given["adapter"], *args[1:])])
+                                                        given["adapter"], *given.get("extra", []), *args[1:])])
     if command == "audit":  # an adapter that cannot be audited: exit 4, its error in the report (written)
         assert result.exit_code == 4 and "Traceback" not in result.output, result.output
         assert names in (out / "report.json").read_text(), result.output
@@ -282,4 +295,54 @@ def test_non_finite_and_out_of_range_options_are_one_line_errors(world, tmp_path
               "calibrate": ["--prompts", world["prompts"], "--rank", 2, "--max-new-tokens", 2, "--targets", "q_proj",
                             "-o", out]}[command]
     result = CliRunner().invoke(main, [str(a) for a in (command, "--base", world["base"], *common, *extra)])
+    _assert_clean_failure(result, tmp_path, before, names)
+
+
+def _prompts(tmp: Path, data: bytes) -> Path:
+    path = tmp / "prompts.jsonl"
+    path.write_bytes(data)
+    return path
+
+
+FILE_CASES = [
+    # calibrate: the prompts file
+    ("prompts-not-utf8", "calibrate", lambda w, t: ["--prompts", _prompts(t, b'{"prompt": "\xff"}\n')], "prompts.jsonl"),
+    ("prompts-not-objects", "calibrate", lambda w, t: ["--prompts", _prompts(t, b"[1, 2]\n3\n")], "prompts.jsonl"),
+    ("prompts-empty", "calibrate", lambda w, t: ["--prompts", _prompts(t, b"")], "prompts.jsonl"),
+    ("prompts-no-field", "calibrate", lambda w, t: ["--prompts", _prompts(t, b'{"answer": "hi"}\n')], "prompts.jsonl"),
+    # retrain: the old adapter and the data
+    ("retrain-adapter-r-string", "retrain", lambda w, t: ["--adapter", _config_case(
+        lambda c: _set(c, r="4"))(w, t)["adapter"]], "'r'"),
+    ("retrain-adapter-int", "retrain", lambda w, t: ["--adapter", _weights_case(
+        lambda x: _first(x, lambda v: v.to(torch.int32)))(w, t)["adapter"]], "int32"),
+    ("train-data-not-utf8", "train", lambda w, t: ["--data", _prompts(t, b'{"instruction": "\xff"}\n')],
+     "prompts.jsonl"),
+    # push: what it would publish (no Hub is reached: the folder is checked first)
+    ("push-missing", "push", lambda w, t: [t / "nothing"], "nothing"),
+    ("push-not-a-model", "push", lambda w, t: [_prompts(t, b"x").parent], "model"),
+]
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_every_command_that_reads_files_refuses_bad_ones_in_one_line(world, tmp_path, case, monkeypatch):
+    _, command, make, names = case
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing may reach a network
+    given = [str(a) for a in make(world, tmp_path)]
+    before = {p.name for p in tmp_path.iterdir()}
+    out = tmp_path / "out"
+    data = tmp_path / "data.jsonl"
+    if command == "calibrate":
+        args = ["calibrate", "--base", world["base"], "--rank", 2, "--max-new-tokens", 2, "--targets", "q_proj",
+                *given, "-o", out]
+    elif command == "retrain":
+        data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"}) + "\n")
+        before.add("data.jsonl")
+        args = ["retrain", "--base", world["base"], "--safety", world["safety"], "--data", data, *given,
+                "--max-steps", 1, "--device", "cpu", "--quiet", "-o", out]
+    elif command == "train":
+        args = ["train", "--base", world["base"], "--safety", world["safety"], "--targets", "q_proj", "--rank", 2,
+                *given, "--max-steps", 1, "--device", "cpu", "--quiet", "-o", out]
+    else:
+        args = ["push", *given, "--repo-id", "org/name"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
     _assert_clean_failure(result, tmp_path, before, names)

@@ -153,7 +153,9 @@ def _load_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Ten
         try:
             state = torch.load(str(pickled), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for unsafe or corrupt pickles
-            raise AdapterError(f"{pickled}: could not be loaded with weights_only=True ({exc})") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise AdapterError(f"{pickled}: could not be loaded with weights_only=True ({first}); convert it to "
+                               "adapter_model.safetensors with a trusted tool") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterError(f"{pickled}: expected a dict of tensors")
         return state, pickled
