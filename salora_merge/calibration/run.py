@@ -26,8 +26,12 @@ from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.chat_templates import apply_chat_template_choice
 from salora_merge.hf.models import (
+    DEVICE_MAPS,
+    Placement,
     chat_prompt_ids,
     expert_modules,
+    input_device,
+    parse_max_memory,
     output_layer_name,
     router_modules,
     greedy_responses,
@@ -78,6 +82,9 @@ class CalibrationOptions:
     contrast: str | None = None  # benign/task prompts: contrastive bases (generalized eigenproblem)
     contrast_ridge: float = 1e-3
     chat_template: str | None = None  # None: the model's own (raw prompt text when it has none); a name or a file
+    device_map: str | None = None  # accelerate's big-model loading: auto, balanced, balanced_low_0, sequential
+    max_memory: str | None = None  # "0=20GiB,cpu=30GiB"
+    offload_folder: str | None = None
 
     def policy(self) -> str:
         if self.token_policy:
@@ -86,6 +93,12 @@ class CalibrationOptions:
 
     def validate(self) -> None:
         problems = []
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            problems.append(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
+        if (self.max_memory or self.offload_folder) and self.device_map is None:
+            problems.append("--max-memory and --offload-folder place a model over devices: give --device-map too")
+        if self.max_memory:
+            parse_max_memory(self.max_memory)
         if self.rank <= 0:
             problems.append(f"--rank must be positive, got {self.rank}")
         if self.side not in SIDES:
@@ -140,6 +153,19 @@ def select_targets(available: Sequence[str], targets: Sequence[str] | None) -> l
         suffixes = sorted({re.sub(r"\[\d+\]$", "", n).rsplit(".", 1)[-1] for n in available})
         raise InputError(f"--targets {unmatched[0]!r} matches no linear layer of the model; available: {', '.join(suffixes)}")
     return chosen
+
+
+def _stored_weight(base: BaseModel, name: str, module, weight: torch.Tensor) -> torch.Tensor:
+    """A layer's ``(d_out, d_in)`` weight in float64 on the CPU; read from the checkpoint when accelerate offloaded
+    the layer (its parameters are then on the meta device)."""
+    if weight.device.type != "meta":
+        return weight.detach().to("cpu", torch.float64)
+    key = f"{name}.weight"
+    if module is None or key not in base.checkpoint.files:
+        raise InputError(f"layer {name}: offloaded, and its weight is not stored as {key} in the checkpoint; "
+                         "calibrate it without --device-map or with more --max-memory")
+    stored = base.checkpoint.read(key).to(torch.float64)
+    return stored.T if type(module).__name__ == "Conv1D" else stored
 
 
 def is_default_targets(targets: Sequence[str] | None) -> bool:
@@ -240,7 +266,7 @@ def accumulate_moments(
     modules ``experts``, fed the tokens routed to each. Returns the sites (``{site: [modules reading that
     input]}``), the filled accumulator and the set of output-moment sites.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     backbone = backbone_of(model)
     batches = length_sorted_batches(sequences, batch_size)
     probe_ids, probe_attention, _ = batch_tensors(batches[0][:1], pad, policies, device)
@@ -303,7 +329,8 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     prompt_set = _load_calibration_set(options)
     device = pick_device(options.device)
     tokenizer, template = apply_chat_template_choice(base.tokenizer, options.chat_template)
-    model = base.load_model(device)
+    placement = Placement(options.device_map, parse_max_memory(options.max_memory), options.offload_folder)
+    model = base.load_model(device, placement)
     linear = {**linear_modules(model, include_output=True), **router_modules(model)}
     experts = expert_modules(model)
     expert_weights = {expert_site(m, p, e): getattr(module, p)[e] for m, module in experts.items()
@@ -345,7 +372,7 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
                                  f"{policy!r}; give more calibration prompts (--prompts, --max-prompts)")
             raise InputError(f"no calibration tokens reached {site} under token policy {policy!r}; "
                              "check the prompts, --responses and --max-length")
-    weights = {n: matrix(n).detach().to("cpu", torch.float64) for n in names}
+    weights = {n: _stored_weight(base, n, linear.get(n), matrix(n)) for n in names}
     moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
     contrast_meta: dict = {}
     if options.contrast is None:

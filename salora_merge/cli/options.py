@@ -49,6 +49,14 @@ def calibration_options(func: Callable) -> Callable:
                help="For a base model without one (GPT-2, OPT...): chatml, plain, a Jinja file, or none for the "
                     "raw prompt text [default: the model's own; raw text, with a note, when it has none]."),
         option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        option("Model", "--device-map", default=None,
+               type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+               help="A model larger than one device: spread it with accelerate (overrides --device)."),
+        option("Model", "--max-memory", default=None,
+               help="With --device-map: memory per device, such as 0=20GiB,1=20GiB,cpu=60GiB; the rest is "
+                    "offloaded to --offload-folder."),
+        option("Model", "--offload-folder", default=None, type=click.Path(file_okay=False),
+               help="With --device-map: where layers beyond --max-memory are offloaded on disk."),
         option(s, "--energy", default=None, type=float,
                help="Keep per module the fewest directions capturing this share of the energy (--rank caps it)."),
         option(s, "--contrast-prompts", default=None,
@@ -69,6 +77,8 @@ def build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_moment
         max_length=kwargs["max_length"], max_new_tokens=kwargs["max_new_tokens"], device=kwargs["device"],
         keep_moments=keep_moments, energy=kwargs["energy"], contrast=kwargs["contrast_prompts"],
         contrast_ridge=kwargs["contrast_ridge"], chat_template=kwargs.get("chat_template"),
+        device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"),
+        offload_folder=kwargs.get("offload_folder"),
     )
 
 
@@ -177,6 +187,14 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option(o, "--merge-to", type=click.Path(path_type=Path), default=None,
                help="Also merge the exported adapter into the base and write the model here."),
         option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        option("Model", "--device-map", default=None,
+               type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+               help="A model larger than one device: spread it with accelerate (overrides --device)."),
+        option("Model", "--max-memory", default=None,
+               help="With --device-map: memory per device, such as 0=20GiB,1=20GiB,cpu=60GiB; the rest is "
+                    "offloaded to --offload-folder."),
+        option("Model", "--offload-folder", default=None, type=click.Path(file_okay=False),
+               help="With --device-map: where layers beyond --max-memory are offloaded on disk."),
         option("Safety module", "--random-control", type=int, default=None,
                help="The control: constrain against random subspaces of the safety module's sizes (this seed)."),
         option(r, "--quiet", is_flag=True, help="No progress bar or loss lines."),

@@ -104,7 +104,10 @@ class MomentAccumulator:
             return
         # The per-batch product runs in float32 (a GEMM); sums across batches run in self.dtype.
         rows32 = rows.to(torch.float32) if rows.dtype != torch.float64 else rows
-        self.sums[(site, statistic)] += symmetric_gram(rows32).to(self.dtype)
+        key = (site, statistic)
+        if self.counts[key] == 0 and self.sums[key].device != rows.device:
+            self.sums[key] = self.sums[key].to(rows.device)  # accumulated where the layer runs (device maps)
+        self.sums[key] += symmetric_gram(rows32).to(self.sums[key].device, self.dtype)
         self.counts[(site, statistic)] += int(rows.shape[0])
 
 

@@ -81,8 +81,9 @@ class BaseModel:
 
         return load_tokenizer(self.folder)
 
-    def load_model(self, device: "torch.device"):
-        """A fresh copy of the model on ``device`` (callers may rewrite its weights)."""
+    def load_model(self, device: "torch.device", placement=None):
+        """A fresh copy of the model on ``device`` (callers may rewrite its weights), or spread and offloaded by
+        accelerate under an active ``placement`` (:class:`salora_merge.hf.models.Placement`)."""
         from salora_merge.hf.models import load_causal_lm
 
-        return load_causal_lm(self.folder, device)
+        return load_causal_lm(self.folder, device, placement)

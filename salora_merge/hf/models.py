@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +17,10 @@ __all__ = [
     "pick_device",
     "load_causal_lm",
     "load_tokenizer",
+    "Placement",
+    "DEVICE_MAPS",
+    "parse_max_memory",
+    "input_device",
     "dequantize_gguf",
     "chat_prompt_ids",
     "output_layer_name",
@@ -50,19 +56,72 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_causal_lm(folder: Path, device: torch.device) -> nn.Module:
-    """Load a causal LM for inference: float32 on CPU, bfloat16 on CUDA when supported."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a model too large for one device goes: accelerate's big-model loading (``device_map``, per-device
+    ``max_memory``, layers beyond them offloaded to CPU and then to ``offload_folder`` on disk)."""
+
+    device_map: str | None = None  # auto, balanced, balanced_low_0 or sequential; None: the whole model on one device
+    max_memory: Mapping[str, str] | None = None  # {"0": "20GiB", "cpu": "30GiB"}
+    offload_folder: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.device_map is not None
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory(text: str | None) -> dict[str, str] | None:
+    """``"0=20GiB,cpu=30GiB"`` -> ``{"0": "20GiB", "cpu": "30GiB"}`` (accelerate's ``max_memory``)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        device, size = device.strip(), size.strip()
+        if not sep or not size or not (device == "cpu" or device.isdigit()) or not re.fullmatch(
+                r"\d+(\.\d+)?\s*([KMGT]i?B)", size, flags=re.IGNORECASE):
+            raise InputError(f"--max-memory {text!r}: expected DEVICE=SIZE pairs such as 0=20GiB,cpu=30GiB")
+        out[device] = size
+    return out
+
+
+def load_causal_lm(folder: Path, device: torch.device, placement: Placement | None = None) -> nn.Module:
+    """Load a causal LM for inference: float32 on CPU, bfloat16 on CUDA when supported; with an active
+    ``placement``, spread over the devices and offloaded by accelerate instead of moved to ``device``."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     dtype = torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
+    placed = {}
+    if placement is not None and placement.active:
+        memory = {int(k) if k.isdigit() else k: v for k, v in (placement.max_memory or {}).items()}
+        placed = {"device_map": placement.device_map, "max_memory": memory or None,
+                  "offload_folder": placement.offload_folder}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placed)
     except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{folder}: transformers could not load the model ({exc})") from None
-    return model.to(device).eval()
+        raise InputError(f"{folder}: transformers could not load the model ({str(exc)[:300]})") from None
+    return model.eval() if placed else model.to(device).eval()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device the model's inputs go to: the input embedding's execution device (under a device map, the
+    first non-disk device accelerate placed it on), else its parameters' device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        embedding = model.get_input_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        name = names.get(id(embedding), "")
+        placed = [v for k, v in device_map.items() if name == k or name.startswith(f"{k}.") or k == ""]
+        where = placed[0] if placed else next(iter(device_map.values()))
+        return torch.device("cpu") if where in ("cpu", "disk") else torch.device(
+            f"cuda:{where}" if isinstance(where, int) else where)
+    return next(model.parameters()).device
 
 
 def load_tokenizer(folder: Path):
@@ -124,7 +183,7 @@ def generate_greedy(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of tokenized prompts, batched with left padding; EOS and after dropped."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tokenizer.pad_token_id
     eos_ids = model.generation_config.eos_token_id if model.generation_config else tokenizer.eos_token_id
     eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
