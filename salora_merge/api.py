@@ -25,6 +25,7 @@ from salora_merge.calibration.run import Calibration, CalibrationOptions
 from salora_merge.calibration.run import calibrate as _calibrate
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_model
+from salora_merge import parallel
 from salora_merge.io.atomic import check_output_free
 from salora_merge.merging.report import MergeReport
 from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge
@@ -69,8 +70,9 @@ def calibrate(base: Base, options: CalibrationOptions = CalibrationOptions(), *,
     if output is not None:
         check_output_free(Path(output), overwrite)
     result = _calibrate(resolve_model(base), options, progress)
-    if output is not None:
+    if output is not None and parallel.is_main():  # under torchrun only rank 0 writes (every rank holds the sums)
         save_safety_module(result.safety, Path(output), overwrite=overwrite)
+    parallel.barrier()
     return result
 
 

@@ -40,6 +40,7 @@ from salora_merge.hf.models import (
     weight_matrix,
 )
 from salora_merge.io.prompts import PromptSet, load_prompt_set
+from salora_merge import parallel
 from salora_merge.progress import Progress, silent
 from salora_merge.version import __version__
 
@@ -298,6 +299,12 @@ def accumulate_moments(
                 backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 advance(len(batch))
     groups.update({n: [n] for n in expert_sites or {}})
+    if parallel.world_size() > 1:  # one all-reduce per site and statistic (float64), and one for the counts
+        keys = sorted(accumulator.sums)
+        for key in keys:
+            parallel.all_reduce_sum_(accumulator.sums[key])
+        counts = parallel.all_reduce_sum_(torch.tensor([accumulator.counts[k] for k in keys], dtype=torch.int64))
+        accumulator.counts.update({k: int(c) for k, c in zip(keys, counts)})
     return groups, accumulator, output_sites
 
 
@@ -347,11 +354,19 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
                              else is_default_targets(options.targets))
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
 
+    # Data-parallel (torchrun): each process takes every world_size-th prompt; the moments are summed at the end.
+    if parallel.world_size() > len(prompt_ids):
+        raise InputError(f"{parallel.world_size()} processes but {len(prompt_ids)} calibration prompts; give at "
+                         "least one prompt per process")
     t0 = time.perf_counter()
-    responses = _responses(model, tokenizer, prompt_ids, prompt_set, options.responses, options, progress)
+    local = parallel.shard(range(len(prompt_ids)))
+    local_ids = [prompt_ids[i] for i in local]
+    responses = _responses(model, tokenizer, local_ids, prompt_set, options.responses, options, progress)
+    if responses is not None and options.responses != "self":
+        responses = [responses[i] for i in local]  # given responses are read for every prompt
     seconds_generate = time.perf_counter() - t0
 
-    sequences = build_sequences(prompt_ids, responses, options.max_length)
+    sequences = build_sequences(local_ids, responses, options.max_length)
     policies = tuple(dict.fromkeys((options.policy(), *options.extra_policies)))
     t1 = time.perf_counter()
     chosen_experts = {n: expert_weights[n].shape[1] for n in names if n in expert_weights}
@@ -383,9 +398,13 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
             advance(1)
     else:
         contrast_set = load_prompt_set(options.contrast).head(options.max_prompts)
-        contrast_ids = [chat_prompt_ids(tokenizer, p) for p in contrast_set.prompts]
+        contrast_all = [chat_prompt_ids(tokenizer, p) for p in contrast_set.prompts]
+        contrast_local = parallel.shard(range(len(contrast_all)))
+        contrast_ids = [contrast_all[i] for i in contrast_local]
         mode = "none" if options.responses == "none" else ("given" if contrast_set.responses else "self")
         contrast_responses = _responses(model, tokenizer, contrast_ids, contrast_set, mode, options, progress)
+        if contrast_responses is not None and mode == "given":
+            contrast_responses = [contrast_responses[i] for i in contrast_local]
         c_groups, c_acc, c_output_sites = accumulate_moments(
             model, {n: linear[n] for n in names}, build_sequences(contrast_ids, contrast_responses, options.max_length),
             (policy,), options.batch_size, tokenizer.pad_token_id, getattr(torch, options.accumulate_dtype), progress,

@@ -96,6 +96,10 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
 
     options = build_calibration(kwargs, split_targets(targets), keep_moments)
     result = api.calibrate(base, options, output=output, overwrite=overwrite, progress=_progress())
+    from salora_merge import parallel
+
+    if not parallel.is_main():  # under torchrun, rank 0 reports
+        return
     meta = dict(result.safety.metadata)
     if as_json:
         click.echo(json.dumps({"output": str(output), **meta}, indent=2))
