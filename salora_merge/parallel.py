@@ -9,7 +9,7 @@ from typing import Sequence, TypeVar
 
 import torch
 
-__all__ = ["world_size", "rank", "is_main", "shard", "all_reduce_sum_", "barrier"]
+__all__ = ["world_size", "rank", "is_main", "shard", "gather_in_order", "all_reduce_sum_", "barrier"]
 
 T = TypeVar("T")
 
@@ -39,6 +39,17 @@ def _ready() -> bool:
 def shard(items: Sequence[T]) -> list[T]:
     """This process's share: every ``world_size``-th item from its rank (all of them in a single process)."""
     return list(items[rank()::world_size()])
+
+
+def gather_in_order(local: Sequence[T], total: int) -> list[T]:
+    """Every process's share (from :func:`shard`) put back in the original order of ``total`` items."""
+    if not _ready():
+        return list(local)
+    import torch.distributed as dist
+
+    shares: list = [None] * world_size()
+    dist.all_gather_object(shares, list(local))
+    return [shares[i % world_size()][i // world_size()] for i in range(total)]
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

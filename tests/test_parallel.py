@@ -45,3 +45,30 @@ def test_torchrun_calibration_equals_one_process(tiny_model_dir, tiny_calibratio
         assert torch.equal(moment, b.moments[key]), key
     for name, basis in a.bases.items():
         assert torch.equal(basis, b.bases[name]), name
+
+
+def test_torchrun_behavioural_audit_equals_one_process(tiny_model_dir, tiny_calibration_prompts, tmp_path):
+    """audit --behavior under torchrun: each rank generates every second prompt of each set, the answers are
+    gathered in order, and rank 0 writes the report: the same rates and answers as one process."""
+    from conftest import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora", target_modules=["q_proj", "v_proj"])
+    common = ["audit", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--prompts",
+              str(tiny_calibration_prompts), "--rank", "2", "--max-new-tokens", "4", "--batch-size", "1",
+              "--generation-batch-size", "1", "--behavior", "--max-eval-prompts", "5", "--device", "cpu",
+              "--format", "json"]
+    single = tmp_path / "single.json"
+    result = CliRunner().invoke(main, [*common, "-o", str(single)])
+    assert result.exit_code == 0, result.output
+    both = tmp_path / "parallel.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SALORA_MERGE_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), "-m", "salora_merge.cli", *common, "-o", str(both)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    a, b = json.loads(single.read_text()), json.loads(both.read_text())
+    assert a["adapters"][0]["behavior"] == b["adapters"][0]["behavior"]
+    assert a["behavior"]["base"] == b["behavior"]["base"]
+    assert a["adapters"][0]["weight_space"] == b["adapters"][0]["weight_space"]

@@ -80,9 +80,13 @@ def _rate(flags: Sequence[bool]) -> float:
 def _generate(model, tokenizer, prompts: Sequence[str], options: BehaviorOptions) -> list[str]:
     from salora_merge.hf.models import chat_prompt_ids, generate_greedy
 
-    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    outputs = generate_greedy(model, tokenizer, ids, options.max_new_tokens, options.batch_size)
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+    from salora_merge import parallel
+
+    # Data-parallel under torchrun: each process generates every WORLD_SIZE-th prompt; all get every answer.
+    ids = [chat_prompt_ids(tokenizer, p) for p in parallel.shard(prompts)]
+    outputs = generate_greedy(model, tokenizer, ids, options.max_new_tokens, options.batch_size) if ids else []
+    local = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+    return parallel.gather_in_order(local, len(prompts))
 
 
 def evaluate_variant(

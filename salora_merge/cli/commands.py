@@ -389,6 +389,10 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
     if output is not None:
         check_output_free(output, overwrite)
     report = api.audit(base, adapters, options, safety=safety, calibration=calibration, progress=_progress())
+    from salora_merge import parallel
+
+    if not parallel.is_main():  # under torchrun every rank holds the whole report; rank 0 writes and prints it
+        sys.exit(exit_code(report))
     if output is not None:
         with atomic_output_file(output, overwrite=overwrite) as tmp:
             tmp.write_text(render(report, fmt), encoding="utf-8")
