@@ -25,7 +25,7 @@ from salora_merge.calibration.run import Calibration, CalibrationOptions
 from salora_merge.calibration.run import calibrate as _calibrate
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_model
-from salora_merge import parallel
+import salora_merge.parallel as parallel
 from salora_merge.io.atomic import check_output_free
 from salora_merge.merging.report import MergeReport
 from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge

@@ -80,7 +80,7 @@ def _rate(flags: Sequence[bool]) -> float:
 def _generate(model, tokenizer, prompts: Sequence[str], options: BehaviorOptions) -> list[str]:
     from salora_merge.hf.models import chat_prompt_ids, generate_greedy
 
-    from salora_merge import parallel
+    import salora_merge.parallel as parallel
 
     # Data-parallel under torchrun: each process generates every WORLD_SIZE-th prompt; all get every answer.
     ids = [chat_prompt_ids(tokenizer, p) for p in parallel.shard(prompts)]

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 
 from salora_merge.core.moments import (
     EXPERT_PARAMS,
     TOKEN_POLICIES,
-    MaskSlot,
     expert_site,
-    MomentAccumulator,
-    group_modules_by_input,
-    record_moments,
-    token_masks,
 )
 from salora_merge.core.safety import SIDES, SafetyModule, compute_safety_bases
 from salora_merge.core.subspace import contrastive_output_basis
@@ -30,7 +24,6 @@ from salora_merge.hf.models import (
     Placement,
     chat_prompt_ids,
     expert_modules,
-    input_device,
     parse_max_memory,
     output_layer_name,
     router_modules,
@@ -39,8 +32,16 @@ from salora_merge.hf.models import (
     pick_device,
     weight_matrix,
 )
+from salora_merge.calibration.statistics import (
+    accumulate_moments,
+    backbone_of,
+    batch_tensors,
+    build_sequences,
+    length_sorted_batches,
+)
+from salora_merge.calibration.targets import is_default_targets, select_targets, small_layer_ranks, stored_weight
 from salora_merge.io.prompts import PromptSet, load_prompt_set
-from salora_merge import parallel
+import salora_merge.parallel as parallel
 from salora_merge.progress import Progress, silent
 from salora_merge.version import __version__
 
@@ -140,50 +141,6 @@ class Calibration:
     capped: Mapping[str, int] = field(default_factory=dict)  # layers smaller than the rank -> the rank they got
 
 
-def select_targets(available: Sequence[str], targets: Sequence[str] | None) -> list[str]:
-    """Module names matching ``targets`` (exact names or ``.suffix``es); all of ``available`` if None."""
-    if is_default_targets(targets):
-        return list(available)
-    def matches(name: str, target: str) -> bool:  # an expert's matrix also matches its parameter's name
-        whole = re.sub(r"\[\d+\]$", "", name)
-        return any(n == target or n.endswith(f".{target}") for n in {name, whole})
-
-    chosen = [name for name in available if any(matches(name, t) for t in targets)]
-    unmatched = [t for t in targets if not any(matches(n, t) for n in available)]
-    if unmatched:
-        suffixes = sorted({re.sub(r"\[\d+\]$", "", n).rsplit(".", 1)[-1] for n in available})
-        raise InputError(f"--targets {unmatched[0]!r} matches no linear layer of the model; available: {', '.join(suffixes)}")
-    return chosen
-
-
-def _stored_weight(base: BaseModel, name: str, module, weight: torch.Tensor) -> torch.Tensor:
-    """A layer's ``(d_out, d_in)`` weight in float64 on the CPU; read from the checkpoint when accelerate offloaded
-    the layer (its parameters are then on the meta device)."""
-    if weight.device.type != "meta":
-        return weight.detach().to("cpu", torch.float64)
-    key = f"{name}.weight"
-    if module is None or key not in base.checkpoint.files:
-        raise InputError(f"layer {name}: offloaded, and its weight is not stored as {key} in the checkpoint; "
-                         "calibrate it without --device-map or with more --max-memory")
-    stored = base.checkpoint.read(key).to(torch.float64)
-    return stored.T if type(module).__name__ == "Conv1D" else stored
-
-
-def is_default_targets(targets: Sequence[str] | None) -> bool:
-    return targets is None or list(targets) in (["all-linear"], ["all"])
-
-
-def small_layer_ranks(shapes: Mapping[str, tuple[int, int]], rank: int, cap: bool) -> dict[str, int]:
-    """The layers too small for ``rank`` (``min(d_out, d_in) < rank``), each with the rank it gets: its size. With
-    ``cap`` False the first one is a one-line error naming it (a layer the user named in --targets)."""
-    small = {n: min(shape) for n, shape in shapes.items() if min(shape) < rank}
-    if small and not cap:
-        name = next(iter(small))
-        d_out, d_in = shapes[name]
-        raise InputError(f"--rank {rank} exceeds the size of layer {name} ({d_out} x {d_in}); lower --rank to "
-                         f"{small[name]} or leave it out of --targets")
-    return small
-
 
 def _load_calibration_set(options: CalibrationOptions) -> PromptSet:
     if options.responses in RESPONSE_MODES:
@@ -197,115 +154,6 @@ def _load_calibration_set(options: CalibrationOptions) -> PromptSet:
     return prompt_set.head(options.max_prompts)
 
 
-def build_sequences(
-    prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]] | None, max_length: int
-) -> list[tuple[list[int], int]]:
-    """``(token ids, prompt length)`` per example, cut to ``max_length`` tokens."""
-    out = []
-    for i, prompt in enumerate(prompt_ids):
-        ids = list(prompt) + (list(response_ids[i]) if response_ids is not None else [])
-        out.append((ids[:max_length], min(len(prompt), max_length)))
-    return out
-
-
-def batch_tensors(
-    sequences: Sequence[tuple[list[int], int | list[bool]]], pad: int, policies: Sequence[str], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Right-padded ``(B, T)`` ids and attention mask, and the token-policy masks, for one batch.
-
-    Each sequence is ``(ids, prompt_length)``, or ``(ids, response_mask)`` with one bool per token.
-    """
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (ids, _) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-    if all(isinstance(p, int) for _, p in sequences):
-        masks = token_masks([p for _, p in sequences], [len(ids) for ids, _ in sequences], width, policies)
-    else:  # explicit per-token masks of the learned (response) tokens, e.g. multi-turn training data
-        if tuple(policies) != ("response",):
-            raise ValueError("explicit token masks only define the 'response' policy")
-        response = torch.zeros((len(sequences), width), dtype=torch.bool)
-        for row, (_, mask) in enumerate(sequences):
-            response[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
-        masks = {"response": response}
-    # Masks go to the device once per batch, not once per hooked layer.
-    return input_ids.to(device), attention.to(device), {k: m.to(device) for k, m in masks.items()}
-
-
-def length_sorted_batches(sequences: Sequence[tuple[list[int], int]], batch_size: int) -> list[list[tuple[list[int], int]]]:
-    """Batches of similar length (less padding); the sums do not depend on the order."""
-    ordered = sorted(sequences, key=lambda item: len(item[0]))
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack without the output layer (its logits are not needed for statistics)."""
-    return getattr(model, model.base_model_prefix, model)
-
-
-@torch.no_grad()
-def accumulate_moments(
-    model: torch.nn.Module,
-    modules: dict[str, torch.nn.Module],
-    sequences: Sequence[tuple[list[int], int]],
-    policies: Sequence[str],
-    batch_size: int,
-    pad: int,
-    dtype: torch.dtype = torch.float64,
-    progress: Progress = silent,
-    allow_output_moments: bool = False,
-    experts: Mapping[str, torch.nn.Module] | None = None,
-    expert_sites: Mapping[str, int] | None = None,
-) -> tuple[dict[str, list[str]], MomentAccumulator, frozenset[str]]:
-    """Stream ``sequences`` through the model and accumulate second moments per input site.
-
-    With ``allow_output_moments``, a site read by a single module with ``d_out < d_in`` accumulates
-    the module's output moment ``W S W^T`` instead of ``S`` (enough for output-side bases, and
-    cheaper). ``expert_sites`` (site -> d_in): experts' matrices (``expert_site`` names) of the fused-experts
-    modules ``experts``, fed the tokens routed to each. Returns the sites (``{site: [modules reading that
-    input]}``), the filled accumulator and the set of output-moment sites.
-    """
-    device = input_device(model)
-    backbone = backbone_of(model)
-    batches = length_sorted_batches(sequences, batch_size)
-    probe_ids, probe_attention, _ = batch_tensors(batches[0][:1], pad, policies, device)
-    # The output layer (lm_head, tied or not) reads the backbone's last hidden state: taken from there, so no
-    # logits are computed.
-    head = output_layer_name(model)
-    from_output = {head: backbone} if head in modules and backbone is not model else {}
-    groups = group_modules_by_input(
-        {n: m for n, m in modules.items() if n not in from_output},
-        lambda: backbone(input_ids=probe_ids, attention_mask=probe_attention, use_cache=False)
-    ) if modules else {}
-    groups.update({n: [n] for n in from_output})
-    shapes = {site: tuple(weight_matrix(modules[site]).shape) for site in groups}  # (d_out, d_in)
-    output_sites = frozenset(
-        site for site, members in groups.items()
-        if allow_output_moments and len(members) == 1 and shapes[site][0] < shapes[site][1]
-        and (isinstance(modules[site], torch.nn.Linear) or type(modules[site]).__name__ == "Conv1D")  # y = W x
-    )
-    dims = {site: shapes[site][0] if site in output_sites else shapes[site][1] for site in groups}
-    dims.update(expert_sites or {})
-    accumulator = MomentAccumulator(dims, tuple(policies), dtype, device)
-    wanted = {m: e for m, e in (experts or {}).items() if any(n.startswith(f"{m}.") for n in expert_sites or {})}
-    slot = MaskSlot()
-    with progress("accumulating second moments", len(sequences)) as advance:
-        with record_moments({site: modules[site] for site in groups}, accumulator, slot, output_sites, from_output,
-                            wanted):
-            for batch in batches:
-                input_ids, attention, slot.masks = batch_tensors(batch, pad, policies, device)
-                backbone(input_ids=input_ids, attention_mask=attention, use_cache=False)
-                advance(len(batch))
-    groups.update({n: [n] for n in expert_sites or {}})
-    if parallel.world_size() > 1:  # one all-reduce per site and statistic (float64), and one for the counts
-        keys = sorted(accumulator.sums)
-        for key in keys:
-            parallel.all_reduce_sum_(accumulator.sums[key])
-        counts = parallel.all_reduce_sum_(torch.tensor([accumulator.counts[k] for k in keys], dtype=torch.int64))
-        accumulator.counts.update({k: int(c) for k, c in zip(keys, counts)})
-    return groups, accumulator, output_sites
 
 
 def _responses(model, tokenizer, prompt_ids, prompt_set: PromptSet, mode: str, options: CalibrationOptions,
@@ -387,7 +235,7 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
                                  f"{policy!r}; give more calibration prompts (--prompts, --max-prompts)")
             raise InputError(f"no calibration tokens reached {site} under token policy {policy!r}; "
                              "check the prompts, --responses and --max-length")
-    weights = {n: _stored_weight(base, n, linear.get(n), matrix(n)) for n in names}
+    weights = {n: stored_weight(base, n, linear.get(n), matrix(n)) for n in names}
     moments = {n: accumulator.sums[(site_of[n], policy)].to("cpu") for n in names}
     contrast_meta: dict = {}
     if options.contrast is None:

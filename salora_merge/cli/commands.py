@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -24,41 +23,8 @@ from salora_merge.cli.options import (
     split_targets,
     training_options,
 )
-from salora_merge.errors import SaloraError
+from salora_merge.cli.guard import EXIT_USER_ERROR, _friendly_errors  # noqa: F401 (exit codes)
 from salora_merge.version import __version__
-
-EXIT_USER_ERROR = 1
-EXIT_INTERNAL_ERROR = 2  # an unexpected exception, reported in one line (salora-merge --debug shows the traceback)
-EXIT_INTERRUPTED = 130
-
-
-def _friendly_errors(func: Callable) -> Callable:
-    """Turn library errors into one line on stderr and a non-zero exit; never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except SaloraError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Interrupted; no output was written.", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as exc:  # the last resort: every case that reaches it is a missing check (a bug)
-            context = click.get_current_context(silent=True)
-            if context is not None and context.find_root().params.get("debug"):
-                raise
-            command = context.info_name if context is not None else "salora-merge"
-            message = (str(exc).strip().splitlines() or [""])[0][:300]
-            click.echo(f"Error: internal error in {command}: {type(exc).__name__}: {message}; "
-                       "re-run with salora-merge --debug for the traceback, and please report it", err=True)
-            sys.exit(EXIT_INTERNAL_ERROR)
-
-    return wrapper
-
 
 def _progress(quiet: bool = False):
     from salora_merge.progress import silent, tqdm_progress
@@ -96,7 +62,7 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
 
     options = build_calibration(kwargs, split_targets(targets), keep_moments)
     result = api.calibrate(base, options, output=output, overwrite=overwrite, progress=_progress())
-    from salora_merge import parallel
+    import salora_merge.parallel as parallel
 
     if not parallel.is_main():  # under torchrun, rank 0 reports
         return
@@ -389,7 +355,7 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
     if output is not None:
         check_output_free(output, overwrite)
     report = api.audit(base, adapters, options, safety=safety, calibration=calibration, progress=_progress())
-    from salora_merge import parallel
+    import salora_merge.parallel as parallel
 
     if not parallel.is_main():  # under torchrun every rank holds the whole report; rank 0 writes and prints it
         sys.exit(exit_code(report))
