@@ -82,6 +82,7 @@ class RepairConfig:
     aligned_kinds: tuple[str, ...] = ("lora", "full")
     kinds: tuple[str, ...] = KINDS
     in_process: bool = False  # run the CLI in this process (the smoke run: fast, no peak memory figure)
+    variants: tuple[str, ...] | None = None  # the refit variants run (None: all of VARIANTS)
 
     def study(self) -> StudyConfig:
         """The projection study's config, for its ``train`` helper (plain LoRA on the same targets)."""
@@ -105,7 +106,7 @@ SMOKE = RepairConfig(
     lora_rank=2, align_steps=2, erode_epochs=1.0, batch_size=4, max_length=128, answer_tokens=6, eval_tokens=6,
     arithmetic_tokens=4, json_tokens=8, generation_batch=8, calibration_prompts=4, calibration_rank=4, seeds=(0, 1),
     repair_args=("--steps", "2", "--answer-tokens", "6", "--max-anchors", "4", "--vector-rank", "2"),
-    kinds=("benign", "json"), in_process=True,
+    kinds=("benign", "json"), in_process=True, variants=("refit-kl", "refit-task-no-boundary"),
 )
 CONFIGS = {"full": FULL, "smoke": SMOKE}
 
@@ -149,7 +150,7 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
         return out
     if phase == 2:
         if kind in VARIANT_KINDS and aligned_kind == cfg.aligned_kinds[0]:  # the refit variants, on one model
-            out.update(VARIANTS)
+            out.update({k: v for k, v in VARIANTS.items() if cfg.variants is None or k in cfg.variants})
         out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
