@@ -118,3 +118,10 @@ def test_row_keys_follow_the_resolved_options():
     # Methods without recorded first defaults key by their options as given.
     assert key({})[0] == repair_study.keyed_options("shrink", {}) == {}
     assert repair_study.keyed_options("shrink", {"gamma": 0.5}) == {"gamma": 0.5}
+
+
+def test_renamed_rows_keep_their_evaluation_key():
+    assert repair_study.eval_key("lora/benign/refit-no-boundary") == "lora/benign/refit"
+    assert repair_study.eval_key("full/arithmetic/refit-task-no-boundary") == "full/arithmetic/refit-task"
+    assert repair_study.eval_key("lora/benign/refit") == "lora/benign/refit"  # today's default: its own key
+    assert repair_study.eval_key("aligned") == "aligned"

@@ -316,6 +316,17 @@ def changed_defaults(method: str, options: dict) -> dict:
     return {"defaults": changed} if changed else {}
 
 
+# Rows renamed when refit's default changed: the same repair (the same cached adapter folder) evaluated under
+# its first name, so its evaluation is the one already cached.
+RENAMED = {"refit-no-boundary": "refit", "refit-task-no-boundary": "refit-task"}
+
+
+def eval_key(name: str) -> str:
+    """The evaluation's cache key of row ``aligned/kind/row``: its first name for a renamed row."""
+    head, slash, row = name.rpartition("/")
+    return f"{head}{slash}{RENAMED.get(row, row)}"
+
+
 def keyed_options(method: str, options: dict) -> dict:
     """The options a row's key records: those given that differ from the first defaults (an option spelled out at
     its first default's value changes nothing, so the row keeps its key)."""
@@ -441,8 +452,8 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
             log(f"evaluating {key}")
             return evaluate(models[model_folder], tokenizer, cfg, data, adapter, nll_examples)
 
-        return cache.json("eval", {**eval_depends, "key": key, "model": model_folder.parent.name, "source": source},
-                          compute)
+        return cache.json("eval", {**eval_depends, "key": eval_key(key), "model": model_folder.parent.name,
+                                   "source": source}, compute)
 
     try:
         results["original"] = evaluated("original", base_folder, None, cfg.base)

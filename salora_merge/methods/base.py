@@ -28,11 +28,13 @@ __all__ = ["NEEDS", "MethodOption", "MethodContext", "MethodReport", "Method", "
 
 # What the cards and summaries of the repair methods say: what the repair study (docs/repair-study.md) measured.
 REPAIR_MEASURED = (
-    "In salora-merge's repair study (docs/repair-study.md, SmolLM2-135M, benign-instruction and arithmetic "
-    "adapters on a LoRA-aligned model) the repair methods restored held-out refusals (refit far above the shrink "
-    "curve) but none kept 90% of the adapter's task without refusing some benign requests; none met the study's "
-    "bar. Check refusals on held-out harmful prompts, benign refusals and the adapter's task before deployment "
-    "(`salora-merge repair` measures them; `salora-merge audit --behavior`)."
+    "In salora-merge's repair study (docs/repair-study.md, SmolLM2-135M aligned by LoRA and by full fine-tuning, "
+    "benign-instruction, arithmetic and JSON adapters) the default refit restored held-out refusals to at least "
+    "95% of the aligned model's, far above the shrink curve, keeping all of a JSON-format adapter's task but "
+    "52% to 79% of the others', and refused 1 to 4 of 69 benign instructions (the aligned models none); no method "
+    "met the study's bar. Check refusals on held-out "
+    "harmful prompts, benign refusals and the adapter's task before deployment (`salora-merge repair` measures "
+    "them; `salora-merge audit --behavior`)."
 )
 
 # What a method can ask for, and how the user gives it (the CLI's options; the API's keywords).
