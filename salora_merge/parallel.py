@@ -4,6 +4,7 @@ above 1) is rank 0 of 1 and every function here is then a no-op."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Sequence, TypeVar
 
@@ -33,7 +34,15 @@ def _ready() -> bool:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_shutdown)  # a live group at interpreter exit aborts the process (gloo's threads)
     return True
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(items: Sequence[T]) -> list[T]:

@@ -358,6 +358,7 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
     import salora_merge.parallel as parallel
 
     if not parallel.is_main():  # under torchrun every rank holds the whole report; rank 0 writes and prints it
+        parallel.barrier()
         sys.exit(exit_code(report))
     if output is not None:
         with atomic_output_file(output, overwrite=overwrite) as tmp:
@@ -366,4 +367,5 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
         click.echo(f"Wrote {output}")
     else:
         click.echo(render(report, fmt), nl=False)
+    parallel.barrier()  # the other ranks wait for the report to be written
     sys.exit(exit_code(report))
