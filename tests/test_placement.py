@@ -52,3 +52,11 @@ def test_placement_options_are_checked_first(tiny_model_dir, tiny_calibration_pr
     result = CliRunner().invoke(main, ["calibrate", "--base", str(tiny_model_dir), "--prompts",
                                        str(tiny_calibration_prompts), "-o", str(out), *extra])
     assert result.exit_code in (1, 2) and message in result.output and not out.exists(), result.output
+
+
+def test_commands_that_cannot_place_a_model_do_not_offer_the_options():
+    """train and retrain load the model onto one device: they must not accept --device-map and ignore it."""
+    for command in ("train", "retrain"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "--device-map" not in result.output, command
+    assert "--device-map" in CliRunner().invoke(main, ["calibrate", "--help"]).output
