@@ -23,6 +23,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """``salora-merge ARGS`` under ``torchrun --nproc-per-node 2`` (gloo on CPU); it must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SALORA_MERGE_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), "-m", "salora_merge.cli", *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_torchrun_calibration_equals_one_process(tiny_model_dir, tiny_calibration_prompts, tmp_path):
     common = ["calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
               "--max-new-tokens", "6", "--keep-moments", "--batch-size", "1", "--generation-batch-size", "1",
@@ -31,11 +41,7 @@ def test_torchrun_calibration_equals_one_process(tiny_model_dir, tiny_calibratio
     result = CliRunner().invoke(main, [*common, "-o", str(single)])
     assert result.exit_code == 0, result.output
     both = tmp_path / "parallel.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SALORA_MERGE_CACHE": str(tmp_path / "cache")}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(_free_port()), "-m", "salora_merge.cli", *common, "-o", str(both)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _torchrun([*common, "-o", str(both)], tmp_path)
     assert run.stdout.count("Wrote ") == 1  # rank 0 reports and writes; rank 1 neither
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == ["parallel.safetensors",
                                                                                         "single.safetensors"]
@@ -61,11 +67,7 @@ def test_torchrun_behavioural_audit_equals_one_process(tiny_model_dir, tiny_cali
     result = CliRunner().invoke(main, [*common, "-o", str(single)])
     assert result.exit_code == 0, result.output
     both = tmp_path / "parallel.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SALORA_MERGE_CACHE": str(tmp_path / "cache")}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(_free_port()), "-m", "salora_merge.cli", *common, "-o", str(both)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _torchrun([*common, "-o", str(both)], tmp_path)
     import json
 
     a, b = json.loads(single.read_text()), json.loads(both.read_text())
