@@ -60,70 +60,106 @@ def token_masks(
     return masks
 
 
+def _blocks(d: int, blocks: int = 4) -> list[tuple[int, int]]:
+    """Column ranges of the blocked symmetric product (one range below 256 features, where blocking does not pay)."""
+    if d < 256:
+        return [(0, d)]
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _mirror_upper(out: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Fill the blocks below the diagonal blocks from those above them (in place)."""
+    for lo, hi in spans:
+        out[hi:, lo:hi] = out[lo:hi, hi:].T
+    return out
+
+
 def symmetric_gram(rows: torch.Tensor, blocks: int = 4) -> torch.Tensor:
     """``rows^T rows`` for ``rows: (N, d)``, computing only the upper block triangle (a blocked SYRK).
 
     About 1.4x faster than one full GEMM on CPU for ``d`` in the hundreds to thousands; exact up to
     float round-off (each block is one GEMM); the basis solver symmetrizes before eigh.
     """
-    d = rows.shape[1]
-    if d < 256:
-        return rows.T @ rows
-    edges = [round(i * d / blocks) for i in range(blocks + 1)]
-    out = torch.empty(d, d, dtype=rows.dtype, device=rows.device)
-    for i in range(blocks):
-        lo, hi = edges[i], edges[i + 1]
-        block = rows[:, lo:hi].T @ rows[:, lo:]  # (hi - lo, d - lo)
-        out[lo:hi, lo:] = block
-        out[hi:, lo:hi] = block[:, hi - lo :].T
-    return out
+    spans = _blocks(rows.shape[1], blocks)
+    out = torch.empty(rows.shape[1], rows.shape[1], dtype=rows.dtype, device=rows.device)
+    for lo, hi in spans:
+        out[lo:hi, lo:].addmm_(rows[:, lo:hi].T, rows[:, lo:], beta=0)
+    return _mirror_upper(out, spans)
 
 
 @dataclass
 class MomentAccumulator:
-    """``S[site, statistic] = sum_i x_i x_i^T`` and the token count, accumulated in ``dtype``."""
+    """``S[site, statistic] = sum_i x_i x_i^T`` and the token count, accumulated in ``dtype``.
+
+    Each batch's product is one blocked SYRK in the rows' precision (float32 for half or single precision
+    activations, float64 for float64) written into a reusable scratch matrix; its upper block triangle is
+    added to the running sum in ``dtype``, and the lower blocks are mirrored once, when ``sums`` is read.
+    Nothing is allocated per batch but the selected rows.
+    """
 
     dims: Mapping[str, int]  # site -> d_in
     statistics: tuple[str, ...]
     dtype: torch.dtype = torch.float64
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    sums: dict[tuple[str, str], torch.Tensor] = field(init=False)
     counts: dict[tuple[str, str], int] = field(init=False)
+    _totals: dict[tuple[str, str], torch.Tensor] = field(init=False, repr=False)
+    _unmirrored: set[tuple[str, str]] = field(init=False, repr=False)
+    _scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.sums = {
+        self._totals = {
             (site, stat): torch.zeros(d, d, dtype=self.dtype, device=self.device)
             for site, d in self.dims.items()
             for stat in self.statistics
         }
-        self.counts = {key: 0 for key in self.sums}
+        self.counts = {key: 0 for key in self._totals}
+        self._unmirrored = set()
+        self._scratch = {}
+
+    @property
+    def sums(self) -> dict[tuple[str, str], torch.Tensor]:
+        """The full symmetric sums, ``{(site, statistic): (d, d)}``, completed from their upper block triangles."""
+        for key in self._unmirrored:
+            _mirror_upper(self._totals[key], _blocks(self._totals[key].shape[0]))
+        self._unmirrored.clear()
+        return self._totals
 
     def add(self, site: str, statistic: str, rows: torch.Tensor) -> None:
         """Add ``rows^T rows`` for ``rows`` of shape ``(N, d_in)``."""
         if rows.shape[0] == 0:
             return
-        # The per-batch product runs in float32 (a GEMM); sums across batches run in self.dtype.
-        rows32 = rows.to(torch.float32) if rows.dtype != torch.float64 else rows
+        rows = rows.to(torch.float32) if rows.dtype != torch.float64 else rows
         key = (site, statistic)
-        if self.counts[key] == 0 and self.sums[key].device != rows.device:
-            self.sums[key] = self.sums[key].to(rows.device)  # accumulated where the layer runs (device maps)
-        self.sums[key] += symmetric_gram(rows32).to(self.sums[key].device, self.dtype)
-        self.counts[(site, statistic)] += int(rows.shape[0])
+        total = self._totals[key]
+        if self.counts[key] == 0 and total.device != rows.device:
+            total = self._totals[key] = total.to(rows.device)  # accumulated where the layer runs (device maps)
+        d = rows.shape[1]
+        scratch = self._scratch.get((d, rows.dtype, rows.device))
+        if scratch is None:
+            scratch = self._scratch[(d, rows.dtype, rows.device)] = torch.empty(
+                d, d, dtype=rows.dtype, device=rows.device)
+        for lo, hi in _blocks(d):
+            total[lo:hi, lo:] += scratch[lo:hi, lo:].addmm_(rows[:, lo:hi].T, rows[:, lo:], beta=0)
+        self._unmirrored.add(key)
+        self.counts[key] += int(rows.shape[0])
 
 
-def masked_rows(x: torch.Tensor, mask: torch.Tensor, site: str = "layer") -> torch.Tensor:
+def masked_rows(x: torch.Tensor, mask: torch.Tensor, site: str = "layer",
+                positions: torch.Tensor | None = None) -> torch.Tensor:
     """The rows of a layer input ``x: (..., d)`` at the selected token positions of ``mask: (B, T)``.
 
     ``x`` may keep the batch and token axes (``(B, T, d)``) or flatten them in order (``(B * T, d)``, as OPT's
     decoder and the MoE blocks' shared experts do); the mask is flattened the same way, so exactly the selected
     tokens are counted. Any other leading shape (a layer that sees only some of the tokens) cannot be matched to
-    the mask and is an error naming the site, never a silent skip.
+    the mask and is an error naming the site, never a silent skip. ``positions`` (the flat indices of the mask's
+    selected tokens, on ``x``'s device) replaces the boolean indexing by one gather.
     """
     lead = tuple(x.shape[:-1])
-    if lead == tuple(mask.shape):
-        return x[mask]
     if len(lead) >= 1 and x.shape[:-1].numel() == mask.numel():
-        return x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
+        if positions is not None:
+            return x.reshape(-1, x.shape[-1]).index_select(0, positions)
+        return x[mask] if lead == tuple(mask.shape) else x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
     raise InputError(f"layer {site}: its input has {tuple(x.shape)} (tokens, features) where the batch is "
                      f"{tuple(mask.shape)}; a layer that sees only some of the tokens (a routed expert) cannot be "
                      "calibrated by token masks")
@@ -172,6 +208,17 @@ class MaskSlot:
     """The token masks of the batch being run, on the model's device, set before each forward pass."""
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    _positions: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False)
+
+    def positions(self, statistic: str, device: torch.device) -> torch.Tensor:
+        """The flat indices of the selected tokens of ``masks[statistic]`` on ``device``, found once per batch and
+        device rather than once per hooked layer."""
+        mask = self.masks[statistic]
+        cached = self._positions.get((statistic, device))
+        if cached is None or cached[0] is not mask:
+            cached = self._positions[(statistic, device)] = (mask, mask.reshape(-1).nonzero().squeeze(1).to(device))
+        return cached[1]
 
 
 @contextmanager
@@ -202,7 +249,7 @@ def record_moments(
 
     def add(site: str, x: torch.Tensor) -> None:
         for statistic, mask in slot.masks.items():
-            accumulator.add(site, statistic, masked_rows(x, mask, site))  # (N, d); masks are on x's device
+            accumulator.add(site, statistic, masked_rows(x, mask, site, slot.positions(statistic, x.device)))
 
     def make_pre_hook(site: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
