@@ -74,3 +74,46 @@ def test_torchrun_behavioural_audit_equals_one_process(tiny_model_dir, tiny_cali
     assert a["adapters"][0]["behavior"] == b["adapters"][0]["behavior"]
     assert a["behavior"]["base"] == b["behavior"]["base"]
     assert a["adapters"][0]["weight_space"] == b["adapters"][0]["weight_space"]
+
+
+def test_torchrun_train_equals_one_process(tiny_model_dir, tiny_calibration_prompts, tmp_path):
+    """train runs on transformers' Trainer, which runs under accelerate: two gloo processes with 2 examples each
+    per step (DDP, the loss averaged over the tokens of all processes) give the adapter that one process gives
+    with 4 examples per step, up to float round-off; only rank 0 writes and reports."""
+    import json
+
+    from safetensors.torch import load_file
+
+    safety = tmp_path / "safety.safetensors"
+    result = CliRunner().invoke(main, [
+        "calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
+        "--max-new-tokens", "6", "--targets", "q_proj,v_proj", "--device", "cpu", "-o", str(safety)])
+    assert result.exit_code == 0, result.output
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Repeat the word {w}.", "input": "",
+                                        "output": " ".join([w] * (1 + i % 3))}) + "\n" for i, w in enumerate(words)))
+
+    def train(out, batch: int) -> list[str]:
+        return ["train", "--base", str(tiny_model_dir), "--data", str(data), "--safety", str(safety), "--rank", "4",
+                "--alpha", "8", "--task-rank", "6", "--targets", "q_proj,v_proj", "--lr", "1e-2", "--dropout", "0",
+                "--batch-size", str(batch), "--grad-accum", "1", "--max-steps", "3", "--logging-steps", "1",
+                "--device", "cpu", "--quiet", "--json", "-o", str(out)]
+
+    single, both = tmp_path / "single", tmp_path / "parallel"
+    result = CliRunner().invoke(main, train(single, 4))
+    assert result.exit_code == 0, result.output
+    run = _torchrun(train(both, 2), tmp_path)
+    assert run.stdout.count('"global_step"') == 1  # rank 0 reports; rank 1 neither reports nor writes
+    one, two = json.loads(result.stdout), json.loads(run.stdout)
+    assert one["global_step"] == two["global_step"] == 3
+    # the same batches in the same order: the same loss at every step (each step's loss differs from the last)
+    assert len(one["losses"]) == 3 and len({round(loss, 3) for _, loss in one["losses"]}) == 3
+    for (step_a, loss_a), (step_b, loss_b) in zip(one["losses"], two["losses"], strict=True):
+        assert step_a == step_b and abs(loss_a - loss_b) <= 1e-4 * abs(loss_a), (one["losses"], two["losses"])
+    a = load_file(str(single / "adapter_model.safetensors"))
+    b = load_file(str(both / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        scale = float(a[key].abs().max()) or 1.0
+        assert (a[key] - b[key]).abs().max() <= 1e-4 * scale, key

@@ -251,7 +251,10 @@ def train(base: str, data: Path, **kw) -> None:
 
     report = api.train(base, data, kw["safety"], kw["output"], build_training(kw), control=run_control(kw),
                        progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
-    click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_train(report))
+    import salora_merge.parallel as parallel
+
+    if parallel.is_main():  # under torchrun every rank trained its share; rank 0 wrote the adapter and reports
+        click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_train(report))
 
 
 @main.command(cls=SectionedCommand)
@@ -284,7 +287,10 @@ def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, hol
     report = api.retrain(base, adapter, kw["safety"], kw["output"], options, training=build_training(kw),
                          inherit=inherit, control=run_control(kw), progress=_progress(kw["quiet"]),
                          echo=_echo_err(kw["quiet"]))
-    click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_retrain(report, kw["output"]))
+    import salora_merge.parallel as parallel
+
+    if parallel.is_main():  # under torchrun rank 0 wrote the adapter and reports
+        click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_retrain(report, kw["output"]))
 
 
 @main.command(cls=SectionedCommand)
