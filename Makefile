@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.salora-installed
 
-.PHONY: setup browser demo test test-fast bench study repair-study clean
+.PHONY: setup browser demo test test-fast bench mergekit-venv study repair-study clean
 
 setup: $(STAMP)
 
@@ -44,9 +44,18 @@ test: setup browser
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
-bench: setup
+# mergekit 0.1.5, merge's side-by-side contender, lives in its own environment (benchmark-only).
+MERGEKIT_VENV := out/mergekit-venv
+mergekit-venv: $(MERGEKIT_VENV)/bin/mergekit-yaml
+
+$(MERGEKIT_VENV)/bin/mergekit-yaml: benchmarks/requirements-mergekit.txt
+	test -x $(MERGEKIT_VENV)/bin/python || python3 -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-mergekit.txt
+	touch $@
+
+bench: setup mergekit-venv
 	$(VENV)/bin/python benchmarks/bench_calibration.py
-	$(VENV)/bin/python benchmarks/bench_merge.py
+	$(VENV)/bin/python benchmarks/bench_merge.py --mergekit $(MERGEKIT_VENV)/bin/mergekit-yaml
 	$(VENV)/bin/python benchmarks/bench_audit.py
 	$(VENV)/bin/python benchmarks/bench_train.py --device cpu --batch 4 --length 256 --steps 8 --repeats 2 --output docs/train-benchmark-cpu.md
 	$(VENV)/bin/python benchmarks/bench_train.py --device cpu --batch 4 --length 256 --steps 8 --repeats 2 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --output docs/train-benchmark-cpu-all7.md
