@@ -75,7 +75,40 @@ def overhead(n_prompts: int, repeats: int) -> dict:
             times[label].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"n_prompts": n_prompts, "n_tokens": n_tokens, "n_response_tokens": n_response,
-            "median_seconds": med, "ratio": {k: med[k] / med["bare forward"] for k in configs}}
+            "median_seconds": med, "ratio": {k: med[k] / med["bare forward"] for k in configs},
+            "products_alone": products_alone(model, linear, sequences, pad, repeats)}
+
+
+def products_alone(model, linear, sequences, pad, repeats: int) -> float:
+    """The floor: the same statistics products (every ``add`` of an all-7-projections pass: same sites, row
+    counts and widths) replayed on random rows, with nothing else; median seconds."""
+    from salora_merge.calibration.run import accumulate_moments, select_targets
+    from salora_merge.core import moments
+
+    calls: list[tuple[str, str, int, int]] = []
+    real_add = moments.MomentAccumulator.add
+
+    def record(self, site, statistic, rows):
+        calls.append((site, statistic, rows.shape[0], rows.shape[1]))
+        real_add(self, site, statistic, rows)
+
+    modules = {n: linear[n] for n in select_targets(list(linear), None)}
+    moments.MomentAccumulator.add = record
+    try:
+        accumulate_moments(model, modules, sequences, ["response"], 16, pad, allow_output_moments=True)
+    finally:
+        moments.MomentAccumulator.add = real_add
+    dims = {site: d for site, _, _, d in calls}
+    generator = torch.Generator().manual_seed(0)
+    rows = {(n, d): torch.randn(n, d, generator=generator) for _, _, n, d in calls}
+    seconds = []
+    for _ in range(repeats):
+        accumulator = moments.MomentAccumulator(dims, ("response",))
+        started = time.perf_counter()
+        for site, statistic, n, d in calls:
+            accumulator.add(site, statistic, rows[(n, d)])
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
 
 
 def realign_timing(repeats: int) -> dict:
@@ -152,13 +185,18 @@ def write_report(r: dict, args) -> None:
     ]
     for label, ratio in o["ratio"].items():
         lines.append(f"| statistics, {label} | {sec[label]:.2f} | {ratio:.2f} |")
-    verdicts = ", ".join(f"{'met' if ratio <= 1.30 else 'not met'} for {label} ({(ratio - 1) * 100:.0f}%)"
+    verdicts = ", ".join(f"{'met' if ratio <= 1.15 else 'not met'} for {label} ({(ratio - 1) * 100:.0f}%)"
                          for label, ratio in o["ratio"].items())
+    floor = o["products_alone"]
     lines += [
         "",
-        f"Target: at most 1.30 (30% overhead): {verdicts}. The extra cost is the float32 `X^T X` products "
-        "on response tokens; with all 7 projections they are about a third of the forward's flops even "
-        "after the blocked SYRK and the output moments of `down_proj` (see docs/design.md).",
+        f"Target: at most 1.15 (15% overhead): {verdicts}. The extra cost is mostly the float32 `X^T X` "
+        "products on response tokens (one blocked SYRK per site and batch, output moments for `down_proj`; see "
+        f"docs/design.md): replayed alone on random rows of the same shapes they take {floor:.2f} s, "
+        f"{floor / sec['bare forward']:.2f} of the bare forward, which is the floor of this method on this "
+        f"machine; the rest of the statistics pass over the bare forward "
+        f"({sec['all 7 projections'] - sec['bare forward'] - floor:.2f} s) is the hooks, the row gathering "
+        "and the noise between runs.",
         "",
         "## Peak memory as the number of calibration prompts grows 4x",
         "",
@@ -181,7 +219,11 @@ def write_report(r: dict, args) -> None:
         f"the checkpoint, read, project, write the folder); the projection math alone: {a['math_seconds'] * 1000:.1f} ms.",
         "",
     ]
-    args.output.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    previous = args.output.read_text() if args.output.exists() else ""
+    if "\n## Merge" in previous:  # the sections other benchmarks write are kept
+        text += previous[previous.index("\n## Merge"):]
+    args.output.write_text(text)
 
 
 if __name__ == "__main__":

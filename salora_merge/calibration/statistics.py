@@ -63,6 +63,9 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix, model)
 
 
+PROBE_TOKENS = 16
+
+
 @torch.no_grad()
 def accumulate_moments(
     model: torch.nn.Module,
@@ -89,6 +92,8 @@ def accumulate_moments(
     backbone = backbone_of(model)
     batches = length_sorted_batches(sequences, batch_size)
     probe_ids, probe_attention, _ = batch_tensors(batches[0][:1], pad, policies, device)
+    # Which modules share an input does not depend on the length: the probe runs the first 16 tokens only.
+    probe_ids, probe_attention = probe_ids[:, :PROBE_TOKENS], probe_attention[:, :PROBE_TOKENS]
     # The output layer (lm_head, tied or not) reads the backbone's last hidden state: taken from there, so no
     # logits are computed.
     head = output_layer_name(model)

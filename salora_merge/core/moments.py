@@ -108,18 +108,19 @@ class MomentAccumulator:
     _scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._totals = {
-            (site, stat): torch.zeros(d, d, dtype=self.dtype, device=self.device)
-            for site, d in self.dims.items()
-            for stat in self.statistics
-        }
-        self.counts = {key: 0 for key in self._totals}
+        # a sum is allocated by its first batch (a copy, no zero fill); a site no batch reached reads as zeros
+        self._totals = {}
+        self.counts = {(site, stat): 0 for site in self.dims for stat in self.statistics}
         self._unmirrored = set()
         self._scratch = {}
 
     @property
     def sums(self) -> dict[tuple[str, str], torch.Tensor]:
         """The full symmetric sums, ``{(site, statistic): (d, d)}``, completed from their upper block triangles."""
+        for site, stat in self.counts:
+            if (site, stat) not in self._totals:
+                d = self.dims[site]
+                self._totals[(site, stat)] = torch.zeros(d, d, dtype=self.dtype, device=self.device)
         for key in self._unmirrored:
             _mirror_upper(self._totals[key], _blocks(self._totals[key].shape[0]))
         self._unmirrored.clear()
@@ -131,16 +132,23 @@ class MomentAccumulator:
             return
         rows = rows.to(torch.float32) if rows.dtype != torch.float64 else rows
         key = (site, statistic)
-        total = self._totals[key]
-        if self.counts[key] == 0 and total.device != rows.device:
-            total = self._totals[key] = total.to(rows.device)  # accumulated where the layer runs (device maps)
         d = rows.shape[1]
+        if d != self.dims[site]:
+            raise ValueError(f"site {site}: rows of width {d}, expected {self.dims[site]}")
+        total = self._totals.get(key)
+        first = total is None
+        if first:  # accumulated where the layer runs (device maps); the lower blocks are filled by the mirror
+            total = self._totals[key] = torch.empty(d, d, dtype=self.dtype, device=rows.device)
         scratch = self._scratch.get((d, rows.dtype, rows.device))
         if scratch is None:
             scratch = self._scratch[(d, rows.dtype, rows.device)] = torch.empty(
                 d, d, dtype=rows.dtype, device=rows.device)
         for lo, hi in _blocks(d):
-            total[lo:hi, lo:] += scratch[lo:hi, lo:].addmm_(rows[:, lo:hi].T, rows[:, lo:], beta=0)
+            block = scratch[lo:hi, lo:].addmm_(rows[:, lo:hi].T, rows[:, lo:], beta=0)
+            if first:
+                total[lo:hi, lo:].copy_(block)
+            else:
+                total[lo:hi, lo:] += block
         self._unmirrored.add(key)
         self.counts[key] += int(rows.shape[0])
 
