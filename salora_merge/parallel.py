@@ -32,10 +32,16 @@ def _ready() -> bool:
         return False
     import torch.distributed as dist
 
+    global _SHUTDOWN_REGISTERED
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        atexit.register(_shutdown)  # a live group at interpreter exit aborts the process (gloo's threads)
+    if not _SHUTDOWN_REGISTERED:  # ours or the Trainer's (accelerate's) group: a live group at interpreter exit
+        atexit.register(_shutdown)  # aborts the process (gloo's threads), so it is destroyed first
+        _SHUTDOWN_REGISTERED = True
     return True
+
+
+_SHUTDOWN_REGISTERED = False
 
 
 def _shutdown() -> None:

@@ -60,3 +60,79 @@ def test_commands_that_cannot_place_a_model_do_not_offer_the_options():
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "--device-map" not in result.output, command
     assert "--device-map" in CliRunner().invoke(main, ["calibrate", "--help"]).output
+
+
+def _spy_on_placement(monkeypatch) -> list[dict]:
+    """The device maps of the models loaded with an active placement (from here on)."""
+    import salora_merge.hf.models as models
+
+    placed, real_load = [], models.load_causal_lm
+
+    def spying_load(folder, device, placement=None):
+        model = real_load(folder, device, placement)
+        if placement is not None and placement.active:
+            placed.append(dict(model.hf_device_map))
+        return model
+
+    monkeypatch.setattr(models, "load_causal_lm", spying_load)
+    return placed
+
+
+def test_behavioural_audit_with_layers_offloaded_to_disk_equals_the_audit_in_memory(tiny_model_dir,
+                                                                                   tiny_calibration_prompts, tmp_path,
+                                                                                   monkeypatch):
+    """audit --behavior generates with the adapter applied by hooks on a model whose layers live on disk between
+    calls: the same answers, rates and weight-space scores as with the model in memory."""
+    import json
+
+    from conftest import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora", target_modules=["q_proj", "v_proj"])
+    _calibrate(tiny_model_dir, tiny_calibration_prompts, tmp_path / "s.safetensors")
+    placed = _spy_on_placement(monkeypatch)
+    common = ["audit", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--safety",
+              str(tmp_path / "s.safetensors"), "--max-new-tokens", "6", "--generation-batch-size", "2", "--behavior",
+              "--max-eval-prompts", "4", "--device", "cpu", "--format", "json"]
+    reports = {}
+    for label, extra in (("memory", []), ("offloaded", ["--device-map", "auto", "--max-memory", "cpu=40KB",
+                                                         "--offload-folder", str(tmp_path / "offload")])):
+        out = tmp_path / f"{label}.json"
+        result = CliRunner().invoke(main, [*common, *extra, "-o", str(out)])
+        assert result.exit_code in (0, 3), result.output
+        reports[label] = json.loads(out.read_text())
+    a, b = reports["memory"], reports["offloaded"]
+    assert a["behavior"]["base"] == b["behavior"]["base"]
+    assert a["adapters"][0]["behavior"] == b["adapters"][0]["behavior"]
+    assert a["adapters"][0]["weight_space"] == b["adapters"][0]["weight_space"]
+    # the adapter changes what the model says, so equal answers mean the offloaded hooks applied it
+    # the adapter changes what the model says (its answers differ from the base's), so equal answers mean the
+    # hooks applied it on the offloaded layers too
+    examples = a["adapters"][0]["behavior"]["examples"]
+    assert examples and any(e["adapter"] != e["base"] for e in examples)
+    assert placed and all("disk" in set(device_map.values()) for device_map in placed)  # really offloaded
+
+
+def test_repair_evaluation_with_layers_offloaded_to_disk_equals_the_evaluation_in_memory(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """repair's before/after measurement on a model whose layers live on disk: the same behaviour and task
+    agreement as in memory (shrink: no training, so only the evaluation is placed)."""
+    import json
+
+    from conftest import make_peft_adapter
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    placed = _spy_on_placement(monkeypatch)
+    reports = {}
+    for label, extra in (("memory", []), ("offloaded", ["--device-map", "auto", "--max-memory", "cpu=40KB",
+                                                         "--offload-folder", str(tmp_path / "offload")])):
+        result = CliRunner().invoke(main, [
+            "repair", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--method", "shrink", "--gamma", "0.5",
+            "--max-eval-prompts", "3", "--eval-new-tokens", "4", "--heldout-task-prompts", "2", "--device", "cpu", *extra,
+            "-o", str(tmp_path / label), "--json"])
+        assert result.exit_code == 0, result.output
+        reports[label] = json.loads(result.stdout)
+    a, b = reports["memory"], reports["offloaded"]
+    assert set(a["behavior"]) == {"base", "adapter", "repaired"}
+    assert a["behavior"] == b["behavior"] and a["task"] == b["task"]
+    assert len(placed) == 1 and "disk" in set(placed[0].values())  # the offloaded run's evaluation model

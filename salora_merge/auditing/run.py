@@ -183,7 +183,7 @@ def run_audit(
 
         behavior = options.behavior
         tokenizer = base.tokenizer
-        model = base.load_model(pick_device(behavior.device))
+        model = base.load_model(pick_device(behavior.device), behavior.placement())
         with progress("behaviour: base model", 1) as tick:
             base_result = evaluate_variant(model, tokenizer, prompt_sets, judge, None, behavior)
             tick(1)

@@ -163,7 +163,9 @@ def repair(base: str, adapter: str, task_prompts: str, heldout: int, safety: Pat
         calibration = build_calibration(kwargs, None)
     behavior = api.BehaviorOptions(harmful=harmful_prompts, benign=benign_prompts, overrefusal=overrefusal_prompts,
                                    max_prompts=max_eval_prompts, max_new_tokens=eval_new_tokens,
-                                   batch_size=kwargs["generation_batch_size"], device=kwargs["device"], judge=judge)
+                                   batch_size=kwargs["generation_batch_size"], device=kwargs["device"], judge=judge,
+                                   device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"),
+                                   offload_folder=kwargs.get("offload_folder"))
     options = api.RepairOptions(method=method, task_prompts=task_prompts, heldout=heldout, evaluate=evaluate,
                                 behavior=behavior)
     report = api.repair(base, adapter, output, options, method_options=given, safety=safety,
@@ -253,6 +255,7 @@ def train(base: str, data: Path, **kw) -> None:
                        progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
     import salora_merge.parallel as parallel
 
+    parallel.barrier()  # ranks finish together; the process group is destroyed at exit
     if parallel.is_main():  # under torchrun every rank trained its share; rank 0 wrote the adapter and reports
         click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_train(report))
 
@@ -289,6 +292,7 @@ def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, hol
                          echo=_echo_err(kw["quiet"]))
     import salora_merge.parallel as parallel
 
+    parallel.barrier()  # ranks finish together; the process group is destroyed at exit
     if parallel.is_main():  # under torchrun rank 0 wrote the adapter and reports
         click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_retrain(report, kw["output"]))
 
@@ -351,7 +355,9 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
         behavior_options = api.BehaviorOptions(
             harmful=harmful_prompts, benign=benign_prompts, overrefusal=overrefusal_prompts,
             max_prompts=max_eval_prompts, max_new_tokens=kwargs["max_new_tokens"],
-            batch_size=kwargs["generation_batch_size"], device=kwargs["device"], judge=judge)
+            batch_size=kwargs["generation_batch_size"], device=kwargs["device"], judge=judge,
+            device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"),
+            offload_folder=kwargs.get("offload_folder"))
     options = api.AuditOptions(fail_above=fail_above, fail_asr_above=fail_asr_above, behavior=behavior_options,
                                allow_pickle=allow_pickle)
     options.validate()

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from salora_merge.errors import InputError
+from salora_merge.hf.placement import DEVICE_MAPS, Placement, parse_max_memory
 
 __all__ = [
     "pick_device",
@@ -54,38 +53,6 @@ def _quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a model too large for one device goes: accelerate's big-model loading (``device_map``, per-device
-    ``max_memory``, layers beyond them offloaded to CPU and then to ``offload_folder`` on disk)."""
-
-    device_map: str | None = None  # auto, balanced, balanced_low_0 or sequential; None: the whole model on one device
-    max_memory: Mapping[str, str] | None = None  # {"0": "20GiB", "cpu": "30GiB"}
-    offload_folder: str | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.device_map is not None
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def parse_max_memory(text: str | None) -> dict[str, str] | None:
-    """``"0=20GiB,cpu=30GiB"`` -> ``{"0": "20GiB", "cpu": "30GiB"}`` (accelerate's ``max_memory``)."""
-    if not text:
-        return None
-    out = {}
-    for part in text.split(","):
-        device, sep, size = part.partition("=")
-        device, size = device.strip(), size.strip()
-        if not sep or not size or not (device == "cpu" or device.isdigit()) or not re.fullmatch(
-                r"\d+(\.\d+)?\s*([KMGT]i?B)", size, flags=re.IGNORECASE):
-            raise InputError(f"--max-memory {text!r}: expected DEVICE=SIZE pairs such as 0=20GiB,cpu=30GiB")
-        out[device] = size
-    return out
 
 
 def load_causal_lm(folder: Path, device: torch.device, placement: Placement | None = None) -> nn.Module:
@@ -380,19 +347,26 @@ def lora_applied(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
     hooks restores the base model exactly, and no dense ``d_out x d_in`` update is ever formed."""
     handles = []
 
-    def make_hook(a: torch.Tensor, b: torch.Tensor, scale: float):
+    def make_hook(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float):
+        placed: dict = {}  # the factors on the device and in the dtype the layer computes in, made once
+
         def hook(module, inputs, output):
-            return output + scale * torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
+            # Where the layer ran (its output's device): with accelerate's big-model loading an offloaded
+            # layer's weight lives on the meta device between calls, and its input may arrive elsewhere.
+            where = (output.device, output.dtype)
+            if where not in placed:
+                placed[where] = (lora_A.to(device=output.device, dtype=output.dtype),
+                                 lora_B.to(device=output.device, dtype=output.dtype))
+            a, b = placed[where]
+            x = inputs[0].to(device=output.device, dtype=output.dtype)
+            return output + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
 
         return hook
 
     try:
         for name, (lora_A, lora_B, scale) in factors.items():
             module = model.get_submodule(name)
-            weight = module.weight
-            a = lora_A.to(device=weight.device, dtype=weight.dtype)
-            b = lora_B.to(device=weight.device, dtype=weight.dtype)
-            handles.append(module.register_forward_hook(make_hook(a, b, float(scale))))
+            handles.append(module.register_forward_hook(make_hook(lora_A, lora_B, float(scale))))
         yield model
     finally:
         for handle in handles:

@@ -88,7 +88,7 @@ def _measure(applied: Applied, held: PromptSet, sets: PromptSets, options: Repai
 
     behavior = options.behavior
     base = applied.base
-    model, tokenizer = base.load_model(pick_device(behavior.device)), base.tokenizer
+    model, tokenizer = base.load_model(pick_device(behavior.device), behavior.placement()), base.tokenizer
     judge = load_judge(behavior.judge)
     variants = {"base": {}, "adapter": dict(applied.adapter.modules), "repaired": dict(applied.modules)}
     out: dict[str, Any] = {"behavior": {}, "task": {}}
