@@ -136,3 +136,18 @@ def test_repair_evaluation_with_layers_offloaded_to_disk_equals_the_evaluation_i
     assert set(a["behavior"]) == {"base", "adapter", "repaired"}
     assert a["behavior"] == b["behavior"] and a["task"] == b["task"]
     assert len(placed) == 1 and "disk" in set(placed[0].values())  # the offloaded run's evaluation model
+
+
+def test_audit_that_loads_no_model_refuses_placement_options(tiny_model_dir, tmp_path):
+    """With --safety and without --behavior the audit never loads the model: a placement option would be silently
+    ignored, so it is a one-line error naming it, and no report is written."""
+    from conftest import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora", target_modules=["q_proj", "v_proj"])
+    safety = tmp_path / "missing-is-fine.safetensors"  # refused before the module is read
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["audit", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--safety",
+                                       str(safety), "--device-map", "auto", "--format", "json", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "--device-map places the model" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()

@@ -364,6 +364,12 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
     calibration = build_calibration(kwargs, None) if safety is None else None
     if calibration is not None:
         calibration.validate()
+    placed = [f"--{k.replace('_', '-')}" for k in ("device_map", "max_memory", "offload_folder") if kwargs.get(k)]
+    if placed and safety is not None and not behavior:
+        from salora_merge.errors import InputError
+
+        raise InputError(f"{placed[0]} places the model for calibration or --behavior, and this audit loads no model "
+                         "(it has --safety and no --behavior): drop it")
     if output is not None:
         check_output_free(output, overwrite)
     report = api.audit(base, adapters, options, safety=safety, calibration=calibration, progress=_progress())
