@@ -265,3 +265,42 @@ def test_distilled_items_weight_the_first_answer_tokens_and_anchors_alternate():
     assert kl.teacher_weights == [0.0, 3.0, 3.0, 1.0, 0.0]  # position j predicts label j + 1
     assert alternate([1, 2, 3, 4], ["a", "b"]) == [1, "a", 2, "b", 3, 4]
     assert alternate([1], ["a", "b", "c"]) == [1, "a", "b", "c"]
+
+
+def test_blended_factors_against_the_dense_mixture():
+    from salora_merge.core.lowrank import blended_factors
+
+    g = torch.Generator().manual_seed(3)
+    b1, a1, b2, a2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((7, 2), (2, 5), (7, 3), (3, 5)))
+    b, a = blended_factors((b1, a1, 0.5), (b2, a2, 2.0), 0.3)
+    assert b.shape == (7, 5) and a.shape == (5, 5)
+    torch.testing.assert_close(b @ a, 0.3 * 0.5 * b1 @ a1 + 0.7 * 2.0 * b2 @ a2, rtol=1e-12, atol=1e-12)
+
+
+def test_refit_blend_writes_the_exact_mixture_at_twice_the_rank(tiny_model_dir, tmp_path, monkeypatch, task_prompts):
+    """``--blend 0.25``: the same seeded re-fit, written as 0.25 x its update plus 0.75 x the adapter's."""
+    from conftest import make_peft_adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    common = ("--task-prompts", task_prompts, "--steps", 4, "--lr", "5e-3")
+    assert _refit(tiny_model_dir, adapter, tmp_path / "whole", *common).exit_code == 0
+    result = _refit(tiny_model_dir, adapter, tmp_path / "blend", *common, "--blend", "0.25")
+    assert result.exit_code == 0, result.output
+    before = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "blend" / "adapter_config.json").read_text())
+    assert config["r"] == 2 * before["r"] and config["lora_alpha"] == config["r"]
+    whole, original, blend = (_factors(f) for f in (tmp_path / "whole", adapter, tmp_path / "blend"))
+    for name, (a, b, s) in blend.items():
+        dense = lambda f: f[name][2] * f[name][1].double() @ f[name][0].double()  # noqa: E731
+        assert not torch.allclose(dense(whole), dense(original))  # the re-fit moved this layer
+        torch.testing.assert_close(s * b.double() @ a.double(), 0.25 * dense(whole) + 0.75 * dense(original),
+                                   rtol=1e-5, atol=1e-6)
+    assert "0.25 x the re-fitted one" in (tmp_path / "blend" / "README.md").read_text()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(base, str(tmp_path / "blend"))
+    assert [w for w in caught if "peft" in str(w.filename)] == []

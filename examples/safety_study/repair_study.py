@@ -133,6 +133,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-fresh": ("refit", {"start": "fresh", **_NO_BOUNDARY}),
     "refit-salora": ("refit", {"constraint": "salora", **_NO_BOUNDARY}),
     "refit-task-no-boundary": ("refit", {"task_prompts": "@task", **_NO_BOUNDARY}),
+    # the default with KL distillation of the adapter's own training prompts (a user who has them)
+    "refit-task-kl": ("refit", {"task_prompts": "@task", "distill": "kl"}),
+    # the default's re-fit mixed with the adapter's own update: refit's own trade-off, towards the adapter
+    "refit-blend75": ("refit", {"blend": 0.75}),
+    "refit-blend50": ("refit", {"blend": 0.5}),
 }
 VARIANT_KINDS = ("arithmetic", "benign")
 PHASES = 3  # 0: the main rows; 1: the previous default and the further seeds; 2: the variants and refit-task
@@ -471,7 +476,7 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
         task_file = task_prompt_file(cache, cfg, data, kind)
         for key, (method, options) in rows(cfg, kind, a_kind, phase).items():
             name = f"{a_kind}/{kind}/{key}"
-            if only and only not in name:
+            if only and not _selected(name, only):
                 continue
             try:
                 run_info = run_repair(cache, cfg, folder, base_folder, adapter, safety, method, options, task_file)
@@ -510,6 +515,11 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
     return summary
 
 
+def _selected(name: str, only: str) -> bool:
+    """``--only``: comma-separated entries; a row runs if its name contains one, or equals one written ``=name``."""
+    return any(name == e[1:] if e.startswith("=") else e in name for e in only.split(",") if e)
+
+
 def _train_stats(model_folder: Path) -> dict:
     for path in (model_folder / "study_train.json", model_folder.parent / "alignment-lora" / "study_train.json"):
         if path.is_file():
@@ -528,7 +538,8 @@ def main(argv=None) -> int:
     parser.add_argument("--doc", type=Path, default=root / "docs" / "repair-study.md")
     parser.add_argument("--plot", type=Path, help="default: the doc's name with .svg")
     parser.add_argument("--analysis", type=Path, default=here / "repair_analysis.md")
-    parser.add_argument("--only", help="run only the rows whose 'aligned/kind/row' name contains this")
+    parser.add_argument("--only", help="run only the rows whose 'aligned/kind/row' name contains one of these comma-separated "
+                        "entries (an entry written =NAME: that row exactly)")
     parser.add_argument("--report-only", action="store_true",
                         help="compute nothing: write the report from the stages already in the cache")
     args = parser.parse_args(argv)

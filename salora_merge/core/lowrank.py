@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["truncated_factors", "uniform_factors"]
+__all__ = ["truncated_factors", "uniform_factors", "blended_factors"]
 
 
 def truncated_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -36,3 +36,12 @@ def uniform_factors(pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]], 
         a2[:r] = a
         out[name] = (b2, a2)
     return out
+
+
+def blended_factors(first: tuple[torch.Tensor, torch.Tensor, float], second: tuple[torch.Tensor, torch.Tensor, float],
+                    weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(B, A)`` with scaling 1 of ``weight * s1 B1 A1 + (1 - weight) * s2 B2 A2`` for two ``(B, A,
+    scaling)`` triples of one layer: the factors stacked (rank ``r1 + r2``), each ``B`` carrying its share."""
+    (b1, a1, s1), (b2, a2, s2) = first, second
+    b = torch.cat([b1 * (weight * s1), b2.to(b1.dtype) * ((1.0 - weight) * s2)], dim=1)
+    return b, torch.cat([a1, a2.to(a1.dtype)], dim=0)

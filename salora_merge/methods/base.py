@@ -125,7 +125,9 @@ class Method:
     optional: tuple[str, ...] = field(default=())  # NEEDS it uses when given (not required)
     check: Callable[[Mapping[str, Any]], None] | None = None  # cross-option rules
     keep_moments: bool = False  # needs the safety module's input second moments (calibrate --keep-moments)
-    rewrites_rank: bool = False  # returns modules of one new rank with scaling 1 (the config is rewritten)
+    # returns modules of one new rank with scaling 1 (the config is rewritten); a method that does so only for
+    # some options leaves it False: a result whose ranks or scalings differ from the adapter's is rewritten too
+    rewrites_rank: bool = False
 
     def __post_init__(self) -> None:
         unknown = [n for n in (*self.needs, *self.optional) if n not in NEEDS]

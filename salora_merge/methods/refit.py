@@ -47,11 +47,17 @@ class RefitReport:
 model's own responses, the first {o['first_tokens']} response tokens weighted {o['first_weight']:g}) mixed with
 distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled}
 prompts (task: `{self.task_prompts}`){self._boundary_text()}; proximal coefficient {o['proximal']:g},
-constraint `{o['constraint']}`. Same targets, rank and scaling as the
-original. Figures in `salora_refit.json`.
+constraint `{o['constraint']}`. {self._shape_text(adapter_config)} Figures in `salora_refit.json`.
 
 {REPAIR_MEASURED}
 """
+
+    def _shape_text(self, adapter_config: Mapping[str, Any]) -> str:
+        if self.options.get("blend", 1.0) == 1.0:
+            return "Same targets, rank and scaling as the original."
+        b = self.options["blend"]
+        return (f"The update written is {b:g} x the re-fitted one plus {1 - b:g} x the original's, exactly, as one "
+                f"LoRA of rank {adapter_config.get('r')} (the two stacked) with scaling 1; same targets.")
 
     def _boundary_text(self) -> str:
         if self.boundary_prompts == "-":
@@ -83,6 +89,22 @@ def _check(values: Mapping[str, Any]) -> None:
             and values["boundary_teacher"] == "adapter"):
         raise InputError("--anchor-share 1 distills nothing, so --boundary-teacher adapter has no effect; use "
                          "--boundary-teacher base or lower --anchor-share")
+
+
+def _blended(refitted: Mapping[str, "LoraModule"], original: Mapping[str, "LoraModule"],
+             weight: float) -> dict[str, "LoraModule"]:
+    """``weight`` of each re-fitted update plus ``1 - weight`` of the adapter's own, as one LoRA of twice the
+    rank with scaling 1 (exact: the two factor pairs stacked)."""
+    from salora_merge.core.lowrank import blended_factors
+    from salora_merge.methods.base import at_one_rank
+
+    factors = {}
+    for name, m in refitted.items():
+        o = original[name]
+        b, a = blended_factors((m.lora_B.float(), m.lora_A.float(), m.scaling),
+                               (o.lora_B.float(), o.lora_A.float(), o.scaling), weight)
+        factors[name] = (b, a, 1.0)
+    return at_one_rank(refitted, factors)
 
 
 def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
@@ -120,7 +142,8 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"])
     result = refit_adapter(ctx.base, modules, distill, anchors.prompts, engine,
                            safety=ctx.safety, progress=ctx.progress, boundary_prompts=with_base)
-    return result.modules, RefitReport(
+    out = result.modules if options["blend"] == 1.0 else _blended(result.modules, modules, options["blend"])
+    return out, RefitReport(
         base_model=ctx.base_model, adapter=ctx.adapter, options=dict(options), anchor_prompts=anchors.name,
         task_prompts=task.name if task else "-", boundary_prompts=boundary.name if boundary else "-",
         anchors=result.anchors, distilled=result.distilled,
@@ -167,6 +190,9 @@ METHOD = Method(
         MethodOption("answer_tokens", int, 64, "Length of generated anchor responses and distilled answers.",
                      minimum=1),
         MethodOption("example_length", int, 256, "Tokens per training example.", minimum=8),
+        MethodOption("blend", float, 1.0, "Share of the re-fitted update in the result, the rest the adapter's "
+                     "own (1: the re-fit alone, same rank; below 1: twice the adapter's rank, scaling 1).",
+                     minimum=0.0, maximum=1.0),
         MethodOption("seed", int, 0, "Seed of the mixture, the init and the data order.", minimum=0,
                      maximum=2**63 - 1),
     ),

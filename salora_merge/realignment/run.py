@@ -71,7 +71,9 @@ def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: s
     new_modules = {n: m for n, m in new_flat.items() if n in adapter.modules}
     params = collapse_params(adapter.params, new_flat)
     config = adapter.config
-    if chosen.rewrites_rank:  # every module now has one rank and scaling 1
+    rewritten = any(m.rank != adapter.modules[n].rank or m.scaling != adapter.modules[n].scaling
+                    for n, m in new_modules.items())
+    if chosen.rewrites_rank or rewritten:  # every module now has one rank and scaling 1
         ranks = {m.rank for m in new_modules.values()}
         assert len(ranks) == 1 and all(m.scaling == 1.0 for m in new_modules.values()), chosen.name
         config = with_uniform_rank(adapter.config, ranks.pop())
