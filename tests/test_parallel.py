@@ -117,3 +117,43 @@ def test_torchrun_train_equals_one_process(tiny_model_dir, tiny_calibration_prom
     for key in a:
         scale = float(a[key].abs().max()) or 1.0
         assert (a[key] - b[key]).abs().max() <= 1e-4 * scale, key
+
+
+def test_torchrun_refit_equals_one_process(tiny_model_dir, tmp_path, monkeypatch):
+    """repair's re-fit (``realign --method refit``, KL distillation) under torchrun: each term of the loss is a
+    weighted mean over the whole step's batch (the weights summed over the processes), so two gloo processes with
+    2 examples each per step give the losses and the adapter of one process with 4, although the processes'
+    shares hold different numbers of anchor and distilled tokens; only rank 0 writes and reports."""
+    import json
+
+    from conftest import make_peft_adapter
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    task = tmp_path / "task.txt"
+    task.write_text("".join(f"Add {i} and {3 * i + 1}, then say the words {'go ' * (1 + i % 4)}\n" for i in range(8)))
+
+    def refit(out, batch: int) -> list[str]:
+        return ["realign", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--method", "refit",
+                "--task-prompts", str(task), "--distill", "kl", "--max-anchors", "8", "--max-boundary", "4",
+                "--answer-tokens", "6", "--example-length", "512", "--steps", "3", "--lr", "5e-3",
+                "--refit-batch", str(batch), "--json", "-o", str(out)]
+
+    single, both = tmp_path / "single", tmp_path / "parallel"
+    result = CliRunner().invoke(main, refit(single, 4))
+    assert result.exit_code == 0, result.output
+    run = _torchrun(refit(both, 2), tmp_path)
+    assert run.stdout.count('"method": "refit"') == 1  # rank 0 reports; rank 1 neither reports nor writes
+    one, two = json.loads(result.stdout), json.loads(run.stdout)
+    assert len(one["losses"]) == 3 and len({round(loss, 3) for _, loss in one["losses"]}) == 3
+    for (step_a, loss_a), (step_b, loss_b) in zip(one["losses"], two["losses"], strict=True):
+        assert step_a == step_b and abs(loss_a - loss_b) <= 1e-4 * abs(loss_a), (one["losses"], two["losses"])
+    a = load_file(str(single / "adapter_model.safetensors"))
+    b = load_file(str(both / "adapter_model.safetensors"))
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) == sorted(before)
+    for key in a:
+        scale = float(a[key].abs().max()) or 1.0
+        assert (a[key] - b[key]).abs().max() <= 1e-4 * scale, key
+    assert any(not torch.equal(a[key], before[key]) for key in a)  # the re-fit moved the adapter

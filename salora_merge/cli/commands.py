@@ -115,7 +115,7 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
                          calibration=calibration, save_safety=save_safety, input_safety=input_safety,
                          aligned=aligned, unaligned=unaligned, overwrite=overwrite, allow_pickle=allow_pickle,
                          progress=_progress())
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
+    _report(report, as_json)
 
 
 @main.command(cls=SectionedCommand, lazy_params=repair_params)
@@ -171,7 +171,15 @@ def repair(base: str, adapter: str, task_prompts: str, heldout: int, safety: Pat
     report = api.repair(base, adapter, output, options, method_options=given, safety=safety,
                         calibration=calibration, aligned=aligned, unaligned=unaligned, overwrite=overwrite,
                         allow_pickle=allow_pickle, progress=_progress())
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
+    _report(report, as_json)
+
+
+def _report(report, as_json: bool) -> None:
+    """realign's and repair's report, from rank 0 only under torchrun (every rank computed it)."""
+    import salora_merge.parallel as parallel
+
+    if parallel.is_main():
+        click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
 
 
 @main.command(cls=SectionedCommand)

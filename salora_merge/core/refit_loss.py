@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch.nn import functional as F
 
-__all__ = ["IGNORE", "token_weights", "weighted_cross_entropy", "soft_cross_entropy", "proximal_penalty"]
+__all__ = ["IGNORE", "token_weights", "cross_entropy_weight", "weighted_cross_entropy", "soft_cross_entropy", "proximal_penalty"]
 
 IGNORE = -100
 
@@ -28,28 +28,35 @@ def token_weights(labels: list[int], first_tokens: int, first_weight: float) -> 
     return out
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def cross_entropy_weight(labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_t w_t`` over the learned positions: :func:`weighted_cross_entropy`'s own denominator."""
+    return (weights[:, 1:].float() * (labels[:, 1:] != IGNORE)).sum()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                           denominator: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_t w_t * CE(logits_{t-1}, labels_t) / sum_t w_t`` over the batch (``logits (B, T, V)``, labels and
-    weights ``(B, T)``, the label at ``t`` predicted from position ``t - 1``)."""
+    weights ``(B, T)``, the label at ``t`` predicted from position ``t - 1``). ``denominator`` replaces ``sum_t
+    w_t`` (data-parallel runs divide by the sum over every process's batch)."""
     shifted = logits[:, :-1].float()
     target, w = labels[:, 1:], weights[:, 1:].to(shifted.dtype)
     losses = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1).clamp_min(0),
                              reduction="none").reshape(target.shape)
     w = w * (target != IGNORE)
-    return (losses * w).sum() / w.sum().clamp_min(1e-12)
+    return (losses * w).sum() / (w.sum() if denominator is None else denominator).clamp_min(1e-12)
 
 
 def soft_cross_entropy(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_probs: torch.Tensor,
-                       weights: torch.Tensor) -> torch.Tensor:
+                       weights: torch.Tensor, denominator: torch.Tensor | None = None) -> torch.Tensor:
     """``-sum_k p_k log q(id_k)`` per position, averaged with ``weights (B, T)`` (a boolean mask or per-position
     weights): the teacher's top-k next-token distribution (``teacher_ids``, ``teacher_probs (B, T, k)``,
     renormalized over the k ids, aligned with ``logits``' positions) against the student's
-    ``log_softmax(logits)``."""
+    ``log_softmax(logits)``. ``denominator`` replaces the weights' sum, as in :func:`weighted_cross_entropy`."""
     logq = F.log_softmax(logits.float(), dim=-1).gather(-1, teacher_ids)
     p = teacher_probs / teacher_probs.sum(-1, keepdim=True).clamp_min(1e-12)
     per_position = -(p * logq).sum(-1)
     w = weights.to(per_position.dtype)
-    return (per_position * w).sum() / w.sum().clamp_min(1e-12)
+    return (per_position * w).sum() / (w.sum() if denominator is None else denominator).clamp_min(1e-12)
 
 
 def proximal_penalty(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

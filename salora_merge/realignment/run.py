@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+import salora_merge.parallel as parallel
 from salora_merge.calibration.run import CalibrationOptions
 from salora_merge.core.lora_config import with_uniform_rank
 from salora_merge.hf.base_model import BaseModel
@@ -82,13 +83,18 @@ def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: s
 
 def write_applied(applied: Applied, out: Path, overwrite: bool = False, extra: Mapping[str, str] | None = None,
                   card: str | None = None) -> None:
-    """The adapter folder (stock PEFT), the method's JSON report, ``extra`` files and the card, atomically."""
+    """The adapter folder (stock PEFT), the method's JSON report, ``extra`` files and the card, atomically; under
+    torchrun rank 0 writes and the other ranks wait for it."""
+    if not parallel.is_main():
+        parallel.barrier()
+        return
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         write_adapter(tmp, applied.config, applied.modules, applied.adapter.passthrough, applied.params)
         (tmp / applied.method.report_name).write_text(json.dumps(applied.report.to_json(), indent=2) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         (tmp / "README.md").write_text(card if card is not None else applied.report.card(applied.config))
+    parallel.barrier()
 
 
 def run_realign(

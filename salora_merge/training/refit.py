@@ -20,8 +20,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+import salora_merge.parallel as parallel
 from salora_merge.core.refit_loss import (
     IGNORE,
+    cross_entropy_weight,
     proximal_penalty,
     soft_cross_entropy,
     token_weights,
@@ -208,10 +210,18 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
 
     def loss(model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        value = weighted_cross_entropy(out.logits, batch["labels"], batch["weights"])
-        if options.distill == "kl" and bool((batch["teacher_weights"] > 0).any()):
+        # Each term is a weighted mean over the whole step's batch: under torchrun the weights are summed over the
+        # processes and each process's share scaled by their number, so that DDP's mean of the gradients is the
+        # gradient one process would take on the whole batch (and the logged loss, a mean over processes, too).
+        sums = torch.stack([cross_entropy_weight(batch["labels"], batch["weights"]),
+                            batch["teacher_weights"].float().sum()])
+        world = parallel.world_size()
+        if world > 1:
+            sums = parallel.all_reduce_sum_(sums.detach().clone()) / world
+        value = weighted_cross_entropy(out.logits, batch["labels"], batch["weights"], sums[0])
+        if options.distill == "kl" and bool(sums[1] > 0):
             value = value + soft_cross_entropy(out.logits, batch["teacher_ids"], batch["teacher_probs"],
-                                               batch["teacher_weights"])
+                                               batch["teacher_weights"], sums[1])
         if options.proximal > 0:
             value = value + options.proximal * proximal_penalty(starts)
         return value
