@@ -125,3 +125,14 @@ def test_renamed_rows_keep_their_evaluation_key():
     assert repair_study.eval_key("full/arithmetic/refit-task-no-boundary") == "full/arithmetic/refit-task"
     assert repair_study.eval_key("lora/benign/refit") == "lora/benign/refit"  # today's default: its own key
     assert repair_study.eval_key("aligned") == "aligned"
+
+
+def test_seed_spread_by_hand():
+    rows = {"lora/json/refit": {**_row(0.9, 0.8, benign=0.02), "json": 1.0},
+            "lora/json/refit-seed1": {**_row(0.94, 0.7, benign=0.0), "json": 0.9},
+            "lora/json/refit-kl": {**_row(0.1, 0.1), "json": 0.0},  # not a seed
+            "full/json/refit-seed2": {**_row(0.1, 0.1), "json": 0.0}}  # another aligned model
+    text = repair_report.seed_spread({"results": rows}, "lora", "json")
+    assert text == ("`refit` over 2 seeds on the json adapter: AdvBench mean 92%, range 90%-94%; HarmBench mean 75%, "
+                    "range 70%-80%; benign refusal mean 1%, range 0%-2%; json mean 95%, range 90%-100%.")
+    assert repair_report.seed_spread({"results": rows}, "full", "json") is None  # one row is no spread

@@ -116,19 +116,21 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:.3f}" if metric == "task_nll" else f"{value:.0%}"
 
 
-def seed_spread(summary: dict, prefix: str) -> str | None:
+def seed_spread(summary: dict, prefix: str, kind: str) -> str | None:
+    """`refit`'s mean and range over its seeds (the rows `refit` and `refit-seedN`) on one adapter."""
     rows = [v for k, v in summary["results"].items()
-            if k == f"{prefix}/benign/refit" or k.startswith(f"{prefix}/benign/refit-seed")]
+            if k == f"{prefix}/{kind}/refit" or k.startswith(f"{prefix}/{kind}/refit-seed")]
     if len(rows) < 2:
         return None
+    metric = "task_nll" if kind == "benign" else kind
     parts = []
     for key, name in (("advbench", "AdvBench"), ("harmbench", "HarmBench"), ("benign", "benign refusal"),
-                      ("task_nll", "task NLL")):
+                      (metric, "task NLL" if kind == "benign" else kind)):
         values = [r[key] for r in rows]
         fmt = "{:.3f}" if key == "task_nll" else "{:.0%}"
         parts.append(f"{name} mean {fmt.format(statistics.mean(values))}, range "
                      f"{fmt.format(min(values))}-{fmt.format(max(values))}")
-    return f"`refit` over {len(rows)} seeds on the benign adapter: " + "; ".join(parts) + "."
+    return f"`refit` over {len(rows)} seeds on the {kind} adapter: " + "; ".join(parts) + "."
 
 
 def svg(summary: dict, panels: list[tuple[str, str]]) -> str:
@@ -229,10 +231,9 @@ def write(summary: dict, doc: Path, plot: Path, analysis: Path | None) -> None:
               "is the shrink curve (the aligned model at 0%, the shrink gammas, the unrepaired adapter at 100%).", ""]
     for prefix, kind in panels:
         lines += [f"## `{prefix}` aligned model, adapter `{kind}`", ""] + table(summary, prefix, kind)
-        if kind == "benign":
-            spread = seed_spread(summary, prefix)
-            if spread:
-                lines += [spread, ""]
+        spread = seed_spread(summary, prefix, kind)
+        if spread:
+            lines += [spread, ""]
     if analysis is not None:
         lines += [analysis.read_text().rstrip(), ""]
     doc.parent.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,8 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
     if phase == 1:
         if kind in VARIANT_KINDS:
             out["refit-no-boundary"] = ("refit", _NO_BOUNDARY)  # the previous default
-            for seed in cfg.seeds[1:]:
-                out[f"refit-seed{seed}"] = ("refit", {"seed": seed})
+        for seed in cfg.seeds[1:]:
+            out[f"refit-seed{seed}"] = ("refit", {"seed": seed})
         return out
     if phase == 2:
         if kind in VARIANT_KINDS and aligned_kind == cfg.aligned_kinds[0]:  # the refit variants, on one model
