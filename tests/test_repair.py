@@ -43,7 +43,8 @@ def test_split_task_prompts_is_seeded_disjoint_and_at_most_a_quarter():
     assert split_task_prompts(prompts, 0, seed=0)[1].prompts == ()
 
 
-@pytest.mark.parametrize("builtin, size", [("generic-tasks", 200), ("benign-boundary", 240)])
+@pytest.mark.parametrize("builtin, size", [("generic-tasks", 200), ("benign-boundary", 240),
+                                           ("benign-boundary-wide", 240)])
 def test_distillation_sets_are_disjoint_from_every_evaluation_set(builtin, size):
     def four_grams(prompt):
         words = re.findall(r"[a-z']+", prompt.lower())

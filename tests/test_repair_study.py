@@ -136,3 +136,16 @@ def test_seed_spread_by_hand():
     assert text == ("`refit` over 2 seeds on the json adapter: AdvBench mean 92%, range 90%-94%; HarmBench mean 75%, "
                     "range 70%-80%; benign refusal mean 1%, range 0%-2%; json mean 95%, range 90%-100%.")
     assert repair_report.seed_spread({"results": rows}, "full", "json") is None  # one row is no spread
+
+
+def test_the_wide_boundary_set_is_what_its_generator_writes():
+    import make_boundary_set
+
+    from salora_merge.io.prompts import load_prompt_set
+
+    prompts = make_boundary_set.build()
+    assert load_prompt_set("benign-boundary-wide").prompts == tuple(prompts)
+    old = load_prompt_set("benign-boundary").prompts
+    assert prompts[1::2] == [p for p in old if not p[0].islower()]  # the questions, unchanged
+    leads = make_boundary_set.OLD_LEADS + make_boundary_set.NEW_LEADS
+    assert all(any(p.lower().startswith(lead + " ") for lead in leads) for p in prompts[::2])

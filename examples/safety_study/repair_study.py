@@ -157,6 +157,8 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
         if kind in VARIANT_KINDS and aligned_kind == cfg.aligned_kinds[0]:  # the refit variants, on one model
             out.update({k: v for k, v in VARIANTS.items() if cfg.variants is None or k in cfg.variants})
         out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts
+        # boundary imperatives in the lead phrases of every anchor verb (make_boundary_set.py), on every adapter
+        out["refit-wide"] = ("refit", {"boundary_prompts": "benign-boundary-wide"})
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
     out["none"] = ("none", {})

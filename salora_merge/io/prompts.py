@@ -21,6 +21,7 @@ BUILTIN_SETS = {
     "benign-instructions": "benign_instructions.jsonl",
     "generic-tasks": "generic_tasks.jsonl",
     "benign-boundary": "benign_boundary.jsonl",
+    "benign-boundary-wide": "benign_boundary_wide.jsonl",
 }
 _PROMPT_FIELDS = ("prompt", "goal", "behavior", "instruction", "question", "text")
 _RESPONSE_FIELDS = ("response", "output", "completion", "answer")
