@@ -307,7 +307,7 @@ FIRST_DEFAULTS = {
               "anchor_share": 0.5, "first_tokens": 5, "first_weight": 4.0, "answer_first_weight": 1.0,
               "boundary_prompts": "none", "boundary_teacher": "adapter", "distill": "ce", "kl_top_k": 32,
               "proximal": 0.0, "start": "factors", "constraint": "none", "answer_tokens": 64, "example_length": 256,
-              "seed": 0},
+              "seed": 0, "blend": 1.0},
 }
 
 
