@@ -149,3 +149,11 @@ def test_the_wide_boundary_set_is_what_its_generator_writes():
     assert prompts[1::2] == [p for p in old if not p[0].islower()]  # the questions, unchanged
     leads = make_boundary_set.OLD_LEADS + make_boundary_set.NEW_LEADS
     assert all(any(p.lower().startswith(lead + " ") for lead in leads) for p in prompts[::2])
+
+
+def test_seed_spread_of_another_row():
+    rows = {"full/benign/refit-wide": _row(0.9, 0.8, nll=0.4), "full/benign/refit-wide-seed1": _row(0.9, 0.6, nll=0.5),
+            "full/benign/refit": _row(0.1, 0.1)}
+    text = repair_report.seed_spread({"results": rows}, "full", "benign", "refit-wide")
+    assert text.startswith("`refit-wide` over 2 seeds on the benign adapter: AdvBench mean 90%, range 90%-90%; "
+                           "HarmBench mean 70%, range 60%-80%") and text.endswith("task NLL mean 0.450, range 0.400-0.500.")

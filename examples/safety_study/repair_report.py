@@ -116,10 +116,10 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:.3f}" if metric == "task_nll" else f"{value:.0%}"
 
 
-def seed_spread(summary: dict, prefix: str, kind: str) -> str | None:
-    """`refit`'s mean and range over its seeds (the rows `refit` and `refit-seedN`) on one adapter."""
+def seed_spread(summary: dict, prefix: str, kind: str, row: str = "refit") -> str | None:
+    """A row's mean and range over its seeds (the rows `ROW` and `ROW-seedN`) on one adapter."""
     rows = [v for k, v in summary["results"].items()
-            if k == f"{prefix}/{kind}/refit" or k.startswith(f"{prefix}/{kind}/refit-seed")]
+            if k == f"{prefix}/{kind}/{row}" or k.startswith(f"{prefix}/{kind}/{row}-seed")]
     if len(rows) < 2:
         return None
     metric = "task_nll" if kind == "benign" else kind
@@ -130,7 +130,7 @@ def seed_spread(summary: dict, prefix: str, kind: str) -> str | None:
         fmt = "{:.3f}" if key == "task_nll" else "{:.0%}"
         parts.append(f"{name} mean {fmt.format(statistics.mean(values))}, range "
                      f"{fmt.format(min(values))}-{fmt.format(max(values))}")
-    return f"`refit` over {len(rows)} seeds on the {kind} adapter: " + "; ".join(parts) + "."
+    return f"`{row}` over {len(rows)} seeds on the {kind} adapter: " + "; ".join(parts) + "."
 
 
 def svg(summary: dict, panels: list[tuple[str, str]]) -> str:
@@ -231,9 +231,10 @@ def write(summary: dict, doc: Path, plot: Path, analysis: Path | None) -> None:
               "is the shrink curve (the aligned model at 0%, the shrink gammas, the unrepaired adapter at 100%).", ""]
     for prefix, kind in panels:
         lines += [f"## `{prefix}` aligned model, adapter `{kind}`", ""] + table(summary, prefix, kind)
-        spread = seed_spread(summary, prefix, kind)
-        if spread:
-            lines += [spread, ""]
+        for row in ("refit", "refit-wide"):
+            spread = seed_spread(summary, prefix, kind, row)
+            if spread:
+                lines += [spread, ""]
     if analysis is not None:
         lines += [analysis.read_text().rstrip(), ""]
     doc.parent.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,8 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
         out["refit-task"] = ("refit", {"task_prompts": "@task"})  # the adapter's own training prompts
         # boundary imperatives in the lead phrases of every anchor verb (make_boundary_set.py), on every adapter
         out["refit-wide"] = ("refit", {"boundary_prompts": "benign-boundary-wide"})
+        for seed in cfg.seeds[1:]:
+            out[f"refit-wide-seed{seed}"] = ("refit", {"boundary_prompts": "benign-boundary-wide", "seed": seed})
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
     out["none"] = ("none", {})
