@@ -33,6 +33,23 @@ def _torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return run
 
 
+def _same_run(losses_one, losses_two, single, both) -> dict:
+    """Three logged steps, each loss different from the last and equal in both runs (the same batches in the same
+    order), and the same exported tensors to 1e-4 of each one's scale; the single run's tensors."""
+    from safetensors.torch import load_file
+
+    assert len(losses_one) == 3 and len({round(loss, 3) for _, loss in losses_one}) == 3
+    for (step_a, loss_a), (step_b, loss_b) in zip(losses_one, losses_two, strict=True):
+        assert step_a == step_b and abs(loss_a - loss_b) <= 1e-4 * abs(loss_a), (losses_one, losses_two)
+    a = load_file(str(single / "adapter_model.safetensors"))
+    b = load_file(str(both / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        scale = float(a[key].abs().max()) or 1.0
+        assert (a[key] - b[key]).abs().max() <= 1e-4 * scale, key
+    return a
+
+
 def test_torchrun_calibration_equals_one_process(tiny_model_dir, tiny_calibration_prompts, tmp_path):
     common = ["calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
               "--max-new-tokens", "6", "--keep-moments", "--batch-size", "1", "--generation-batch-size", "1",
@@ -82,7 +99,6 @@ def test_torchrun_train_equals_one_process(tiny_model_dir, tiny_calibration_prom
     with 4 examples per step, up to float round-off; only rank 0 writes and reports."""
     import json
 
-    from safetensors.torch import load_file
 
     safety = tmp_path / "safety.safetensors"
     result = CliRunner().invoke(main, [
@@ -107,16 +123,7 @@ def test_torchrun_train_equals_one_process(tiny_model_dir, tiny_calibration_prom
     assert run.stdout.count('"global_step"') == 1  # rank 0 reports; rank 1 neither reports nor writes
     one, two = json.loads(result.stdout), json.loads(run.stdout)
     assert one["global_step"] == two["global_step"] == 3
-    # the same batches in the same order: the same loss at every step (each step's loss differs from the last)
-    assert len(one["losses"]) == 3 and len({round(loss, 3) for _, loss in one["losses"]}) == 3
-    for (step_a, loss_a), (step_b, loss_b) in zip(one["losses"], two["losses"], strict=True):
-        assert step_a == step_b and abs(loss_a - loss_b) <= 1e-4 * abs(loss_a), (one["losses"], two["losses"])
-    a = load_file(str(single / "adapter_model.safetensors"))
-    b = load_file(str(both / "adapter_model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for key in a:
-        scale = float(a[key].abs().max()) or 1.0
-        assert (a[key] - b[key]).abs().max() <= 1e-4 * scale, key
+    _same_run(one["losses"], two["losses"], single, both)
 
 
 def test_torchrun_refit_equals_one_process(tiny_model_dir, tmp_path, monkeypatch):
@@ -146,14 +153,7 @@ def test_torchrun_refit_equals_one_process(tiny_model_dir, tmp_path, monkeypatch
     run = _torchrun(refit(both, 2), tmp_path)
     assert run.stdout.count('"method": "refit"') == 1  # rank 0 reports; rank 1 neither reports nor writes
     one, two = json.loads(result.stdout), json.loads(run.stdout)
-    assert len(one["losses"]) == 3 and len({round(loss, 3) for _, loss in one["losses"]}) == 3
-    for (step_a, loss_a), (step_b, loss_b) in zip(one["losses"], two["losses"], strict=True):
-        assert step_a == step_b and abs(loss_a - loss_b) <= 1e-4 * abs(loss_a), (one["losses"], two["losses"])
-    a = load_file(str(single / "adapter_model.safetensors"))
-    b = load_file(str(both / "adapter_model.safetensors"))
+    a = _same_run(one["losses"], two["losses"], single, both)
     before = load_file(str(adapter / "adapter_model.safetensors"))
-    assert sorted(a) == sorted(b) == sorted(before)
-    for key in a:
-        scale = float(a[key].abs().max()) or 1.0
-        assert (a[key] - b[key]).abs().max() <= 1e-4 * scale, key
+    assert sorted(a) == sorted(before)
     assert any(not torch.equal(a[key], before[key]) for key in a)  # the re-fit moved the adapter
