@@ -157,3 +157,21 @@ def test_seed_spread_of_another_row():
     text = repair_report.seed_spread({"results": rows}, "full", "benign", "refit-wide")
     assert text.startswith("`refit-wide` over 2 seeds on the benign adapter: AdvBench mean 90%, range 90%-90%; "
                            "HarmBench mean 70%, range 60%-80%") and text.endswith("task NLL mean 0.450, range 0.400-0.500.")
+
+
+def test_a_stage_that_fails_or_is_missing_leaves_nothing_in_the_cache(tmp_path):
+    cache = repair_study.Cache(tmp_path, "study", "digest")
+
+    def fails(tmp: Path):
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.folder("repair", {"row": 1}, fails)
+    assert list(tmp_path.iterdir()) == []
+    read_only = repair_study.ReadOnlyCache(tmp_path, "study", "digest")
+    with pytest.raises(repair_study.Missing):
+        read_only.folder("repair", {"row": 1}, fails)
+    assert list(tmp_path.iterdir()) == []
+    built = cache.folder("repair", {"row": 1}, lambda tmp: (tmp / "done.bin").write_bytes(b"y"))
+    assert read_only.folder("repair", {"row": 1}, fails) == built and (built / "done.bin").read_bytes() == b"y"

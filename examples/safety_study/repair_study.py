@@ -140,6 +140,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "refit-blend50": ("refit", {"blend": 0.5}),
 }
 VARIANT_KINDS = ("arithmetic", "benign")
+_TASK_KL_WIDE = {"task_prompts": "@task", "distill": "kl", "boundary_prompts": "benign-boundary-wide"}
 PHASES = 3  # 0: the main rows; 1: the previous default and the further seeds; 2: the variants and refit-task
 
 
@@ -161,6 +162,16 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
         out["refit-wide"] = ("refit", {"boundary_prompts": "benign-boundary-wide"})
         for seed in cfg.seeds[1:]:
             out[f"refit-wide-seed{seed}"] = ("refit", {"boundary_prompts": "benign-boundary-wide", "seed": seed})
+        # the two changes that each helped on their own, together: KL distillation of the adapter's own training
+        # prompts (refit-task-kl) with the wide boundary set (refit-wide); and KL with the wide set, no task data
+        for seed in cfg.seeds:
+            tail = f"-seed{seed}" if seed else ""
+            out[f"refit-task-kl-wide{tail}"] = ("refit", {**_TASK_KL_WIDE, "seed": seed})
+        out["refit-kl-wide"] = ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary-wide"})
+        # all 246 of the wide set's prompts instead of the first 128: more of the other side of the boundary
+        for seed in cfg.seeds:
+            tail = f"-seed{seed}" if seed else ""
+            out[f"refit-task-kl-wide-all{tail}"] = ("refit", {**_TASK_KL_WIDE, "max_boundary": 256, "seed": seed})
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
     out["none"] = ("none", {})
@@ -187,7 +198,10 @@ class ReadOnlyCache(Cache):
         return super().json(stage, depends, self._missing(stage))
 
     def folder(self, stage: str, depends: dict, build) -> Path:
-        return super().folder(stage, depends, self._missing(stage))
+        path = self.path(stage, depends)
+        if not path.is_dir():  # checked here, so that a report writes nothing into the cache, not even a .partial
+            raise Missing(stage)
+        return path
 
     @staticmethod
     def _missing(stage: str):

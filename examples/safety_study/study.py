@@ -149,7 +149,11 @@ class Cache:
             tmp = path.with_name(path.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            build(tmp)
+            try:
+                build(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing half-built stays in the cache
+                raise
             tmp.replace(path)
         return path
 

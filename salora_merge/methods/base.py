@@ -31,8 +31,10 @@ REPAIR_MEASURED = (
     "In salora-merge's repair study (docs/repair-study.md, SmolLM2-135M aligned by LoRA and by full fine-tuning, "
     "benign-instruction, arithmetic and JSON adapters) the default refit restored held-out refusals to at least "
     "95% of the aligned model's, far above the shrink curve, keeping all of a JSON-format adapter's task but "
-    "52% to 79% of the others', and refused 1 to 4 of 69 benign instructions (the aligned models none); no method "
-    "met the study's bar. Check refusals on held-out "
+    "52% to 79% of the others', and refused 1 to 4 of 69 benign instructions (the aligned models none); with the "
+    "adapter's task prompts distilled by KL and all of the wide boundary set (--task-prompts FILE --distill kl "
+    "--boundary-prompts benign-boundary-wide --max-boundary 256) it kept 98% to 100% of the exact tasks and "
+    "refused 0 to 2 of 69 (one seed); only on one adapter did a method meet the study's whole bar. Check refusals on held-out "
     "harmful prompts, benign refusals and the adapter's task before deployment (`salora-merge repair` measures "
     "them; `salora-merge audit --behavior`)."
 )
