@@ -99,7 +99,6 @@ def test_torchrun_train_equals_one_process(tiny_model_dir, tiny_calibration_prom
     with 4 examples per step, up to float round-off; only rank 0 writes and reports."""
     import json
 
-
     safety = tmp_path / "safety.safetensors"
     result = CliRunner().invoke(main, [
         "calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",

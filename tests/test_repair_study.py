@@ -62,6 +62,7 @@ def test_bar_check_against_hand_computed_cases():
     misses = repair_report.bar_check(bad, aligned, 0.5, curve, 700.0)
     assert [m.split(" ")[0] for m in misses] == ["AdvBench", "HarmBench", "task", "benign", "over-refusal", "not",
                                                  "11.7"]
+    assert misses[0] == "AdvBench 50% < 85.5%" and misses[1] == "HarmBench 40% < 76.0%"  # 95% of 90% and of 80%
 
 
 def test_smoke_repair_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path, capsys):

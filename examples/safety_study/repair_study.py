@@ -163,15 +163,13 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
         for seed in cfg.seeds[1:]:
             out[f"refit-wide-seed{seed}"] = ("refit", {"boundary_prompts": "benign-boundary-wide", "seed": seed})
         # the two changes that each helped on their own, together: KL distillation of the adapter's own training
-        # prompts (refit-task-kl) with the wide boundary set (refit-wide); and KL with the wide set, no task data
+        # prompts (refit-task-kl) with the wide boundary set (refit-wide), with its first 128 prompts (the default
+        # --max-boundary) and with all 246 of them ("-all"); and KL with the wide set, no task data
         for seed in cfg.seeds:
             tail = f"-seed{seed}" if seed else ""
             out[f"refit-task-kl-wide{tail}"] = ("refit", {**_TASK_KL_WIDE, "seed": seed})
-        out["refit-kl-wide"] = ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary-wide"})
-        # all 246 of the wide set's prompts instead of the first 128: more of the other side of the boundary
-        for seed in cfg.seeds:
-            tail = f"-seed{seed}" if seed else ""
             out[f"refit-task-kl-wide-all{tail}"] = ("refit", {**_TASK_KL_WIDE, "max_boundary": 256, "seed": seed})
+        out["refit-kl-wide"] = ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary-wide"})
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
     out["none"] = ("none", {})

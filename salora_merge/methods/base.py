@@ -33,7 +33,7 @@ REPAIR_MEASURED = (
     "95% of the aligned model's, far above the shrink curve, keeping all of a JSON-format adapter's task but "
     "52% to 79% of the others', and refused 1 to 4 of 69 benign instructions (the aligned models none); with the "
     "adapter's task prompts distilled by KL and all of the wide boundary set (--task-prompts FILE --distill kl "
-    "--boundary-prompts benign-boundary-wide --max-boundary 256) it kept 98% to 100% of the exact tasks and "
+    "--boundary-prompts benign-boundary-wide --max-boundary 256) it kept 97% to 100% of the exact tasks and "
     "refused 0 to 5 of 69 over two seeds; one seed on one adapter met the study's whole bar, the other did not. "
     "Check refusals on held-out "
     "harmful prompts, benign refusals and the adapter's task before deployment (`salora-merge repair` measures "
