@@ -24,6 +24,7 @@ from salora_merge.auditing.run import AuditOptions, run_audit
 from salora_merge.calibration.run import Calibration, CalibrationOptions
 from salora_merge.calibration.run import calibrate as _calibrate
 from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.placement import Placement
 from salora_merge.hf.resolve import resolve_model
 import salora_merge.parallel as parallel
 from salora_merge.io.atomic import check_output_free
@@ -80,15 +81,17 @@ def realign(base: Base, adapter: str, output: Path, *, method: str = DEFAULT,
             method_options: Mapping[str, Any] | None = None, safety: Path | None = None,
             calibration: CalibrationOptions | None = None, save_safety: Path | None = None,
             input_safety: Path | None = None, aligned: Base | None = None, unaligned: Base | None = None,
-            overwrite: bool = False, allow_pickle: bool = False, progress: Progress = silent) -> MethodReport:
+            overwrite: bool = False, allow_pickle: bool = False, progress: Progress = silent,
+            device: str = "auto", placement: "Placement | None" = None) -> MethodReport:
     """Apply a realign method (``METHODS``; options per ``salora_merge.methods.REGISTRY[name].options``) to a
-    PEFT adapter and write the new adapter folder; without ``safety``, methods that need one calibrate it."""
+    PEFT adapter and write the new adapter folder; without ``safety``, methods that need one calibrate it.
+    ``device`` and ``placement``: where a method that runs the model (refit) runs it."""
     if calibration is not None:
         calibration.validate()
     return run_realign(resolve_model(base), adapter, Path(output), safety_path=safety, calibration=calibration,
                        save_safety=save_safety, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
                        method=method, method_options=method_options, input_safety_path=input_safety,
-                       aligned=aligned, unaligned=unaligned)
+                       aligned=aligned, unaligned=unaligned, device=device, placement=placement)
 
 
 def repair(base: Base, adapter: str, output: Path, options: RepairOptions = RepairOptions(), *,

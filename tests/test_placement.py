@@ -54,23 +54,112 @@ def test_placement_options_are_checked_first(tiny_model_dir, tiny_calibration_pr
     assert result.exit_code in (1, 2) and message in result.output and not out.exists(), result.output
 
 
-def test_commands_that_cannot_place_a_model_do_not_offer_the_options():
-    """train and retrain load the model onto one device: they must not accept --device-map and ignore it."""
-    for command in ("train", "retrain"):
-        result = CliRunner().invoke(main, [command, "--help"])
-        assert result.exit_code == 0 and "--device-map" not in result.output, command
-    assert "--device-map" in CliRunner().invoke(main, ["calibrate", "--help"]).output
+def test_offloaded_modules_of_a_device_map():
+    """Training needs every layer on the device it runs on: a map over GPUs (or all on the CPU) is trainable; disk
+    entries, and CPU entries beside GPUs (accelerate copies those in for every forward pass), are not."""
+    from salora_merge.errors import InputError
+    from salora_merge.hf.placement import check_trainable, offloaded_modules
+
+    assert offloaded_modules({"": "cpu"}) == [] and offloaded_modules({"": 0}) == []
+    spread = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    assert offloaded_modules(spread) == []
+    check_trainable(spread)
+    mixed = {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": "disk", "lm_head": 0}
+    assert offloaded_modules(mixed) == ["model.layers.0", "model.layers.1"]
+    assert offloaded_modules({"model.layers.0": "cpu", "model.layers.1": "disk"}) == ["model.layers.1"]
+    with pytest.raises(InputError, match=r"2 module\(s\) offloaded \(first: model.layers.0 to the CPU\)"):
+        check_trainable(mixed)
+    with pytest.raises(InputError, match="first: the model to disk"):
+        check_trainable({"": "disk"})
 
 
-def _spy_on_placement(monkeypatch) -> list[dict]:
-    """The device maps of the models loaded with an active placement (from here on)."""
+def _train_args(base, data, safety, out, *extra):
+    return ["train", "--base", str(base), "--data", str(data), "--safety", str(safety), "--rank", "2", "--alpha", "4",
+            "--targets", "q_proj,v_proj", "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2",
+            "--device", "cpu", "--quiet", "--json", "-o", str(out), *map(str, extra)]
+
+
+@pytest.fixture
+def task_world(tiny_model_dir, tiny_calibration_prompts, tmp_path):
+    import json
+
+    from conftest import make_peft_adapter
+
+    safety = tmp_path / "s.safetensors"
+    _calibrate(tiny_model_dir, tiny_calibration_prompts, safety)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w} twice.", "output": f"{w} {w}"}) + "\n"
+                            for w in "alpha bravo charlie delta".split()))
+    task = tmp_path / "task.txt"
+    task.write_text("".join(f"Add {i} and {i + 3}.\n" for i in range(6)))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    return {"safety": safety, "data": data, "task": task, "adapter": adapter}
+
+
+def test_training_under_a_device_map_equals_training_on_one_device(tiny_model_dir, task_world, tmp_path,
+                                                                    monkeypatch):
+    """train and the re-fit load the model through accelerate's big-model path under --device-map and train it
+    there: with every layer resident (this machine has one device, the CPU), the same adapter, bit for bit, as
+    the model loaded onto the device. (Layers spread over several GPUs are not run here: no GPU.)"""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    loads = _spy_on_placement(monkeypatch, record_all=True)
+    w = task_world
+    refit = ["realign", "--base", str(tiny_model_dir), "--adapter", str(w["adapter"]), "--method", "refit",
+             "--task-prompts", str(w["task"]), "--max-anchors", "4", "--max-boundary", "2", "--answer-tokens", "4",
+             "--steps", "2", "--lr", "5e-3", "--device", "cpu"]
+    for label, args in (("train", lambda out, *x: _train_args(tiny_model_dir, w["data"], w["safety"], out, *x)),
+                        ("refit", lambda out, *x: [*refit, "-o", str(out), *x])):
+        outs = {}
+        for where, extra in (("device", []), ("map", ["--device-map", "auto", "--max-memory", "cpu=1GB"])):
+            del loads[:]
+            out = tmp_path / f"{label}-{where}"
+            result = CliRunner().invoke(main, args(out, *extra))
+            assert result.exit_code == 0, result.output
+            assert loads and all(placed == (where == "map") for placed in loads), (label, where, loads)
+            outs[where] = load_file(str(out / "adapter_model.safetensors"))
+        assert outs["device"].keys() == outs["map"].keys()
+        for key, tensor in outs["device"].items():
+            assert torch.equal(tensor, outs["map"][key]), (label, key)
+
+
+@pytest.mark.parametrize("command", ["train", "retrain", "realign-refit", "repair-refit"])
+def test_training_refuses_offloaded_layers(tiny_model_dir, task_world, tmp_path, monkeypatch, command):
+    """Layers offloaded to disk cannot be trained: a one-line error naming --max-memory, exit 1, nothing written."""
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    w, out = task_world, tmp_path / "out"
+    base = ["--base", str(tiny_model_dir)]
+    args = {
+        "train": _train_args(tiny_model_dir, w["data"], w["safety"], out),
+        "retrain": ["retrain", *base, "--adapter", str(w["adapter"]), "--safety", str(w["safety"]), "--data",
+                    str(w["data"]), "--max-steps", "1", "--device", "cpu", "--quiet", "-o", str(out)],
+        "realign-refit": ["realign", *base, "--adapter", str(w["adapter"]), "--method", "refit", "--task-prompts",
+                          str(w["task"]), "-o", str(out)],
+        "repair-refit": ["repair", *base, "--adapter", str(w["adapter"]), "--task-prompts", str(w["task"]),
+                         "--heldout-task-prompts", "1", "-o", str(out)],
+    }[command]
+    result = CliRunner().invoke(main, [*args, "--device-map", "auto", "--max-memory", "cpu=40KB"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--max-memory leaves" in lines[0] and "to disk" in lines[0], result.output
+    assert "training needs every layer on the device it runs on" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob("out*"))  # no output, no checkpoint folder
+
+
+def _spy_on_placement(monkeypatch, record_all: bool = False) -> list:
+    """The device maps of the models loaded with an active placement (from here on); with ``record_all``, whether
+    each model loaded was placed."""
     import salora_merge.hf.models as models
 
     placed, real_load = [], models.load_causal_lm
 
     def spying_load(folder, device, placement=None):
         model = real_load(folder, device, placement)
-        if placement is not None and placement.active:
+        active = placement is not None and placement.active
+        if record_all:
+            placed.append(active)
+        elif active:
             placed.append(dict(model.hf_device_map))
         return model
 

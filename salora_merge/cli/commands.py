@@ -13,6 +13,7 @@ from salora_merge.cli.help import SectionedCommand, option
 from salora_merge.cli.options import (
     base_option,
     build_calibration,
+    build_placement,
     build_training,
     calibration_options,
     given_method_options,
@@ -114,7 +115,7 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
     report = api.realign(base, adapter, output, method=method, method_options=given, safety=safety,
                          calibration=calibration, save_safety=save_safety, input_safety=input_safety,
                          aligned=aligned, unaligned=unaligned, overwrite=overwrite, allow_pickle=allow_pickle,
-                         progress=_progress())
+                         progress=_progress(), device=kwargs["device"], placement=build_placement(kwargs))
     _report(report, as_json)
 
 

@@ -10,7 +10,7 @@ import click
 
 from salora_merge.cli.help import SectionedOption, apply_options, option
 
-__all__ = ["base_option", "calibration_options", "build_calibration", "output_options", "training_options",
+__all__ = ["base_option", "calibration_options", "build_calibration", "build_placement", "output_options", "training_options",
            "build_training", "run_control", "split_targets", "method_params", "given_method_options"]
 
 
@@ -80,6 +80,17 @@ def build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_moment
         device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"),
         offload_folder=kwargs.get("offload_folder"),
     )
+
+
+def build_placement(kwargs: dict):
+    """The placement of the model given by --device-map, --max-memory and --offload-folder (checked)."""
+    from salora_merge.errors import InputError
+    from salora_merge.hf.placement import Placement, parse_max_memory
+
+    if (kwargs.get("max_memory") or kwargs.get("offload_folder")) and kwargs.get("device_map") is None:
+        raise InputError("--max-memory and --offload-folder place a model over devices: give --device-map too")
+    return Placement(kwargs.get("device_map"), parse_max_memory(kwargs.get("max_memory")),
+                     kwargs.get("offload_folder"))
 
 
 def output_options(what: str, json_help: str) -> Callable[[Callable], Callable]:
@@ -187,6 +198,12 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option(o, "--merge-to", type=click.Path(path_type=Path), default=None,
                help="Also merge the exported adapter into the base and write the model here."),
         option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        option("Model", "--device-map", default=None,
+               type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+               help="A model larger than one GPU: spread its layers over the GPUs with accelerate (overrides "
+                    "--device; every layer must fit on a GPU: training offloads nothing)."),
+        option("Model", "--max-memory", default=None,
+               help="With --device-map: memory per GPU, such as 0=40GiB,1=70GiB."),
         option("Safety module", "--random-control", type=int, default=None,
                help="The control: constrain against random subspaces of the safety module's sizes (this seed)."),
         option(r, "--quiet", is_flag=True, help="No progress bar or loss lines."),
@@ -211,7 +228,8 @@ def build_training(kw: dict):
         alpha=kw["alpha"] if kw["alpha"] is not None else 16.0,
         use_rslora=bool(kw["use_rslora"]), targets=split_targets(kw["targets"]) or ("q_proj", "v_proj"),
         task_rank=kw["task_rank"], init=kw["init"], init_samples=kw["init_samples"], dropout=kw["dropout"],
-        max_length=kw["max_length"], device=kw["device"], random_control=kw["random_control"], fit=fit,
+        max_length=kw["max_length"], device=kw["device"], device_map=kw["device_map"], max_memory=kw["max_memory"],
+        random_control=kw["random_control"], fit=fit,
     )
 
 

@@ -60,9 +60,10 @@ def soft_cross_entropy(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_
 
 
 def proximal_penalty(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``sum ||p - p0||_F^2`` over (parameter, starting value) pairs."""
+    """``sum ||p - p0||_F^2`` over (parameter, starting value) pairs (summed on the first pair's device, as the
+    parameters of a model spread over GPUs live on several)."""
     total = None
     for param, start in pairs:
         term = (param - start.to(param.dtype)).pow(2).sum()
-        total = term if total is None else total + term
+        total = term if total is None else total + term.to(total.device)
     return total if total is not None else torch.zeros(())

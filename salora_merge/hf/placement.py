@@ -9,7 +9,7 @@ from typing import Mapping
 
 from salora_merge.errors import InputError
 
-__all__ = ["Placement", "DEVICE_MAPS", "parse_max_memory"]
+__all__ = ["Placement", "DEVICE_MAPS", "parse_max_memory", "offloaded_modules", "check_trainable"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,23 @@ def parse_max_memory(text: str | None) -> dict[str, str] | None:
             raise InputError(f"--max-memory {text!r}: expected DEVICE=SIZE pairs such as 0=20GiB,cpu=30GiB")
         out[device] = size
     return out
+
+
+def offloaded_modules(device_map: Mapping[str, "int | str"]) -> list[str]:
+    """The modules of accelerate's ``hf_device_map`` whose weights live away from where they run: on disk, or on
+    the CPU while other modules run on accelerators (accelerate then copies them in for every forward pass)."""
+    accelerators = any(v not in ("cpu", "disk") for v in device_map.values())
+    return [name for name, v in device_map.items() if v == "disk" or (v == "cpu" and accelerators)]
+
+
+def check_trainable(device_map: Mapping[str, "int | str"] | None) -> None:
+    """Training needs every layer resident on the device it runs on (the optimizer updates the adapter factors in
+    place, and SaLoRA rewrites the target weights as ``W_res``): a map with offloaded modules is refused."""
+    if not device_map:
+        return
+    off = offloaded_modules(device_map)
+    if off:
+        where = "disk" if device_map[off[0]] == "disk" else "the CPU"
+        raise InputError(f"--max-memory leaves {len(off)} module(s) offloaded (first: {off[0] or 'the model'} to "
+                         f"{where}), and training needs every layer on the device it runs on: raise --max-memory or "
+                         "add GPUs")

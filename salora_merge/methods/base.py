@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from salora_merge.core.safety import SafetyModule
     from salora_merge.hf.base_model import BaseModel
+    from salora_merge.hf.placement import Placement
     from salora_merge.io.adapter import LoraModule
     from salora_merge.io.prompts import PromptSet
     from salora_merge.progress import Progress
@@ -100,6 +101,8 @@ class MethodContext:
     base: "BaseModel | None" = None  # the handle, for methods that run the model (refit)
     progress: "Progress | None" = None
     task_prompts: "PromptSet | None" = None  # given by repair (its held-out part removed); else the option's file
+    device: str = "auto"  # where a method that runs the model (refit) runs it: auto, cpu or cuda[:N]
+    placement: "Placement | None" = None  # or spread over devices by accelerate (--device-map)
 
 
 class MethodReport(Protocol):

@@ -139,7 +139,8 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         first_weight=options["first_weight"], answer_first_weight=options["answer_first_weight"],
         distill=options["distill"], kl_top_k=options["kl_top_k"],
         proximal=options["proximal"], start=options["start"], constraint=options["constraint"],
-        max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"])
+        max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"],
+        device=ctx.device, placement=ctx.placement)
     result = refit_adapter(ctx.base, modules, distill, anchors.prompts, engine,
                            safety=ctx.safety, progress=ctx.progress, boundary_prompts=with_base)
     out = result.modules if options["blend"] == 1.0 else _blended(result.modules, modules, options["blend"])

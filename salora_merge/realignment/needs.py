@@ -11,6 +11,7 @@ from salora_merge.calibration.obtain import load_checked, obtain_safety
 from salora_merge.calibration.run import CalibrationOptions
 from salora_merge.errors import InputError, SafetyModuleError
 from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.placement import Placement
 from salora_merge.hf.resolve import resolve_model
 from salora_merge.io.adapter import Adapter
 from salora_merge.io.checkpoint import CheckpointIndex
@@ -32,6 +33,8 @@ class Sources:
     aligned: "str | BaseModel | None" = None  # default: the base
     unaligned: "str | BaseModel | None" = None
     task_prompts: "PromptSet | None" = None  # repair: the task prompts left for the method (the rest held out)
+    device: str = "auto"  # where a method that runs the model (refit) runs it
+    placement: "Placement | None" = None  # or spread over devices (--device-map)
 
     def check_for(self, method: Method) -> None:
         """Refuse sources the method does not use, and missing required ones, naming the option."""
@@ -97,7 +100,8 @@ def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str
         return w.T if fan_in_fan_out else w
 
     ctx = MethodContext(base_model=base.model_id, adapter=adapter_label, output=output, base_weight=base_weight,
-                        base=base, progress=progress, task_prompts=sources.task_prompts)
+                        base=base, progress=progress, task_prompts=sources.task_prompts, device=sources.device,
+                        placement=sources.placement)
     uses = set(method.needs) | set(method.optional)
     if "safety" in method.needs:
         calibration = sources.calibration

@@ -11,6 +11,7 @@ import salora_merge.parallel as parallel
 from salora_merge.calibration.run import CalibrationOptions
 from salora_merge.core.lora_config import with_uniform_rank
 from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.placement import Placement
 from salora_merge.hf.resolve import resolve_adapter, resolve_model
 from salora_merge.io.adapter import (
     Adapter,
@@ -112,6 +113,8 @@ def run_realign(
     input_safety_path: Path | None = None,
     aligned: "str | BaseModel | None" = None,
     unaligned: "str | BaseModel | None" = None,
+    device: str = "auto",
+    placement: "Placement | None" = None,
 ) -> MethodReport:
     """Load and check the adapter, gather what ``method`` needs, apply it, and write the adapter folder
     (stock PEFT), the method's JSON report and its card at ``out``; nothing is written on error.
@@ -121,7 +124,8 @@ def run_realign(
     """
     name = "both-sides" if method == "salora" and input_safety_path is not None else method
     sources = Sources(safety=safety_path, calibration=calibration, save_safety=save_safety,
-                      input_safety=input_safety_path, aligned=aligned, unaligned=unaligned)
+                      input_safety=input_safety_path, aligned=aligned, unaligned=unaligned, device=device,
+                      placement=placement)
     applied = apply_method(base, adapter_ref, Path(out), name, method_options or {}, sources, overwrite,
                            allow_pickle, progress)
     write_applied(applied, Path(out), overwrite)

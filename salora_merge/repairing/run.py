@@ -141,7 +141,7 @@ def run_repair(
         given["task_prompts"] = options.task_prompts
     sets = load_prompt_sets(options.behavior) if options.evaluate else None  # a bad set fails before model work
     sources = Sources(safety=safety_path, calibration=calibration, aligned=aligned, unaligned=unaligned,
-                      task_prompts=for_method)
+                      task_prompts=for_method, device=options.behavior.device, placement=options.behavior.placement())
     base = resolve_model(base)
     started = time.perf_counter()
     applied = apply_method(base, adapter_ref, Path(out), method.name, given, sources, overwrite, allow_pickle, progress)

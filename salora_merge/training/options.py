@@ -11,6 +11,7 @@ from salora_merge.core.training_math import (
     INITS,
 )
 from salora_merge.errors import InputError
+from salora_merge.hf.placement import DEVICE_MAPS, Placement, parse_max_memory
 from salora_merge.training.trainer import (
     FitOptions,
 )
@@ -29,6 +30,8 @@ class TrainOptions:
     dropout: float = 0.0
     max_length: int = 512
     device: str = "auto"
+    device_map: str | None = None  # a model spread over several GPUs by accelerate (every layer resident)
+    max_memory: str | None = None  # "0=20GiB,1=20GiB"
     random_control: int | None = None  # seed: train against random subspaces of the same sizes (the control)
     fit: FitOptions = field(default_factory=FitOptions)
 
@@ -36,8 +39,17 @@ class TrainOptions:
     def scaling(self) -> float:
         return self.alpha / (self.rank ** 0.5) if self.use_rslora else self.alpha / self.rank
 
+    def placement(self) -> Placement:
+        """Where the model goes (inactive without --device-map); nothing is offloaded when training."""
+        return Placement(self.device_map, parse_max_memory(self.max_memory))
+
     def validate(self) -> None:
         problems = []
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            problems.append(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
+        if self.max_memory and self.device_map is None:
+            problems.append("--max-memory caps the devices a model is spread over: give --device-map too")
+        parse_max_memory(self.max_memory)
         for name, value in (("--rank", self.rank), ("--task-rank", self.task_rank),
                             ("--init-samples", self.init_samples), ("--max-length", self.max_length),
                             ("--batch-size", self.fit.batch_size), ("--grad-accum", self.fit.grad_accum),
@@ -69,7 +81,8 @@ class TrainOptions:
         fit_options = data.pop("fit")
         for key in ("save_steps", "save_total_limit", "logging_steps", "show_progress", "device"):
             fit_options.pop(key)
-        data.pop("device")
+        for key in ("device", "device_map", "max_memory"):  # where it runs, not what it learns
+            data.pop(key)
         return json.loads(json.dumps({**data, **fit_options}))  # flat, and as it reads back from JSON
 
 

@@ -29,6 +29,7 @@ from salora_merge.hf.models import (
     pick_device,
     weight_matrix,
 )
+from salora_merge.hf.placement import Placement, check_trainable
 from salora_merge.io.adapter import LoraModule
 from salora_merge.progress import Progress, silent
 from salora_merge.training.data import TokenizedExample
@@ -47,6 +48,22 @@ class PreparedModel:
     task_tokens: int
     linear_names: list[str] = field(default_factory=list)  # every linear layer of the base, before injection
     fan_in_fan_out: bool = False  # the targets are GPT-2-style Conv1D layers (weights stored (d_in, d_out))
+
+
+def load_for_training(base: BaseModel, device: str, placement: Placement | None = None) -> torch.nn.Module:
+    """A fresh copy of the base to train on: on ``device``, or spread over the GPUs by accelerate under an active
+    ``placement`` (every layer resident: offloaded layers are refused, and so is a spread copy per torchrun
+    process)."""
+    import salora_merge.parallel as parallel
+
+    if placement is None or not placement.active:
+        return base.load_model(pick_device(device))
+    if parallel.world_size() > 1:
+        raise InputError("--device-map spreads one copy of the model over this process's devices, and under torchrun "
+                         "every process trains its own copy: drop --device-map or launch one process")
+    model = base.load_model(pick_device(device), placement)
+    check_trainable(getattr(model, "hf_device_map", None))
+    return model
 
 
 def _init_sample(examples: Sequence[TokenizedExample], n: int, seed: int) -> list[TokenizedExample]:
@@ -103,7 +120,7 @@ def prepare_model(
     instead of recomputed, so ``W_res`` is rebuilt exactly as it was.
     """
     tokenizer = tokenizer if tokenizer is not None else base.tokenizer
-    model = model if model is not None else base.load_model(pick_device(options.device))
+    model = model if model is not None else load_for_training(base, options.device, options.placement())
     linear = linear_modules(model)
     names = select_targets(list(linear), options.targets)
     kinds = {type(linear[n]).__name__ for n in names}

@@ -35,15 +35,17 @@ from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.models import (
     chat_prompt_ids,
     greedy_responses,
+    input_device,
     linear_modules,
     lora_applied,
-    pick_device,
 )
+from salora_merge.hf.placement import Placement
 from salora_merge.io.adapter import LoraModule
 from salora_merge.progress import Progress, silent
 from salora_merge.training.anchors import base_responses
 from salora_merge.training.data import TokenizedExample, example_from_ids, pad_batch
 from salora_merge.training.layer import LayerInit, inject
+from salora_merge.training.prepare import load_for_training
 from salora_merge.training.trainer import FitOptions, fit
 
 __all__ = ["RefitOptions", "RefitResult", "refit_adapter", "DISTILL", "STARTS", "CONSTRAINTS"]
@@ -72,6 +74,7 @@ class RefitOptions:
     generation_batch_size: int = 32
     seed: int = 0
     device: str = "auto"
+    placement: Placement | None = None  # spread over GPUs by accelerate (every layer resident)
 
 
 @dataclass
@@ -130,7 +133,7 @@ def _teacher_topk(model, examples: Sequence[TokenizedExample], k: int, batch_siz
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Top-k next-token probabilities of ``model`` at every position that predicts a learned token."""
     out = []
-    device = next(model.parameters()).device
+    device = input_device(model)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = pad_batch(chunk, pad)
@@ -152,8 +155,8 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     ``boundary_prompts`` (benign) join the anchors with the base model's own answers: the anchors then hold
     both sides of the refusal boundary, and the anchor share counts both."""
     started = time.perf_counter()
-    device = pick_device(options.device)
-    tokenizer, model = base.tokenizer, base.load_model(device)
+    tokenizer, model = base.tokenizer, load_for_training(base, options.device, options.placement)
+    device = input_device(model)
     pad = tokenizer.pad_token_id
     linear = linear_modules(model)
     for name in modules:
@@ -210,6 +213,8 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
 
     def loss(model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        # Under --device-map the logits come out on the last layer's device, the batch is on the first's.
+        batch = {k: v.to(out.logits.device) for k, v in batch.items()}
         # Each term is a weighted mean over the whole step's batch: under torchrun the weights are summed over the
         # processes and each process's share scaled by their number, so that DDP's mean of the gradients is the
         # gradient one process would take on the whole batch (and the logged loss, a mean over processes, too).
@@ -223,7 +228,7 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
             value = value + soft_cross_entropy(out.logits, batch["teacher_ids"], batch["teacher_probs"],
                                                batch["teacher_weights"], sums[1])
         if options.proximal > 0:
-            value = value + options.proximal * proximal_penalty(starts)
+            value = value + options.proximal * proximal_penalty(starts).to(value.device)
         return value
 
     prepared = time.perf_counter()

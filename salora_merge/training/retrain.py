@@ -22,7 +22,6 @@ from salora_merge.hf.models import (
     chat_prompt_ids,
     greedy_responses,
     lora_applied,
-    pick_device,
 )
 from salora_merge.hf.resolve import resolve_adapter
 from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
@@ -36,6 +35,7 @@ from salora_merge.training.data import (
     split_holdout,
     tokenize_all,
 )
+from salora_merge.training.prepare import load_for_training
 from salora_merge.training.task_eval import (
     agreement,
     mean_nll,
@@ -135,9 +135,8 @@ def run_retrain(
     check_adapter_fits(adapter, base.module_weight_shapes)
     old_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}
 
-    device = pick_device(train_options.device)
     tokenizer = base.tokenizer
-    model = base.load_model(device)
+    model = load_for_training(base, train_options.device, train_options.placement())
     max_length = train_options.max_length
     heldout_prompt_ids: list[list[int]] | None = None
     teacher: list[list[int]] = []
@@ -170,7 +169,7 @@ def run_retrain(
                             examples_digest(train_set_examples), train_options, run, progress, echo,
                             model=model, tokenizer=tokenizer)
     del model
-    model = base.load_model(device)
+    model = load_for_training(base, train_options.device, train_options.placement())
     new_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in trained.modules.items()}
     with lora_applied(model, new_factors):
         scores_new = score_examples(model, heldout, pad)

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
+from salora_merge.hf.models import input_device
 from salora_merge.training.data import IGNORE, TokenizedExample, pad_batch
 
 __all__ = ["ExampleScore", "token_metrics", "score_examples", "mean_nll", "target_accuracy", "agreement"]
@@ -50,7 +51,7 @@ def token_metrics(logits: torch.Tensor, labels: torch.Tensor) -> list[ExampleSco
 @torch.no_grad()
 def score_examples(model: torch.nn.Module, examples: Sequence[TokenizedExample], pad: int,
                    batch_size: int = 8) -> list[ExampleScore]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[ExampleScore] = []
     for start in range(0, len(examples), batch_size):
         batch = pad_batch(examples[start : start + batch_size], pad)

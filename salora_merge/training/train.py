@@ -23,6 +23,7 @@ from salora_merge.core.safety import (
     random_control,
 )
 from salora_merge.hf.base_model import BaseModel
+from salora_merge.hf.models import input_device
 from salora_merge.hf.resolve import resolve_model
 from salora_merge.io.adapter import LoraModule, write_adapter
 from salora_merge.io.atomic import atomic_output_dir
@@ -139,7 +140,7 @@ def train_adapter(
 
     prepared = prepare_model(base, safety, examples, options, resume_state, progress, str(safety_path),
                              model=model, tokenizer=tokenizer)
-    device = next(prepared.model.parameters()).device
+    device = input_device(prepared.model)  # under --device-map, where the batches go (the first layer's GPU)
     fit_options = replace(options.fit, device=device.type)
     if resume_from is None:
         _start_checkpoints(checkpoint_dir, key)
