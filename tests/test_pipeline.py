@@ -210,3 +210,52 @@ def test_pipeline_repair_section_problems_are_listed(tmp_path):
                      "repair.evaluate: expected true or false", "repair.behavior.colour: unknown key",
                      "repair.task_prompts: expected a file"):
         assert expected in message, expected
+
+
+def test_placement_keys_reach_calibration_and_the_behavioural_evaluation(tmp_path):
+    """A pipeline places a large model the way the CLI does: device_map, max_memory and offload_folder in
+    safety.calibrate and in repair.behavior (and audit.behavior), the folder relative to the config file; a bad
+    value is one of the listed problems."""
+    placement = {"device_map": "auto", "max_memory": "0=20GiB,cpu=60GiB", "offload_folder": "offload"}
+    config = _write(tmp_path / "p.yml", {"base": "b", "adapters": ["a"], "output": "o",
+                                         "safety": {"calibrate": dict(placement)},
+                                         "repair": {"method": "refit", "behavior": dict(placement)}})
+    loaded = load_pipeline(config)
+    for options in (loaded.calibration, loaded.repair.behavior):
+        assert (options.device_map, options.max_memory) == ("auto", "0=20GiB,cpu=60GiB")
+        assert options.offload_folder == str(tmp_path / "offload")
+    assert loaded.repair.behavior.placement().max_memory == {"0": "20GiB", "cpu": "60GiB"}
+    config = _write(tmp_path / "q.yml", {"base": "b", "adapters": ["a"], "output": "o",
+                                         "safety": {"calibrate": {"device_map": "everywhere"}},
+                                         "audit": {"behavior": {"device_map": "auto", "max_memory": {"0": "1GB"}}},
+                                         "repair": {"method": "shrink", "behavior": {"max_memory": "cpu=1GB"}}})
+    with pytest.raises(InputError) as info:
+        load_pipeline(config)
+    message = str(info.value)
+    for expected in ("safety.calibrate: --device-map must be one of auto", "audit.behavior.max_memory: expected a "
+                     "string such as '0=20GiB,cpu=60GiB'", "repair.behavior: --max-memory and --offload-folder place "
+                     "a model over devices: give --device-map too"):
+        assert expected in message, expected
+
+
+def test_pipeline_repair_step_with_the_default_method(tiny_model_dir, tmp_path, monkeypatch):
+    """repair's default method, refit, needs task prompts, which the repair step gives it (the built-in
+    generic-tasks when the config names none): the config is valid without them, and the step re-fits."""
+    from salora_merge.io.adapter import read_adapter
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora", seed=3)
+    config = _write(tmp_path / "p.yml", {"base": str(tiny_model_dir), "adapters": ["lora"], "output": "out",
+                                         "repair": {"steps": 2, "max_anchors": 4, "max_boundary": 2,
+                                                    "answer_tokens": 4, "heldout_task_prompts": 1,
+                                                    "evaluate": False}})
+    loaded = load_pipeline(config)
+    assert loaded.method == "refit" and loaded.repair.task_prompts == "generic-tasks"
+    assert "task_prompts" not in dict(loaded.method_options)  # given at run time, with some prompts held out
+    records = run_pipeline(loaded, echo=lambda line: None)
+    assert [r["step"] for r in records] == ["repair[0]", "merge"]
+    repaired = tmp_path / "out" / "repaired" / "00-lora"
+    report = json.loads((repaired / "salora_refit.json").read_text())
+    assert report["task_prompts"].startswith("generic-tasks") and report["distilled"] > 0
+    before, after = read_adapter(adapter).modules, read_adapter(repaired).modules
+    assert any(not torch.equal(after[n].lora_B, before[n].lora_B) for n in before)  # the re-fit moved it

@@ -21,11 +21,13 @@ if TYPE_CHECKING:
 
 __all__ = ["PipelineConfig", "load_pipeline"]
 
+_PLACEMENT_KEYS = ("device_map", "max_memory", "offload_folder")  # a model larger than one device (accelerate)
 _CALIBRATION_KEYS = ("prompts", "responses", "rank", "side", "token_policy", "max_prompts", "batch_size",
-                     "generation_batch_size", "max_length", "max_new_tokens", "device")
+                     "generation_batch_size", "max_length", "max_new_tokens", "device", *_PLACEMENT_KEYS)
 _SCHEMA_TOP = {"base", "adapters", "safety", "realign", "repair", "audit", "merge", "push", "output"}
 _REPAIR_KEYS = ("task_prompts", "heldout_task_prompts", "evaluate", "behavior")
-_BEHAVIOR_KEYS = ("harmful", "benign", "overrefusal", "max_prompts", "max_new_tokens", "batch_size", "device", "judge")
+_BEHAVIOR_KEYS = ("harmful", "benign", "overrefusal", "max_prompts", "max_new_tokens", "batch_size", "device", "judge",
+                  *_PLACEMENT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ def load_pipeline(path: Path) -> PipelineConfig:
                 known = {k: v for k, v in options.items() if k in _CALIBRATION_KEYS}
                 if isinstance(known.get("prompts"), str) and (root / known["prompts"]).exists():
                     known["prompts"] = os.path.normpath(root / known["prompts"])
+                _placement(known, "safety.calibrate", root, problems)
                 try:
                     calibration = CalibrationOptions(**known)
                     calibration.validate()
@@ -151,7 +154,10 @@ def load_pipeline(path: Path) -> PipelineConfig:
             entries = dict(raw["repair"])
             own = {k: entries.pop(k) for k in _REPAIR_KEYS if k in entries}
             entries.setdefault("method", "refit")
-            method, method_options, method_paths = _realign_method(entries, root, problems, "repair")
+            # repair gives the method its task prompts (some held out) at run time: checked with them here
+            task = own.get("task_prompts", "generic-tasks")
+            method, method_options, method_paths = _realign_method(entries, root, problems, "repair",
+                                                                   implied={"task_prompts": task})
             repair_options = _repair_options(method, own, root, problems)
             realign = False
     audit_options = None
@@ -219,6 +225,18 @@ def load_pipeline(path: Path) -> PipelineConfig:
     )
 
 
+def _placement(known: dict, where: str, root: Path, problems: list[str]) -> None:
+    """Check the placement keys' types (in place: a bad one is reported and dropped) and resolve the offload
+    folder against the config file's folder."""
+    for key in _PLACEMENT_KEYS:
+        if key in known and not isinstance(known[key], str):
+            example = {"device_map": "auto", "max_memory": "0=20GiB,cpu=60GiB", "offload_folder": "offload"}[key]
+            problems.append(f"{where}.{key}: expected a string such as {example!r}")
+            del known[key]
+    if "offload_folder" in known:
+        known["offload_folder"] = os.path.normpath(root / Path(known["offload_folder"]).expanduser())
+
+
 def _behavior(value: Any, where: str, root: Path, problems: list[str]):
     """``true`` or a mapping of behaviour options (the audit's evaluation); None when false or invalid."""
     from salora_merge.auditing.behavior import BehaviorOptions
@@ -236,6 +254,7 @@ def _behavior(value: Any, where: str, root: Path, problems: list[str]):
     for key in ("harmful", "benign", "overrefusal"):
         if isinstance(known.get(key), str) and (root / known[key]).is_file():
             known[key] = os.path.normpath(root / known[key])
+    _placement(known, where, root, problems)
     try:
         options = BehaviorOptions(**known)
         options.validate()
@@ -270,10 +289,11 @@ def _repair_options(method: str, own: dict, root: Path, problems: list[str]):
     return RepairOptions(method=method, task_prompts=task, heldout=heldout, evaluate=evaluate, behavior=behavior)
 
 
-def _realign_method(realign: dict, root: Path, problems: list[str], where: str = "realign"
-                    ) -> tuple[str, dict, dict]:
+def _realign_method(realign: dict, root: Path, problems: list[str], where: str = "realign",
+                    implied: dict | None = None) -> tuple[str, dict, dict]:
     """``realign: {method: NAME, <its options>, input_safety, aligned, unaligned}`` (or repair's), checked against
-    the registry."""
+    the registry; ``implied``: options the step itself gives the method at run time (repair's task prompts),
+    included in the check where the method has them, not returned."""
     from salora_merge.methods import REGISTRY
 
     entries = dict(realign)
@@ -298,8 +318,9 @@ def _realign_method(realign: dict, root: Path, problems: list[str], where: str =
         problems.append(f"{where}.input_safety: required by method {method}")
     if "alignment" in chosen.needs and "unaligned" not in paths:
         problems.append(f"{where}.unaligned: required by method {method}")
+    own = {o.name for o in chosen.options}
     try:
-        chosen.resolve_options(entries)
+        chosen.resolve_options({**entries, **{k: v for k, v in (implied or {}).items() if k in own}})
     except InputError as exc:
         problems.append(f"{where}: {exc}")
     return method, entries, paths
