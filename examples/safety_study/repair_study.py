@@ -169,6 +169,10 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
             tail = f"-seed{seed}" if seed else ""
             out[f"refit-task-kl-wide{tail}"] = ("refit", {**_TASK_KL_WIDE, "seed": seed})
             out[f"refit-task-kl-wide-all{tail}"] = ("refit", {**_TASK_KL_WIDE, "max_boundary": 256, "seed": seed})
+            # the same with 16 examples per step: 640 examples, about the whole mixture once, where 8 per step
+            # draw a different half of it for each seed (the seeds' benign refusals differed, 0 to 5 of 69)
+            out[f"refit-task-kl-wide-all-b16{tail}"] = ("refit", {**_TASK_KL_WIDE, "max_boundary": 256,
+                                                                  "refit_batch": 16, "seed": seed})
         out["refit-kl-wide"] = ("refit", {"distill": "kl", "boundary_prompts": "benign-boundary-wide"})
         return out
     # The order a partial run needs first: the adapter, the curve's middle, the methods, then the rest.
