@@ -233,7 +233,7 @@ def test_placement_keys_reach_calibration_and_the_behavioural_evaluation(tmp_pat
         load_pipeline(config)
     message = str(info.value)
     for expected in ("safety.calibrate: --device-map must be one of auto", "audit.behavior.max_memory: expected a "
-                     "string such as '0=20GiB,cpu=60GiB'", "repair.behavior: --max-memory and --offload-folder place "
+                     "string such as '0=20GiB,cpu=60GiB'", "repair.behavior: --max-memory places "
                      "a model over devices: give --device-map too"):
         assert expected in message, expected
 

@@ -240,3 +240,21 @@ def test_audit_that_loads_no_model_refuses_placement_options(tiny_model_dir, tmp
     assert result.exit_code == 1, result.output
     assert "--device-map places the model" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_placement_problems_name_the_options_given():
+    """One check serves calibrate, the behavioural evaluation, training and realign's re-fit."""
+    from salora_merge.errors import InputError
+    from salora_merge.hf.placement import placement_of, placement_problems
+
+    assert placement_problems("auto", "0=20GiB,cpu=60GiB", "off") == []
+    assert placement_problems(None, None, "off") == ["--offload-folder places a model over devices: give --device-map "
+                                                     "too"]
+    assert placement_problems(None, "cpu=1GB", "off") == ["--max-memory and --offload-folder place a model over "
+                                                          "devices: give --device-map too"]
+    assert placement_problems("everywhere", None)[0].startswith("--device-map must be one of auto, balanced")
+    with pytest.raises(InputError, match="--max-memory 'lots': expected DEVICE=SIZE"):
+        placement_problems("auto", "lots")
+    placed = placement_of("auto", "0=20GiB,cpu=60GiB")
+    assert placed.active and placed.max_memory == {"0": "20GiB", "cpu": "60GiB"} and placed.offload_folder is None
+    assert not placement_of(None, None).active

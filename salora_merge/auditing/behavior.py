@@ -35,19 +35,13 @@ class BehaviorOptions:
     offload_folder: str | None = None
 
     def placement(self):
-        """The :class:`salora_merge.hf.models.Placement` of the evaluated model (inactive without --device-map)."""
-        from salora_merge.hf.models import Placement, parse_max_memory
+        """The :class:`salora_merge.hf.placement.Placement` of the evaluated model (inactive without --device-map)."""
+        from salora_merge.hf.placement import placement_of
 
-        return Placement(self.device_map, parse_max_memory(self.max_memory), self.offload_folder)
+        return placement_of(self.device_map, self.max_memory, self.offload_folder)
 
     def validate(self) -> None:
-        from salora_merge.hf.models import DEVICE_MAPS, parse_max_memory
-
-        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            raise InputError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
-        if (self.max_memory or self.offload_folder) and self.device_map is None:
-            raise InputError("--max-memory and --offload-folder place a model over devices: give --device-map too")
-        parse_max_memory(self.max_memory)
+        self.placement()
         if self.max_new_tokens <= 0:
             raise InputError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.batch_size <= 0:

@@ -20,11 +20,8 @@ from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.chat_templates import apply_chat_template_choice
 from salora_merge.hf.models import (
-    DEVICE_MAPS,
-    Placement,
     chat_prompt_ids,
     expert_modules,
-    parse_max_memory,
     output_layer_name,
     router_modules,
     greedy_responses,
@@ -32,6 +29,7 @@ from salora_merge.hf.models import (
     pick_device,
     weight_matrix,
 )
+from salora_merge.hf.placement import placement_of, placement_problems
 from salora_merge.calibration.statistics import (
     accumulate_moments,
     backbone_of,
@@ -94,13 +92,7 @@ class CalibrationOptions:
         return "prompt" if self.responses == "none" else "response"
 
     def validate(self) -> None:
-        problems = []
-        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            problems.append(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
-        if (self.max_memory or self.offload_folder) and self.device_map is None:
-            problems.append("--max-memory and --offload-folder place a model over devices: give --device-map too")
-        if self.max_memory:
-            parse_max_memory(self.max_memory)
+        problems = placement_problems(self.device_map, self.max_memory, self.offload_folder)
         if self.rank <= 0:
             problems.append(f"--rank must be positive, got {self.rank}")
         if self.side not in SIDES:
@@ -184,7 +176,7 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
     prompt_set = _load_calibration_set(options)
     device = pick_device(options.device)
     tokenizer, template = apply_chat_template_choice(base.tokenizer, options.chat_template)
-    placement = Placement(options.device_map, parse_max_memory(options.max_memory), options.offload_folder)
+    placement = placement_of(options.device_map, options.max_memory, options.offload_folder)
     model = base.load_model(device, placement)
     linear = {**linear_modules(model, include_output=True), **router_modules(model)}
     experts = expert_modules(model)

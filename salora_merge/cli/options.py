@@ -9,6 +9,7 @@ from typing import Callable
 import click
 
 from salora_merge.cli.help import SectionedOption, apply_options, option
+from salora_merge.hf.placement import DEVICE_MAPS
 
 __all__ = ["base_option", "calibration_options", "build_calibration", "build_placement", "output_options", "training_options",
            "build_training", "run_control", "split_targets", "method_params", "given_method_options"]
@@ -23,6 +24,24 @@ def split_targets(value: str | None) -> tuple[str, ...] | None:
 def base_option(func: Callable) -> Callable:
     return option("Model", "--base", required=True,
                   help="Base model: folder, Hub id org/name[@rev], or smollm2-135m-instruct.")(func)
+
+
+def placement_options(training: bool) -> list[Callable]:
+    """--device-map and --max-memory, and --offload-folder where the model is not trained (training needs every
+    layer resident)."""
+    if training:
+        return [option("Model", "--device-map", default=None, type=click.Choice(DEVICE_MAPS),
+                       help="A model larger than one GPU: spread its layers over the GPUs with accelerate (overrides "
+                            "--device; every layer must fit on a GPU: training offloads nothing)."),
+                option("Model", "--max-memory", default=None,
+                       help="With --device-map: memory per GPU, such as 0=40GiB,1=70GiB.")]
+    return [option("Model", "--device-map", default=None, type=click.Choice(DEVICE_MAPS),
+                   help="A model larger than one device: spread it with accelerate (overrides --device)."),
+            option("Model", "--max-memory", default=None,
+                   help="With --device-map: memory per device, such as 0=20GiB,1=20GiB,cpu=60GiB; the rest is "
+                        "offloaded to --offload-folder."),
+            option("Model", "--offload-folder", default=None, type=click.Path(file_okay=False),
+                   help="With --device-map: where layers beyond --max-memory are offloaded on disk.")]
 
 
 def calibration_options(func: Callable) -> Callable:
@@ -49,14 +68,7 @@ def calibration_options(func: Callable) -> Callable:
                help="For a base model without one (GPT-2, OPT...): chatml, plain, a Jinja file, or none for the "
                     "raw prompt text [default: the model's own; raw text, with a note, when it has none]."),
         option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        option("Model", "--device-map", default=None,
-               type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
-               help="A model larger than one device: spread it with accelerate (overrides --device)."),
-        option("Model", "--max-memory", default=None,
-               help="With --device-map: memory per device, such as 0=20GiB,1=20GiB,cpu=60GiB; the rest is "
-                    "offloaded to --offload-folder."),
-        option("Model", "--offload-folder", default=None, type=click.Path(file_okay=False),
-               help="With --device-map: where layers beyond --max-memory are offloaded on disk."),
+        *placement_options(training=False),
         option(s, "--energy", default=None, type=float,
                help="Keep per module the fewest directions capturing this share of the energy (--rank caps it)."),
         option(s, "--contrast-prompts", default=None,
@@ -84,13 +96,9 @@ def build_calibration(kwargs: dict, targets: tuple[str, ...] | None, keep_moment
 
 def build_placement(kwargs: dict):
     """The placement of the model given by --device-map, --max-memory and --offload-folder (checked)."""
-    from salora_merge.errors import InputError
-    from salora_merge.hf.placement import Placement, parse_max_memory
+    from salora_merge.hf.placement import placement_of
 
-    if (kwargs.get("max_memory") or kwargs.get("offload_folder")) and kwargs.get("device_map") is None:
-        raise InputError("--max-memory and --offload-folder place a model over devices: give --device-map too")
-    return Placement(kwargs.get("device_map"), parse_max_memory(kwargs.get("max_memory")),
-                     kwargs.get("offload_folder"))
+    return placement_of(kwargs.get("device_map"), kwargs.get("max_memory"), kwargs.get("offload_folder"))
 
 
 def output_options(what: str, json_help: str) -> Callable[[Callable], Callable]:
@@ -198,12 +206,7 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option(o, "--merge-to", type=click.Path(path_type=Path), default=None,
                help="Also merge the exported adapter into the base and write the model here."),
         option("Model", "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        option("Model", "--device-map", default=None,
-               type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
-               help="A model larger than one GPU: spread its layers over the GPUs with accelerate (overrides "
-                    "--device; every layer must fit on a GPU: training offloads nothing)."),
-        option("Model", "--max-memory", default=None,
-               help="With --device-map: memory per GPU, such as 0=40GiB,1=70GiB."),
+        *placement_options(training=True),
         option("Safety module", "--random-control", type=int, default=None,
                help="The control: constrain against random subspaces of the safety module's sizes (this seed)."),
         option(r, "--quiet", is_flag=True, help="No progress bar or loss lines."),

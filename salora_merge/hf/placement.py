@@ -9,7 +9,8 @@ from typing import Mapping
 
 from salora_merge.errors import InputError
 
-__all__ = ["Placement", "DEVICE_MAPS", "parse_max_memory", "offloaded_modules", "check_trainable"]
+__all__ = ["Placement", "DEVICE_MAPS", "parse_max_memory", "placement_problems", "placement_of",
+           "offloaded_modules", "check_trainable"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,28 @@ def parse_max_memory(text: str | None) -> dict[str, str] | None:
             raise InputError(f"--max-memory {text!r}: expected DEVICE=SIZE pairs such as 0=20GiB,cpu=30GiB")
         out[device] = size
     return out
+
+
+def placement_problems(device_map: str | None, max_memory: str | None,
+                       offload_folder: str | None = None) -> list[str]:
+    """What is wrong with the placement options as given (a malformed ``--max-memory`` raises at once)."""
+    problems = []
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        problems.append(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    given = [flag for flag, value in (("--max-memory", max_memory), ("--offload-folder", offload_folder)) if value]
+    if given and device_map is None:
+        problems.append(f"{' and '.join(given)} place{'s' if len(given) == 1 else ''} a model over devices: give "
+                        "--device-map too")
+    parse_max_memory(max_memory)
+    return problems
+
+
+def placement_of(device_map: str | None, max_memory: str | None, offload_folder: str | None = None) -> Placement:
+    """The checked :class:`Placement` of the options (inactive without ``device_map``); the first problem raises."""
+    problems = placement_problems(device_map, max_memory, offload_folder)
+    if problems:
+        raise InputError(problems[0])
+    return Placement(device_map, parse_max_memory(max_memory), offload_folder)
 
 
 def offloaded_modules(device_map: Mapping[str, "int | str"]) -> list[str]:

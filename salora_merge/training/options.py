@@ -11,7 +11,7 @@ from salora_merge.core.training_math import (
     INITS,
 )
 from salora_merge.errors import InputError
-from salora_merge.hf.placement import DEVICE_MAPS, Placement, parse_max_memory
+from salora_merge.hf.placement import Placement, placement_of, placement_problems
 from salora_merge.training.trainer import (
     FitOptions,
 )
@@ -41,15 +41,10 @@ class TrainOptions:
 
     def placement(self) -> Placement:
         """Where the model goes (inactive without --device-map); nothing is offloaded when training."""
-        return Placement(self.device_map, parse_max_memory(self.max_memory))
+        return placement_of(self.device_map, self.max_memory)
 
     def validate(self) -> None:
-        problems = []
-        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            problems.append(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
-        if self.max_memory and self.device_map is None:
-            problems.append("--max-memory caps the devices a model is spread over: give --device-map too")
-        parse_max_memory(self.max_memory)
+        problems = placement_problems(self.device_map, self.max_memory)
         for name, value in (("--rank", self.rank), ("--task-rank", self.task_rank),
                             ("--init-samples", self.init_samples), ("--max-length", self.max_length),
                             ("--batch-size", self.fit.batch_size), ("--grad-accum", self.fit.grad_accum),
