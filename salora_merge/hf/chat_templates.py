@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from salora_merge.errors import InputError
 
-__all__ = ["NAMED", "RAW", "apply_chat_template_choice"]
+__all__ = ["NAMED", "RAW", "apply_chat_template_choice", "UserTurnFrame", "user_turn_frame"]
 
 RAW = "none"
 
@@ -58,3 +59,42 @@ def apply_chat_template_choice(tokenizer, choice: str | None) -> tuple[object, s
         raise InputError(f"--chat-template {choice}: does not render a user message ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return chosen, f"{label} (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]})"
+
+
+_SENTINEL = "SALORAUSERTURNSENTINEL"
+
+
+@dataclass(frozen=True)
+class UserTurnFrame:
+    """How a user turn opens and closes under a tokenizer's chat template: the token ids before the user's text
+    (any default system turn included), the ids that end it when generated, and the text that follows it."""
+
+    prefix_ids: tuple[int, ...]
+    stop_ids: tuple[int, ...]
+    end_text: str  # the first line of the template's text after the user's content (the text is cut there too)
+
+
+def user_turn_frame(tokenizer) -> UserTurnFrame:
+    """The frame of a single user turn, derived from the tokenizer's own chat template by rendering a sentinel
+    message: nothing is hard-coded for a model family. A tokenizer without a chat template is an error (give one
+    with ``--chat-template``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("--task-prompts discover samples user turns through the model's chat template, and this "
+                         "model's tokenizer has none: give the adapter's task prompts with --task-prompts FILE")
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # a template error, reported in one line
+        raise InputError(f"the chat template does not render a user message ({type(exc).__name__}); give "
+                         "--task-prompts FILE") from None
+    at = text.find(_SENTINEL)
+    if at < 0:
+        raise InputError("the chat template drops the user's text; give --task-prompts FILE")
+    prefix, suffix = text[:at], text[at + len(_SENTINEL):]
+    prefix_ids = tuple(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    first = tokenizer(suffix.lstrip(), add_special_tokens=False)["input_ids"][:1] if suffix.strip() else []
+    stops |= {t for t in first if t in special}  # a plain-text closer ("[/INST]" as text) is cut as text instead
+    closer = next((line.strip() for line in suffix.splitlines() if line.strip()), "")
+    return UserTurnFrame(prefix_ids=prefix_ids, stop_ids=tuple(sorted(stops)), end_text=closer)

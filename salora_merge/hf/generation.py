@@ -1,0 +1,72 @@
+"""Sampling from a model and scoring its next-token distributions along given sequences (batched, on the
+device the model's inputs go to). Greedy generation lives beside the loaders in ``hf/models.py``."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from salora_merge.hf.models import input_device
+
+__all__ = ["generate_sampled", "response_logits"]
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_sampled(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
+                     pad: int, stop_ids: Sequence[int], temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     on_batch: Callable[[int], None] | None = None) -> list[tuple[list[int], bool]]:
+    """A sampled continuation of each prompt (left-padded batches) as ``(ids before the first stop id, stopped)``;
+    ``stopped`` is False for one cut by ``max_new_tokens``. Seeded: the same seed gives the same samples."""
+    device = input_device(model)
+    stops = set(stop_ids)
+    out: list[tuple[list[int], bool]] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            ids, mask = _left_padded(chunk, pad)
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                       top_p=top_p, top_k=None, pad_token_id=pad, eos_token_id=sorted(stops))
+            for row in generated[:, ids.shape[1]:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stops), None)
+                out.append((row[:cut], True) if cut is not None else (row, False))
+            if on_batch:
+                on_batch(len(chunk))
+    return out
+
+
+@torch.no_grad()
+def response_logits(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                    pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict each response token, ``(n, t, V)`` with ``t`` the longest response, and the mask
+    ``(n, t)`` of real positions: one batch, right-padded (position ``j`` predicts ``responses[i][j]``)."""
+    device = input_device(model)
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[row, :len(s)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+    t = max(1, max(len(r) for r in responses))
+    out = torch.zeros((len(seqs), t, logits.shape[-1]), dtype=torch.float32)
+    mask = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        if r:
+            out[row, :len(r)] = logits[row, len(p) - 1:len(p) - 1 + len(r)].float().cpu()
+            mask[row, :len(r)] = True
+    return out, mask
