@@ -239,8 +239,8 @@ def test_placement_keys_reach_calibration_and_the_behavioural_evaluation(tmp_pat
 
 
 def test_pipeline_repair_step_with_the_default_method(tiny_model_dir, tmp_path, monkeypatch):
-    """repair's default method, refit, needs task prompts, which the repair step gives it (the built-in
-    generic-tasks when the config names none): the config is valid without them, and the step re-fits."""
+    """repair's default method, refit, needs task prompts, which the repair step gives it (discovered from the
+    adapter when the config names none): the config is valid without them, and the step re-fits."""
     from salora_merge.io.adapter import read_adapter
 
     monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
@@ -248,14 +248,16 @@ def test_pipeline_repair_step_with_the_default_method(tiny_model_dir, tmp_path, 
     config = _write(tmp_path / "p.yml", {"base": str(tiny_model_dir), "adapters": ["lora"], "output": "out",
                                          "repair": {"steps": 2, "max_anchors": 4, "max_boundary": 2,
                                                     "answer_tokens": 4, "heldout_task_prompts": 1,
-                                                    "evaluate": False}})
+                                                    "discover_candidates": 4, "discover_tokens": 8,
+                                                    "distill_top": 4, "evaluate": False}})
     loaded = load_pipeline(config)
-    assert loaded.method == "refit" and loaded.repair.task_prompts == "generic-tasks"
+    assert loaded.method == "refit" and loaded.repair.task_prompts == "discover"
     assert "task_prompts" not in dict(loaded.method_options)  # given at run time, with some prompts held out
     records = run_pipeline(loaded, echo=lambda line: None)
     assert [r["step"] for r in records] == ["repair[0]", "merge"]
     repaired = tmp_path / "out" / "repaired" / "00-lora"
     report = json.loads((repaired / "salora_refit.json").read_text())
-    assert report["task_prompts"].startswith("generic-tasks") and report["distilled"] > 0
+    assert report["task_prompts"] == "discover" and report["distilled"] > 0
+    assert 0 < len(report["discovery"]["distilled"]) <= 4 and len(report["discovery"]["heldout"]) == 1
     before, after = read_adapter(adapter).modules, read_adapter(repaired).modules
     assert any(not torch.equal(after[n].lora_B, before[n].lora_B) for n in before)  # the re-fit moved it

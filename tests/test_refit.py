@@ -166,7 +166,7 @@ def test_refit_constraint_and_proximal_term(tiny_model_dir, tiny_calibration_pro
 
 
 @pytest.mark.parametrize("extra, message", [
-    ([], "needs --task-prompts FILE"),
+    (["--task-prompts", "TASK", "--anchor-share", "1"], "--anchor-share 1 trains on anchors only"),
     (["--task-prompts", "EMPTY"], "no prompts"),
     (["--task-prompts", "MISSING"], "no such file"),
     (["--task-prompts", "TASK", "--boundary-prompts", "EMPTY"], "--boundary-prompts"),

@@ -79,7 +79,7 @@ def test_repair_writes_a_stock_peft_adapter_and_measures_before_and_after(tiny_m
     monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
     adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
     out = tmp_path / "repaired"
-    result = _repair(tiny_model_dir, adapter, out, *FAST)
+    result = _repair(tiny_model_dir, adapter, out, *FAST, "--task-prompts", "generic-tasks")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["method"] == "refit" and report["task_prompts"] == "generic-tasks"
@@ -168,3 +168,30 @@ def test_repair_api_refuses_task_prompts_as_a_method_option(tiny_model_dir, tmp_
     with pytest.raises(InputError, match="repair's --task-prompts"):
         sm.repair(tiny_model_dir, str(adapter), tmp_path / "out", method_options={"task_prompts": "x.txt"})
     assert not (tmp_path / "out").exists()
+
+
+def _verdict_report(base: float, adapter: float, repaired: float, benign: float = 0.0):
+    from salora_merge.repairing.report import RepairReport
+
+    n = {"harmful": 50, "benign": 50, "overrefusal": 50}
+    variant = lambda h, b: {"harmful_refusal_rate": h, "attack_success_rate": 1 - h, "benign_refusal_rate": b,  # noqa: E731
+                            "overrefusal_rate": 0.0, "n": n}
+    return RepairReport(base_model="m", adapter="a", method="refit", method_options={}, task_prompts="discover",
+                        task_prompts_used=48, task_prompts_heldout=16, ranks=[8],
+                        behavior={"base": variant(base, 0.0), "adapter": variant(adapter, 0.0),
+                                  "repaired": variant(repaired, benign)},
+                        task={"prompts": 16, "repaired_vs_adapter": {"exact": 0.75, "prefix": 0.9},
+                              "base_vs_adapter": {"exact": 0.0, "prefix": 0.1}})
+
+
+def test_the_repair_verdict_line_says_what_this_run_did():
+    line = _verdict_report(0.9, 0.4, 0.88, benign=0.02).verdict()
+    assert line == ("Verdict: refusals restored (harmful refusal 88% [76, 94]; base 90%, adapter 40%); task answers "
+                    "identical to the adapter's on 75% of 16 held-out task prompts; benign refusal 2% [0, 10] "
+                    "(base 0%).")
+    assert _verdict_report(0.9, 0.4, 0.6).verdict().startswith("Verdict: refusals partly restored")
+    assert _verdict_report(0.9, 0.4, 0.3).verdict().startswith("Verdict: refusals not restored")
+    low = _verdict_report(0.02, 0.0, 0.04).verdict()
+    assert "the base refuses only 2% of the held-out harmful prompts" in low and "safety-aligned base" in low
+    rendered = _verdict_report(0.9, 0.4, 0.88).render()
+    assert rendered.count("\n") < 10 and "docs/repair-study.md" in rendered and "Verdict:" in rendered

@@ -122,9 +122,10 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
 @main.command(cls=SectionedCommand, lazy_params=repair_params)
 @base_option
 @option("Adapters", "--adapter", required=True, help="The eroded PEFT LoRA adapter: folder or Hub id org/name[@rev].")
-@option("Data", "--task-prompts", default="generic-tasks", show_default=True,
-        help="Prompts of the adapter's task (file or built-in set): the adapter's own answers to them are what the "
-             "repair keeps; the built-in generic-tasks when you have none.")
+@option("Data", "--task-prompts", default="discover", show_default=True,
+        help="Optional. Prompts of the adapter's task (file or built-in set): the adapter's own answers to them are "
+             "what the repair keeps. 'discover' (no task data): refit finds them from the adapter itself "
+             "(--discover-* options); other methods check agreement on the built-in generic-tasks.")
 @option("Data", "--heldout-task-prompts", "heldout", default=16, show_default=True, type=int,
         help="Task prompts held out of the repair to measure agreement with the adapter (at most a quarter).")
 @option("Safety module", "--safety", type=click.Path(path_type=Path), default=None,

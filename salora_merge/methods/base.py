@@ -101,6 +101,7 @@ class MethodContext:
     base: "BaseModel | None" = None  # the handle, for methods that run the model (refit)
     progress: "Progress | None" = None
     task_prompts: "PromptSet | None" = None  # given by repair (its held-out part removed); else the option's file
+    heldout: int = 0  # repair: discovered task prompts to hold out of the method for its agreement check
     device: str = "auto"  # where a method that runs the model (refit) runs it: auto, cpu or cuda[:N]
     placement: "Placement | None" = None  # or spread over devices by accelerate (--device-map)
 

@@ -15,6 +15,7 @@ from salora_merge.version import __version__
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
 
+DISCOVER = "discover"  # --task-prompts: find the adapter's task prompts from the adapter itself
 _CHOICES = {"distill": ("ce", "kl"), "start": ("factors", "fresh"), "constraint": ("none", "salora"),
             "boundary_teacher": ("base", "adapter")}
 
@@ -29,6 +30,7 @@ class RefitReport:
     boundary_prompts: str
     anchors: int  # anchor examples in the training mixture
     distilled: int  # prompts with the adapter's answers (task, and boundary with --boundary-teacher adapter)
+    discovery: dict | None = None  # with --task-prompts discover: counts, the distilled and held-out prompts, scores
     losses: list = field(default_factory=list)  # (step, training loss)
     seconds_prepare: float = 0.0
     seconds_train: float = 0.0
@@ -47,7 +49,8 @@ class RefitReport:
 model's own responses, the first {o['first_tokens']} response tokens weighted {o['first_weight']:g}) mixed with
 distillation ({o['distill']}; first tokens weighted {o['answer_first_weight']:g}) of its own answers to {self.distilled}
 prompts (task: `{self.task_prompts}`){self._boundary_text()}; proximal coefficient {o['proximal']:g},
-constraint `{o['constraint']}`. {self._shape_text(adapter_config)} Figures in `salora_refit.json`.
+constraint `{o['constraint']}`.{self._discovery_text()} {self._shape_text(adapter_config)} Figures in
+`salora_refit.json`.
 
 {REPAIR_MEASURED}
 """
@@ -58,6 +61,16 @@ constraint `{o['constraint']}`. {self._shape_text(adapter_config)} Figures in `s
         b = self.options["blend"]
         return (f"The update written is {b:g} x the re-fitted one plus {1 - b:g} x the original's, exactly, as one "
                 f"LoRA of rank {adapter_config.get('r')} (the two stacked) with scaling 1; same targets.")
+
+    def _discovery_text(self) -> str:
+        d = self.discovery
+        if not d:
+            return ""
+        return (f" The task prompts were discovered from the adapter itself: {d['sampled']} user turns sampled from "
+                f"the adapted model plus the pool and hints, {d['refused_by_base']} that the base model refuses "
+                f"dropped, {d['ranked']} ranked by the KL between the adapter's and the base's first response tokens; "
+                f"the top {len(d['distilled'])} distilled, {len(d['heldout'])} held out (listed with their scores in "
+                "`salora_refit.json`).")
 
     def _boundary_text(self) -> str:
         if self.boundary_prompts == "-":
@@ -70,7 +83,13 @@ constraint `{o['constraint']}`. {self._shape_text(adapter_config)} Figures in `s
     def render(self) -> str:
         first = self.losses[0][1] if self.losses else float("nan")
         last = self.losses[-1][1] if self.losses else float("nan")
-        return (f"Re-fitted {self.adapter}: {self.options['steps']} steps on {self.anchors} anchors and "
+        found = ""
+        if self.discovery:
+            d = self.discovery
+            top = ", ".join(repr(r["prompt"][:48]) for r in d["distilled"][:3])
+            found = (f"Discovered task prompts: {d['sampled']} sampled, {d['refused_by_base']} refused by the base "
+                     f"and dropped, {d['ranked']} ranked, top {len(d['distilled'])} distilled ({top}, ...)\n")
+        return (found + f"Re-fitted {self.adapter}: {self.options['steps']} steps on {self.anchors} anchors and "
                 f"{self.distilled} distilled answers; loss {first:.4f} -> {last:.4f} "
                 f"(prepare {self.seconds_prepare:.1f}s, train {self.seconds_train:.1f}s)\nWrote {self.output}"
                 f"\n\nNote: {REPAIR_MEASURED}")
@@ -81,10 +100,13 @@ def _check(values: Mapping[str, Any]) -> None:
         if values[name] not in allowed:
             raise InputError(f"--{name.replace('_', '-')} {values[name]!r}: expected one of {', '.join(allowed)}")
     if values["task_prompts"] is None and values["anchor_share"] < 1.0:
-        raise InputError("--method refit needs --task-prompts FILE (prompts of the adapter's task; its own "
-                         "answers are distilled) unless --anchor-share 1")
-    if values["anchor_share"] == 1.0 and values["task_prompts"] is not None:
+        raise InputError("--method refit needs --task-prompts FILE or 'discover' (prompts of the adapter's task; "
+                         "its own answers are distilled) unless --anchor-share 1")
+    if values["anchor_share"] == 1.0 and values["task_prompts"] not in (None, DISCOVER):
         raise InputError("--anchor-share 1 trains on anchors only; drop --task-prompts or lower --anchor-share")
+    if values["task_hints"] is not None and values["task_prompts"] != DISCOVER:
+        raise InputError("--task-hints join the prompts that discovery ranks: use them with --task-prompts "
+                         "discover, or add them to your --task-prompts file")
     if (values["anchor_share"] == 1.0 and values["boundary_prompts"] != "none"
             and values["boundary_teacher"] == "adapter"):
         raise InputError("--anchor-share 1 distills nothing, so --boundary-teacher adapter has no effect; use "
@@ -121,10 +143,13 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
     anchors = load("anchor_prompts", options["anchor_prompts"]).head(options["max_anchors"])
     if not anchors.prompts:
         raise InputError(f"--anchor-prompts {options['anchor_prompts']}: no prompts")
+    discovering = ctx.task_prompts is None and options["task_prompts"] == DISCOVER and options["anchor_share"] < 1.0
     task = ctx.task_prompts if ctx.task_prompts is not None else (
-        load("task_prompts", options["task_prompts"]) if options["task_prompts"] is not None else None)
+        load("task_prompts", options["task_prompts"])
+        if options["task_prompts"] not in (None, DISCOVER) else None)
     if task is not None and not task.prompts:
         raise InputError(f"--task-prompts {options['task_prompts']}: no prompts")
+    request = _discovery_request(options, ctx, load) if discovering else None
     boundary = None
     if options["boundary_prompts"] != "none":
         boundary = load("boundary_prompts", options["boundary_prompts"]).head(options["max_boundary"])
@@ -140,16 +165,47 @@ def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
         distill=options["distill"], kl_top_k=options["kl_top_k"],
         proximal=options["proximal"], start=options["start"], constraint=options["constraint"],
         max_new_tokens=options["answer_tokens"], max_length=options["example_length"], seed=options["seed"],
-        device=ctx.device, placement=ctx.placement)
+        answer_samples=options["answer_samples"], device=ctx.device, placement=ctx.placement)
     result = refit_adapter(ctx.base, modules, distill, anchors.prompts, engine,
-                           safety=ctx.safety, progress=ctx.progress, boundary_prompts=with_base)
+                           safety=ctx.safety, progress=ctx.progress, boundary_prompts=with_base, discovery=request)
     out = result.modules if options["blend"] == 1.0 else _blended(result.modules, modules, options["blend"])
     return out, RefitReport(
         base_model=ctx.base_model, adapter=ctx.adapter, options=dict(options), anchor_prompts=anchors.name,
-        task_prompts=task.name if task else "-", boundary_prompts=boundary.name if boundary else "-",
-        anchors=result.anchors, distilled=result.distilled,
+        task_prompts=task.name if task else (DISCOVER if request else "-"),
+        boundary_prompts=boundary.name if boundary else "-", anchors=result.anchors, distilled=result.distilled,
+        discovery=_discovery_json(result) if request else None,
         losses=result.losses, seconds_prepare=result.seconds_prepare, seconds_train=result.seconds_train,
         output=ctx.output)
+
+
+def _discovery_request(options: Mapping[str, Any], ctx: MethodContext, load):
+    from salora_merge.hf.chat_templates import user_turn_frame
+    from salora_merge.training.discovery import DiscoveryOptions
+    from salora_merge.training.refit import DiscoveryRequest
+
+    user_turn_frame(ctx.base.tokenizer)  # no chat template: a one-line error now, before any model work
+
+    pool = () if options["discover_pool"] == "none" else load("discover_pool", options["discover_pool"]).prompts
+    hints = ()
+    if options["task_hints"] is not None:
+        hints = load("task_hints", options["task_hints"]).prompts
+        if not hints:
+            raise InputError(f"--task-hints {options['task_hints']}: no prompts; give a file with one prompt per "
+                             "line (or JSONL with a 'prompt' field), or leave it out")
+    found = DiscoveryOptions(candidates=options["discover_candidates"], turn_tokens=options["discover_tokens"],
+                             salience_tokens=options["salience_tokens"], seed=options["seed"])
+    return DiscoveryRequest(options=found, top=options["distill_top"], heldout=ctx.heldout, pool=tuple(pool),
+                            hints=tuple(hints))
+
+
+def _discovery_json(result) -> dict:
+    d = result.discovery
+    as_row = lambda c: {"prompt": c.prompt, "source": c.source, "salience": round(c.salience, 6)}  # noqa: E731
+    return {"sampled": d.sampled, "unfinished": d.unfinished, "duplicates": d.duplicates,
+            "refused_by_base": len(d.refused_by_base), "ranked": len(d.ranked), "seconds": round(d.seconds, 2),
+            "distilled": [as_row(c) for c in result.distilled_prompts],
+            "heldout": [as_row(c) for c in result.heldout_prompts],
+            "refused_examples": d.refused_by_base[:10]}
 
 
 METHOD = Method(
@@ -160,8 +216,24 @@ METHOD = Method(
     optional=("safety",),
     apply=apply_refit,
     options=(
-        MethodOption("task_prompts", str, None, "Prompts of the adapter's task (file or built-in set); its own "
-                     "answers to them are distilled."),
+        MethodOption("task_prompts", str, DISCOVER, "Prompts of the adapter's task (file or built-in set), whose "
+                     "answers by the adapter are distilled; 'discover': found from the adapter itself (user turns "
+                     "sampled from the adapted model, the built-in pool and --task-hints, the base model's refusals "
+                     "dropped, ranked by how much the adapter changes the answer there)."),
+        MethodOption("task_hints", str, None, "Discovery: a file of prompts like the adapter's task, ranked with the "
+                     "rest."),
+        MethodOption("discover_candidates", int, 128, "Discovery: user turns sampled from the adapted model.",
+                     minimum=1),
+        MethodOption("discover_tokens", int, 48, "Discovery: length cap of a sampled user turn (tokens; longer "
+                     "ones are dropped).", minimum=4),
+        MethodOption("discover_pool", str, "generic-tasks", "Discovery: built-in set or file ranked beside the "
+                     "sampled turns ('none' for none)."),
+        MethodOption("salience_tokens", int, 8, "Discovery: first response tokens over which the KL between the "
+                     "adapter and the base is averaged.", minimum=1),
+        MethodOption("distill_top", int, 64, "Discovery: distill this many of the most salient prompts.",
+                     minimum=1),
+        MethodOption("answer_samples", int, 0, "On-policy: also distill this many sampled answers (temperature "
+                     "1) of the adapter per task prompt.", minimum=0),
         MethodOption("anchor_prompts", str, "advbench-calibration", "Harmful prompts whose base-model responses "
                      "are the anchors (never an evaluation split)."),
         MethodOption("max_anchors", int, 100, "Use at most this many anchor prompts.", minimum=1),

@@ -155,7 +155,7 @@ def load_pipeline(path: Path) -> PipelineConfig:
             own = {k: entries.pop(k) for k in _REPAIR_KEYS if k in entries}
             entries.setdefault("method", "refit")
             # repair gives the method its task prompts (some held out) at run time: checked with them here
-            task = own.get("task_prompts", "generic-tasks")
+            task = own.get("task_prompts", "discover")
             method, method_options, method_paths = _realign_method(entries, root, problems, "repair",
                                                                    implied={"task_prompts": task})
             repair_options = _repair_options(method, own, root, problems)

@@ -33,6 +33,7 @@ class Sources:
     aligned: "str | BaseModel | None" = None  # default: the base
     unaligned: "str | BaseModel | None" = None
     task_prompts: "PromptSet | None" = None  # repair: the task prompts left for the method (the rest held out)
+    heldout: int = 0  # repair: discovered task prompts to hold out of the method (when it discovers them)
     device: str = "auto"  # where a method that runs the model (refit) runs it
     placement: "Placement | None" = None  # or spread over devices (--device-map)
 
@@ -100,8 +101,8 @@ def gather(method: Method, base: BaseModel, adapter: Adapter, adapter_label: str
         return w.T if fan_in_fan_out else w
 
     ctx = MethodContext(base_model=base.model_id, adapter=adapter_label, output=output, base_weight=base_weight,
-                        base=base, progress=progress, task_prompts=sources.task_prompts, device=sources.device,
-                        placement=sources.placement)
+                        base=base, progress=progress, task_prompts=sources.task_prompts, heldout=sources.heldout,
+                        device=sources.device, placement=sources.placement)
     uses = set(method.needs) | set(method.optional)
     if "safety" in method.needs:
         calibration = sources.calibration

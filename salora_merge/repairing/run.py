@@ -35,13 +35,14 @@ from salora_merge.repairing.report import REPORT_NAME, RepairReport
 __all__ = ["RepairOptions", "run_repair", "DEFAULT_METHOD", "split_task_prompts"]
 
 DEFAULT_METHOD = "refit"
-TASK_DEFAULT = "generic-tasks"
+DISCOVER = "discover"  # the default task prompts: found from the adapter by a method that can (refit)
+TASK_FALLBACK = "generic-tasks"  # the agreement check's prompts for a method that does not discover
 
 
 @dataclass(frozen=True)
 class RepairOptions:
     method: str = DEFAULT_METHOD
-    task_prompts: str = TASK_DEFAULT
+    task_prompts: str = DISCOVER
     heldout: int = 16  # task prompts held out of the method for the agreement check (at most a quarter)
     evaluate: bool = True
     behavior: BehaviorOptions = field(default_factory=lambda: BehaviorOptions(max_prompts=50, max_new_tokens=32))
@@ -131,21 +132,31 @@ def run_repair(
     method's report, ``salora_repair.json`` and a card at ``out``; nothing is written on error."""
     options.validate()
     method = get_method(options.method)
-    task = _load_task_prompts(options.task_prompts)
-    for_method, held = split_task_prompts(task, options.heldout, options.seed)
     given = dict(method_options or {})
     if given.get("task_prompts") is not None:
         raise InputError("give the task prompts as repair's --task-prompts (some are held out for the agreement "
                          "check), not as a method option")
-    if any(o.name == "task_prompts" for o in method.options):
-        given["task_prompts"] = options.task_prompts
+    takes_prompts = any(o.name == "task_prompts" for o in method.options)
+    discovering = options.task_prompts == DISCOVER and takes_prompts
+    if discovering:  # the method finds them; its report names the ones it held out
+        task, for_method, held = PromptSet(DISCOVER, ()), None, None
+    else:
+        task = _load_task_prompts(TASK_FALLBACK if options.task_prompts == DISCOVER else options.task_prompts)
+        for_method, held = split_task_prompts(task, options.heldout, options.seed)
+    if takes_prompts:
+        given["task_prompts"] = DISCOVER if discovering else options.task_prompts
     sets = load_prompt_sets(options.behavior) if options.evaluate else None  # a bad set fails before model work
     sources = Sources(safety=safety_path, calibration=calibration, aligned=aligned, unaligned=unaligned,
-                      task_prompts=for_method, device=options.behavior.device, placement=options.behavior.placement())
+                      task_prompts=for_method, heldout=options.heldout if discovering else 0,
+                      device=options.behavior.device, placement=options.behavior.placement())
     base = resolve_model(base)
     started = time.perf_counter()
     applied = apply_method(base, adapter_ref, Path(out), method.name, given, sources, overwrite, allow_pickle, progress)
     seconds_method = time.perf_counter() - started
+    if discovering:
+        found = applied.report.to_json().get("discovery") or {}
+        held = PromptSet("discovered (held out)", tuple(r["prompt"] for r in found.get("heldout", ())))
+        for_method = PromptSet(DISCOVER, tuple(r["prompt"] for r in found.get("distilled", ())))
     measured: dict[str, Any] = {}
     seconds_eval = 0.0
     if options.evaluate:

@@ -44,11 +44,12 @@ from salora_merge.io.adapter import LoraModule
 from salora_merge.progress import Progress, silent
 from salora_merge.training.anchors import base_responses
 from salora_merge.training.data import TokenizedExample, example_from_ids, pad_batch
+from salora_merge.training.discovery import Candidate, Discovery, DiscoveryOptions, discover_prompts, split_ranked
 from salora_merge.training.layer import LayerInit, inject
 from salora_merge.training.prepare import load_for_training
 from salora_merge.training.trainer import FitOptions, fit
 
-__all__ = ["RefitOptions", "RefitResult", "refit_adapter", "DISTILL", "STARTS", "CONSTRAINTS"]
+__all__ = ["RefitOptions", "RefitResult", "DiscoveryRequest", "refit_adapter", "DISTILL", "STARTS", "CONSTRAINTS"]
 
 DISTILL = ("ce", "kl")
 STARTS = ("factors", "fresh")
@@ -72,9 +73,23 @@ class RefitOptions:
     max_new_tokens: int = 64
     max_length: int = 256
     generation_batch_size: int = 32
+    answer_samples: int = 0  # on-policy: this many sampled answers of the adapter per distilled prompt, beside its greedy one
+    answer_temperature: float = 1.0
     seed: int = 0
     device: str = "auto"
     placement: Placement | None = None  # spread over GPUs by accelerate (every layer resident)
+
+
+@dataclass(frozen=True)
+class DiscoveryRequest:
+    """Find the task prompts from the adapter itself (``training/discovery.py``): the ``top`` most salient of the
+    sampled turns, ``pool`` and ``hints`` are distilled, ``heldout`` more of them kept out for an agreement check."""
+
+    options: DiscoveryOptions
+    top: int = 64
+    heldout: int = 0
+    pool: tuple[str, ...] = ()
+    hints: tuple[str, ...] = ()
 
 
 @dataclass
@@ -82,6 +97,9 @@ class RefitResult:
     modules: dict[str, LoraModule]
     anchors: int
     distilled: int
+    discovery: Discovery | None = None
+    distilled_prompts: list[Candidate] = field(default_factory=list)  # with discovery: what was distilled
+    heldout_prompts: list[Candidate] = field(default_factory=list)  # with discovery: held out of the re-fit
     losses: list[tuple[int, float]] = field(default_factory=list)
     seconds_prepare: float = 0.0
     seconds_train: float = 0.0
@@ -150,10 +168,12 @@ def _teacher_topk(model, examples: Sequence[TokenizedExample], k: int, batch_siz
 
 def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_prompts: Sequence[str],
                   anchor_prompts: Sequence[str], options: RefitOptions, safety=None, progress: Progress = silent,
-                  echo: Callable[[str], None] | None = None, boundary_prompts: Sequence[str] = ()) -> RefitResult:
+                  echo: Callable[[str], None] | None = None, boundary_prompts: Sequence[str] = (),
+                  discovery: DiscoveryRequest | None = None) -> RefitResult:
     """The re-fitted modules (same names, ranks and scalings as ``modules``) and what the run did.
     ``boundary_prompts`` (benign) join the anchors with the base model's own answers: the anchors then hold
-    both sides of the refusal boundary, and the anchor share counts both."""
+    both sides of the refusal boundary, and the anchor share counts both. With ``discovery`` the task prompts
+    are found from the adapter itself and join ``task_prompts``."""
     started = time.perf_counter()
     tokenizer, model = base.tokenizer, load_for_training(base, options.device, options.placement)
     device = input_device(model)
@@ -176,11 +196,20 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
         kept = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(boundary_ids, answers)) if e]
         anchors = alternate(anchors, kept)
     factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
+    found, chosen_prompts, held = None, [], []
+    if discovery is not None:
+        found = discover_prompts(model, tokenizer, factors, discovery.options, discovery.pool, discovery.hints,
+                                 progress)
+        chosen_prompts, held = split_ranked(found.ranked, discovery.top, discovery.heldout, options.seed)
+        task_prompts = list(task_prompts) + [c.prompt for c in chosen_prompts]
     task_ids = [chat_prompt_ids(tokenizer, p) for p in task_prompts]
     with progress("generating the adapter's answers", len(task_ids)) as advance, lora_applied(model, factors):
         answers = greedy_responses(model, tokenizer, task_ids, options.max_new_tokens, options.generation_batch_size,
                                    on_batch=advance)
-        distilled = [e for e in (example_from_ids(p, a, options.max_length) for p, a in zip(task_ids, answers)) if e]
+        pairs = list(zip(task_ids, answers))
+        if options.answer_samples:
+            pairs += _sampled_answers(model, tokenizer, task_ids, options, progress)
+        distilled = [e for e in (example_from_ids(p, a, options.max_length) for p, a in pairs) if e]
         teachers = (_teacher_topk(model, distilled, options.kl_top_k, options.batch_size, pad)
                     if options.distill == "kl" else [None] * len(distilled))
     if not anchors and options.anchor_share > 0.0:
@@ -246,5 +275,24 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
             out[name] = LoraModule(name=name, lora_A=layer.lora_A.detach().to("cpu", m.lora_A.dtype),
                                    lora_B=(b - u @ (u.T @ b)).to("cpu", m.lora_B.dtype), scaling=m.scaling)
     return RefitResult(modules=out, anchors=len(items) - len(distilled),
-                       distilled=len(distilled), losses=list(result.losses), seconds_prepare=prepared - started,
+                       distilled=len(distilled), discovery=found, distilled_prompts=chosen_prompts,
+                       heldout_prompts=held, losses=list(result.losses), seconds_prepare=prepared - started,
                        seconds_train=result.seconds)
+
+
+def _sampled_answers(model, tokenizer, task_ids: list[list[int]], options: RefitOptions, progress: Progress
+                     ) -> list[tuple[list[int], list[int]]]:
+    """On-policy targets: ``answer_samples`` sampled answers of the adapted model per prompt (temperature
+    ``answer_temperature``), the end-of-turn token kept on one that ended."""
+    from salora_merge.hf.generation import generate_sampled
+
+    prompts = [p for p in task_ids for _ in range(options.answer_samples)]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    configured = model.generation_config.eos_token_id if model.generation_config else None
+    stops = {eos, *(configured if isinstance(configured, list) else [configured])} - {None}
+    with progress("sampling the adapter's answers", len(prompts)) as advance:
+        samples = generate_sampled(model, prompts, options.max_new_tokens, options.generation_batch_size, pad,
+                                   sorted(stops), options.answer_temperature, 1.0, options.seed + 1,
+                                   on_batch=advance)
+    return [(p, ids + [eos] if stopped else ids) for p, (ids, stopped) in zip(prompts, samples)]
