@@ -105,8 +105,9 @@ SMOKE = RepairConfig(
                             eval_harmbench=3, eval_benign=2, eval_overrefusal=2),
     lora_rank=2, align_steps=2, erode_epochs=1.0, batch_size=4, max_length=128, answer_tokens=6, eval_tokens=6,
     arithmetic_tokens=4, json_tokens=8, generation_batch=8, calibration_prompts=4, calibration_rank=4, seeds=(0, 1),
-    repair_args=("--steps", "2", "--answer-tokens", "6", "--max-anchors", "4", "--vector-rank", "2"),
-    kinds=("benign", "json"), in_process=True, variants=("refit-kl", "refit-task-no-boundary"),
+    repair_args=("--steps", "2", "--answer-tokens", "6", "--max-anchors", "4", "--vector-rank", "2",
+                 "--discover-candidates", "4", "--discover-tokens", "8", "--distill-top", "4"),
+    kinds=("benign", "json"), in_process=True, variants=("refit-kl", "refit-task-no-boundary", "refit-discover"),
 )
 CONFIGS = {"full": FULL, "smoke": SMOKE}
 
@@ -141,7 +142,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 VARIANT_KINDS = ("arithmetic", "benign")
 _TASK_KL_WIDE = {"task_prompts": "@task", "distill": "kl", "boundary_prompts": "benign-boundary-wide"}
-PHASES = 3  # 0: the main rows; 1: the previous default and the further seeds; 2: the variants and refit-task
+# Prompt discovery (issue 28): the adapter's task prompts found from the adapter itself, no task data. Measured
+# with today's distillation (ce, benign-boundary) and with the settings that were best given the real prompts
+# (KL, all of the wide boundary set, 16 per step); then each part alone: the built-in pool ranked by salience with
+# a single sampled turn, and on-policy sampled answers added.
+_DISCOVER = {"task_prompts": "discover"}
+_BEST = {"distill": "kl", "boundary_prompts": "benign-boundary-wide", "max_boundary": 256, "refit_batch": 16}
+DISCOVERY: dict[str, tuple[str, dict]] = {
+    "refit-discover-kl-wide-all-b16": ("refit", {**_DISCOVER, **_BEST}),
+    "refit-discover": ("refit", _DISCOVER),
+    "refit-pool-salience-kl-wide-all-b16": ("refit", {**_DISCOVER, **_BEST, "discover_candidates": 1}),
+    "refit-discover-onpolicy-kl-wide-all-b16": ("refit", {**_DISCOVER, **_BEST, "answer_samples": 1}),
+}
+# refit options that only discovery reads: left out of the keys of rows that do not discover
+DISCOVERY_OPTIONS = ("task_hints", "discover_candidates", "discover_tokens", "discover_pool", "salience_tokens",
+                     "distill_top")
+PHASES = 4  # 0: the main rows; 1: the previous default and the further seeds; 2: the variants and refit-task;
+# 3: prompt discovery
 
 
 def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dict[str, tuple[str, dict]]:
@@ -153,6 +170,11 @@ def rows(cfg: RepairConfig, kind: str, aligned_kind: str, phase: int = 0) -> dic
             out["refit-no-boundary"] = ("refit", _NO_BOUNDARY)  # the previous default
         for seed in cfg.seeds[1:]:
             out[f"refit-seed{seed}"] = ("refit", {"seed": seed})
+        return out
+    if phase == 3:
+        out.update({k: v for k, v in DISCOVERY.items() if cfg.variants is None or k in cfg.variants})
+        for seed in cfg.seeds[1:] if cfg.variants is None else ():
+            out[f"refit-discover-kl-wide-all-b16-seed{seed}"] = ("refit", {**_DISCOVER, **_BEST, "seed": seed})
         return out
     if phase == 2:
         if kind in VARIANT_KINDS and aligned_kind == cfg.aligned_kinds[0]:  # the refit variants, on one model
@@ -325,7 +347,7 @@ FIRST_DEFAULTS = {
               "anchor_share": 0.5, "first_tokens": 5, "first_weight": 4.0, "answer_first_weight": 1.0,
               "boundary_prompts": "none", "boundary_teacher": "adapter", "distill": "ce", "kl_top_k": 32,
               "proximal": 0.0, "start": "factors", "constraint": "none", "answer_tokens": 64, "example_length": 256,
-              "seed": 0, "blend": 1.0},
+              "seed": 0, "blend": 1.0, "answer_samples": 0},
 }
 
 
@@ -334,6 +356,9 @@ def changed_defaults(method: str, options: dict) -> dict:
     if first is None:
         return {}
     resolved = REGISTRY[method].resolve_options({"task_prompts": "generic-tasks", **options})
+    if resolved.get("task_prompts") != "discover":
+        for k in DISCOVERY_OPTIONS:
+            resolved.pop(k, None)
     if resolved.get("boundary_prompts") == "none":
         resolved.pop("max_boundary", None)  # no boundary set: its size and teacher do nothing
         resolved.pop("boundary_teacher", None)
@@ -521,6 +546,9 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
     for phase in range(PHASES):
         for kind in cfg.kinds:
             for a_kind in cfg.aligned_kinds:
+                if only and not any(_selected(f"{a_kind}/{kind}/{key}", only)
+                                    for p in range(PHASES) for key in rows(cfg, kind, a_kind, p)):
+                    continue  # no row of this adapter asked for: build neither its aligned model nor it
                 try:
                     aligned_folder(a_kind)
                     do_rows(a_kind, kind, phase)
