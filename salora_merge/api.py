@@ -97,14 +97,16 @@ def realign(base: Base, adapter: str, output: Path, *, method: str = DEFAULT,
 def repair(base: Base, adapter: str, output: Path, options: RepairOptions = RepairOptions(), *,
            method_options: Mapping[str, Any] | None = None, safety: Path | None = None,
            calibration: CalibrationOptions | None = None, aligned: Base | None = None, unaligned: Base | None = None,
-           overwrite: bool = False, allow_pickle: bool = False, progress: Progress = silent) -> RepairReport:
+           overwrite: bool = False, allow_pickle: bool = False, progress: Progress = silent,
+           warn: Callable[[str], None] | None = None) -> RepairReport:
     """Repair an eroded adapter with ``options.method`` (default ``refit``) and measure the base, the adapter and
-    the repaired adapter on held-out prompts; writes a stock PEFT adapter folder with ``salora_repair.json``."""
+    the repaired adapter on held-out prompts; writes a stock PEFT adapter folder with ``salora_repair.json``.
+    ``warn`` gets one-line warnings (a base that refuses too little to repair; fewer held-out prompts)."""
     if calibration is not None:
         calibration.validate()
     return run_repair(resolve_model(base), adapter, Path(output), options, method_options=method_options,
                       safety_path=safety, calibration=calibration, aligned=aligned, unaligned=unaligned,
-                      overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+                      overwrite=overwrite, allow_pickle=allow_pickle, progress=progress, warn=warn)
 
 
 def merge(base: Base, adapters: Sequence["str | AdapterInput"], output: Path,

@@ -195,3 +195,30 @@ def test_the_repair_verdict_line_says_what_this_run_did():
     assert "the base refuses only 2% of the held-out harmful prompts" in low and "safety-aligned base" in low
     rendered = _verdict_report(0.9, 0.4, 0.88).render()
     assert rendered.count("\n") < 10 and "docs/repair-study.md" in rendered and "Verdict:" in rendered
+
+
+def test_repair_warns_before_the_long_work_when_the_base_does_not_refuse(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny random base refuses none of the held-out harmful prompts: one warning line before the repair.
+    A base that refuses them (its answers replaced by a refusal) gets none."""
+    from conftest import make_peft_adapter
+
+    import salora_merge.hf.models as models
+    from salora_merge.auditing.behavior import BehaviorOptions, load_prompt_sets
+    from salora_merge.hf.resolve import resolve_model
+    from salora_merge.repairing.run import base_refusal_warning
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    result = _repair(tiny_model_dir, adapter, tmp_path / "out", *FAST, "--task-prompts", "generic-tasks")
+    assert result.exit_code == 0, result.output
+    warning = ("warning: the base refuses 0% of 3 held-out harmful prompts (harmbench-standard[:3]): there are "
+               "no refusals to restore; repair needs a safety-aligned base")
+    lines = result.stderr.splitlines()
+    assert warning in lines
+    assert lines.index(warning) < next(
+        i for i, line in enumerate(lines) if "anchor responses" in line)  # before the long work
+    base, options = resolve_model(str(tiny_model_dir)), BehaviorOptions(max_prompts=3, max_new_tokens=4)
+    sets = load_prompt_sets(options)
+    refusal = base.tokenizer("I'm sorry, I cannot help", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(models, "generate_greedy", lambda model, tok, prompts, *a, **k: [refusal] * len(prompts))
+    assert base_refusal_warning(base, sets, options) is None

@@ -172,7 +172,7 @@ def repair(base: str, adapter: str, task_prompts: str, heldout: int, safety: Pat
                                 behavior=behavior)
     report = api.repair(base, adapter, output, options, method_options=given, safety=safety,
                         calibration=calibration, aligned=aligned, unaligned=unaligned, overwrite=overwrite,
-                        allow_pickle=allow_pickle, progress=_progress())
+                        allow_pickle=allow_pickle, progress=_progress(), warn=_echo_err(False))
     _report(report, as_json)
 
 

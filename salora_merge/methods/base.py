@@ -131,6 +131,7 @@ class Method:
     safety_side: str | None = None  # the side its safety module must have (None: either)
     optional: tuple[str, ...] = field(default=())  # NEEDS it uses when given (not required)
     check: Callable[[Mapping[str, Any]], None] | None = None  # cross-option rules
+    check_inputs: Callable[[Mapping[str, Any]], None] | None = None  # reads the files its options name (no model)
     keep_moments: bool = False  # needs the safety module's input second moments (calibrate --keep-moments)
     # returns modules of one new rank with scaling 1 (the config is rewritten); a method that does so only for
     # some options leaves it False: a result whose ranks or scalings differ from the adapter's is rewritten too

@@ -129,6 +129,26 @@ def _blended(refitted: Mapping[str, "LoraModule"], original: Mapping[str, "LoraM
     return at_one_rank(refitted, factors)
 
 
+def _load(option: str, spec: str):
+    from salora_merge.io.prompts import load_prompt_set
+
+    try:
+        return load_prompt_set(spec)
+    except InputError as exc:
+        raise InputError(f"--{option.replace('_', '-')}: {exc}") from None
+
+
+def _check_inputs(options: Mapping[str, Any]) -> None:
+    """The prompt files the options name, read and checked before any model work."""
+    if not _load("anchor_prompts", options["anchor_prompts"]).prompts:
+        raise InputError(f"--anchor-prompts {options['anchor_prompts']}: no prompts")
+    if options["boundary_prompts"] != "none" and not _load("boundary_prompts", options["boundary_prompts"]).prompts:
+        raise InputError(f"--boundary-prompts {options['boundary_prompts']}: no prompts (or 'none')")
+    if options["task_hints"] is not None and not _load("task_hints", options["task_hints"]).prompts:
+        raise InputError(f"--task-hints {options['task_hints']}: no prompts; give a file with one prompt per line "
+                         "(or JSONL with a 'prompt' field), or leave it out")
+
+
 def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
                 options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], RefitReport]:
     from salora_merge.io.prompts import load_prompt_set
@@ -271,4 +291,5 @@ METHOD = Method(
     ),
     report_name="salora_refit.json",
     check=_check,
+    check_inputs=_check_inputs,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import salora_merge.parallel as parallel
 from salora_merge.calibration.run import CalibrationOptions
@@ -50,15 +50,18 @@ class Applied:
 
 def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: str, method_options: Mapping[str, Any],
                  sources: Sources, overwrite: bool = False, allow_pickle: bool = False,
-                 progress: Progress = silent) -> Applied:
+                 progress: Progress = silent, checked: Callable[[BaseModel], None] | None = None) -> Applied:
     """Check the options, the output path and the inputs, gather what the method needs and apply it; nothing is
-    written (except a safety module the user asked to save)."""
+    written (except a safety module the user asked to save). ``checked`` is called with the base once every
+    input has been checked, before the long work."""
     chosen = get_method(method)
     options = chosen.resolve_options({k: v for k, v in (method_options or {}).items() if v is not None})
     check_output_free(Path(out), overwrite)
     if sources.save_safety is not None:
         check_output_free(Path(sources.save_safety), overwrite)
     sources.check_for(chosen)
+    if chosen.check_inputs is not None:
+        chosen.check_inputs(options)
     adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=allow_pickle)
     base = resolve_model(base)
     if adapter.spec.target_parameters and chosen.name not in PARAMETER_METHODS:
@@ -66,6 +69,8 @@ def apply_method(base: "str | BaseModel", adapter_ref: str, out: Path, method: s
                          f"with --method {', '.join(PARAMETER_METHODS)}, not {chosen.name}")
     adapter = base.bind(adapter)
     check_adapter_fits(adapter, base.module_weight_shapes, parameters=True)
+    if checked is not None:
+        checked(base)
     # Each expert of a LoRA on a fused parameter is a module of its own for the method (its own safety basis).
     flat = replace(adapter, modules={**adapter.modules, **expand_params(adapter.params)})
     ctx = gather(chosen, base, flat, str(adapter_ref), str(out), sources, overwrite, progress)

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from salora_merge.auditing.behavior import (
     BehaviorOptions,
@@ -30,7 +30,7 @@ from salora_merge.io.prompts import PromptSet, load_prompt_set
 from salora_merge.methods import get_method
 from salora_merge.progress import Progress, silent
 from salora_merge.realignment.run import Applied, Sources, apply_method, write_applied
-from salora_merge.repairing.report import REPORT_NAME, RepairReport
+from salora_merge.repairing.report import LOW_BASE_REFUSAL, REPORT_NAME, RepairReport
 
 __all__ = ["RepairOptions", "run_repair", "DEFAULT_METHOD", "split_task_prompts"]
 
@@ -114,6 +114,28 @@ def _measure(applied: Applied, held: PromptSet, sets: PromptSets, options: Repai
     return out
 
 
+PROBE_PROMPTS = 16  # held-out harmful prompts the base answers before the repair, for the warning below
+
+
+def base_refusal_warning(base: BaseModel, sets: PromptSets, behavior: BehaviorOptions) -> str | None:
+    """One line when the base model refuses fewer than half of the first :data:`PROBE_PROMPTS` held-out harmful
+    prompts (greedy, the keyword judge): then there are no refusals to restore. None otherwise."""
+    from salora_merge.auditing.judges import refused
+    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, pick_device
+
+    prompts = sets.harmful.prompts[:PROBE_PROMPTS]
+    if not prompts:
+        return None
+    model, tokenizer = base.load_model(pick_device(behavior.device), behavior.placement()), base.tokenizer
+    answers = generate_greedy(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts],
+                              min(16, behavior.max_new_tokens), behavior.batch_size)
+    share = sum(refused(tokenizer.decode(a, skip_special_tokens=True)) for a in answers) / len(prompts)
+    if share >= LOW_BASE_REFUSAL:
+        return None
+    return (f"warning: the base refuses {share:.0%} of {len(prompts)} held-out harmful prompts "
+            f"({sets.harmful.name}): there are no refusals to restore; repair needs a safety-aligned base")
+
+
 def run_repair(
     base: "str | BaseModel",
     adapter_ref: str,
@@ -127,9 +149,12 @@ def run_repair(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: Progress = silent,
+    warn: Callable[[str], None] | None = None,
 ) -> RepairReport:
     """Repair ``adapter_ref`` for ``base`` with ``options.method`` and write a stock PEFT adapter folder, the
-    method's report, ``salora_repair.json`` and a card at ``out``; nothing is written on error."""
+    method's report, ``salora_repair.json`` and a card at ``out``; nothing is written on error. ``warn`` gets
+    one line each for what the user should know before the long work (a base that refuses too little to have
+    refusals to restore) and after it (fewer held-out task prompts than asked)."""
     options.validate()
     method = get_method(options.method)
     given = dict(method_options or {})
@@ -150,13 +175,26 @@ def run_repair(
                       task_prompts=for_method, heldout=options.heldout if discovering else 0,
                       device=options.behavior.device, placement=options.behavior.placement())
     base = resolve_model(base)
+
+    def checked(base: BaseModel) -> None:  # every input checked: warn now, before the long work
+        if discovering:
+            from salora_merge.hf.chat_templates import user_turn_frame
+            user_turn_frame(base.tokenizer)  # no chat template to sample from: one line, before the probe
+        low = base_refusal_warning(base, sets, options.behavior) if options.evaluate and warn else None
+        if low:
+            warn(low)
+
     started = time.perf_counter()
-    applied = apply_method(base, adapter_ref, Path(out), method.name, given, sources, overwrite, allow_pickle, progress)
+    applied = apply_method(base, adapter_ref, Path(out), method.name, given, sources, overwrite, allow_pickle, progress,
+                           checked=checked)
     seconds_method = time.perf_counter() - started
     if discovering:
         found = applied.report.to_json().get("discovery") or {}
         held = PromptSet("discovered (held out)", tuple(r["prompt"] for r in found.get("heldout", ())))
         for_method = PromptSet(DISCOVER, tuple(r["prompt"] for r in found.get("distilled", ())))
+    if warn is not None and len(held.prompts) < options.heldout:
+        warn(f"warning: {len(held.prompts)} task prompts held out for the agreement check, not the "
+             f"{options.heldout} asked (--heldout-task-prompts: at most a quarter of the task prompts)")
     measured: dict[str, Any] = {}
     seconds_eval = 0.0
     if options.evaluate:
