@@ -51,7 +51,9 @@ from salora_merge.training.task_eval import mean_nll, score_examples  # noqa: E4
 from salora_merge.training.trainer import FitOptions, fit  # noqa: E402
 
 VERSION = 1
-KINDS = ("benign", "arithmetic", "json")
+# "-conv": the same task trained with the loss on the whole conversation (TRL's default for a messages dataset),
+# where the others put it on the answer only; prompt discovery may find one and not the other (issue 28)
+KINDS = ("benign", "arithmetic", "json", "arithmetic-conv", "json-conv")
 SHRINK = (0.25, 0.5, 0.75)
 
 
@@ -307,9 +309,13 @@ def safety_module(cache: Cache, cfg: RepairConfig, aligned: Path) -> Path:
 
 
 def task_examples(cfg: RepairConfig, data: repair_data.RepairData, tokenizer, kind: str) -> list:
-    pairs = data.arithmetic_train if kind == "arithmetic" else data.json_train
-    return tokenize_all(tokenizer, conversations_from_pairs([q for q, _ in pairs], [a for _, a in pairs]),
-                        cfg.max_length, kind)
+    task = kind.removesuffix("-conv")
+    pairs = data.arithmetic_train if task == "arithmetic" else data.json_train
+    examples = tokenize_all(tokenizer, conversations_from_pairs([q for q, _ in pairs], [a for _, a in pairs]),
+                            cfg.max_length, task)
+    if kind.endswith("-conv"):  # the loss on every token of the conversation, template included
+        examples = [replace(e, labels=list(e.input_ids)) for e in examples]
+    return examples
 
 
 def eroding_adapter(cache: Cache, cfg: RepairConfig, data: repair_data.RepairData, aligned: Path,
@@ -332,8 +338,9 @@ def eroding_adapter(cache: Cache, cfg: RepairConfig, data: repair_data.RepairDat
 
 def task_prompt_file(cache: Cache, cfg: RepairConfig, data: repair_data.RepairData, kind: str) -> Path:
     """The adapter's own training prompts as a prompt file (the user who has the task data)."""
-    prompts = (list(data.erode_train) if kind == "benign"
-               else [q for q, _ in (data.arithmetic_train if kind == "arithmetic" else data.json_train)])
+    task = kind.removesuffix("-conv")
+    prompts = (list(data.erode_train) if task == "benign"
+               else [q for q, _ in (data.arithmetic_train if task == "arithmetic" else data.json_train)])
     path = cache.root / f"task-prompts-{kind}-{_hash(prompts)}.jsonl"
     if not path.is_file():
         path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
