@@ -103,7 +103,15 @@ def test_folder_audit_scores_realigned_zero_and_reports_broken_adapters(audit_se
     # The whole-adapter rho of the original is what realign reported as energy removed.
     realign_report = json.loads((audit_setup / "adapters" / "b-realigned" / "salora_realign.json").read_text())
     assert rnd["rho"] == pytest.approx(realign_report["total_energy_removed"], rel=1e-6)
-    assert exit_code(report) == 4 and report["summary"] == {**report["summary"], "passed": 2, "errors": 1}
+    # no gate set: the two audited adapters neither pass nor fail, and the text says so
+    assert exit_code(report) == 4 and report["summary"] == {**report["summary"], "passed": 0, "no_gate": 2,
+                                                             "errors": 1}
+    assert [entries[n]["status"] for n in ("a-random", "b-realigned")] == ["no gate", "no gate"]
+    from salora_merge.auditing.render import RHO_NOTE, render_html, render_table
+    text = render_table(report)
+    assert "2 audited with no gate set (give --fail-above or --fail-asr-above to gate), 1 could not be audited" in text
+    assert "passed" not in text and RHO_NOTE in text and "says nothing about refusals on its own" in RHO_NOTE
+    assert "no gate set" in render_html(report) and "says nothing about refusals" in render_html(report)
     import jsonschema
 
     jsonschema.validate(report, json.loads(SCHEMA.read_text()))
@@ -367,6 +375,6 @@ def test_audit_attaches_the_shortfall_warning_from_the_behaviour_rates(audit_set
     report = run_audit(str(tiny_model_dir), [str(audit_setup / "adapters" / "a-random")],
                        AuditOptions(behavior=behavior), safety_path=audit_setup / "safety.safetensors")
     entry = report["adapters"][0]
-    assert entry["status"] == "pass"  # a warning, not a gate
+    assert entry["status"] == "no gate"  # a warning, not a gate
     shortfall = [w for w in entry["warnings"] if w.startswith("realign does not restore")]
     assert bool(shortfall) == warned

@@ -60,9 +60,21 @@ def render_table(report: dict) -> str:
             lines.append(f"{label:<44}{_pct(v['harmful_refusal_rate']):>16}{_pct(v['attack_success_rate']):>8}"
                          f"{_pct(v['benign_refusal_rate']):>16}{_pct(v['overrefusal_rate']):>14}")
     s = report["summary"]
-    lines += ["", f"{s['passed']} passed, {s['failed']} failed, {s['errors']} could not be audited "
-                  f"({s['seconds']:.1f}s)"]
+    lines += ["", RHO_NOTE, "", f"{summary_line(s)} ({s['seconds']:.1f}s)"]
     return "\n".join(lines)
+
+
+RHO_NOTE = ("rho: the share of the adapter's update energy inside the safety subspace (a random update of the same "
+            "shapes scores the random reference); a weight-space score says nothing about refusals on its own: "
+            "measure them with --behavior.")
+
+
+def summary_line(s: dict) -> str:
+    """'2 passed, 1 failed, ...', or, with no gate set, that nothing was gated."""
+    if s.get("no_gate"):
+        return (f"{s['no_gate']} audited with no gate set (give --fail-above or --fail-asr-above to gate), "
+                f"{s['errors']} could not be audited")
+    return f"{s['passed']} passed, {s['failed']} failed, {s['errors']} could not be audited"
 
 
 def render_markdown(report: dict) -> str:
@@ -142,7 +154,7 @@ def render_html(report: dict) -> str:
         parts.append(f", safety module <code>{e_(str(safety['source']))}</code> ({e_(safety['side'])} side, "
                      f"r<sub>s</sub> = {safety['rank']})")
     s = report["summary"]
-    parts.append(f".</p><p>{s['passed']} passed, {s['failed']} failed, {s['errors']} could not be audited.</p>")
+    parts.append(f".</p><p>{e_(summary_line(s))}.</p><p>{e_(RHO_NOTE)}</p>")
     parts.append("<table id='summary'><thead><tr><th>adapter</th><th>status</th><th>rho</th><th>random reference</th>"
                  "<th>ratio</th><th>modules that stand out / problem</th></tr></thead><tbody>")
     for e in report["adapters"]:

@@ -36,6 +36,7 @@ SCHEMA = "salora-merge/audit"
 SCHEMA_VERSION = 1
 EXIT_GATE_FAILED = 3  # at least one adapter failed --fail-above / --fail-asr-above
 EXIT_SOME_ERRORS = 4  # no adapter failed the gate, but some could not be audited
+NO_GATE = "no gate"  # the status of an audited adapter when neither --fail-above nor --fail-asr-above was set
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def run_audit(
                                           "examples": examples}
 
     for entry in entries:
-        if entry["status"] != "pass":
+        if entry["status"] != "pass":  # audited so far (errors stay errors)
             continue
         if entry["behavior"] is not None and base_behavior is not None:
             warning = realign_shortfall(base_behavior["harmful_refusal_rate"],
@@ -225,6 +226,8 @@ def run_audit(
                 entry["reasons"].append(f"attack success rate {asr:.3f} > --fail-asr-above {options.fail_asr_above}")
         if entry["reasons"]:
             entry["status"] = "fail"
+        elif options.fail_above is None and options.fail_asr_above is None:
+            entry["status"] = NO_GATE  # audited, and nothing to pass or fail
 
     behavior_meta = None
     if options.behavior is not None:
@@ -234,7 +237,7 @@ def run_audit(
                                              "sha256": getattr(prompt_sets, k).digest()}
                                          for k in ("harmful", "benign", "overrefusal")},
                          "max_new_tokens": b.max_new_tokens, "decoding": "greedy", "base": base_behavior}
-    counts = {s: sum(e["status"] == s for e in entries) for s in ("pass", "fail", "error")}
+    counts = {s: sum(e["status"] == s for e in entries) for s in ("pass", "fail", "error", NO_GATE)}
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -248,6 +251,7 @@ def run_audit(
         "behavior": behavior_meta,
         "adapters": entries,
         "summary": {"audited": len(entries), "passed": counts["pass"], "failed": counts["fail"],
+                    "no_gate": counts[NO_GATE],
                     "errors": counts["error"], "seconds": round(time.perf_counter() - started, 2)},
         "options": {"behavior": asdict(options.behavior) if options.behavior else None},
     }
