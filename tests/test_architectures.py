@@ -398,3 +398,17 @@ def test_expert_moments_count_exactly_the_tokens_routed_to_each_expert(tmp_path,
             got = module.moments[(module.sites[name], policy)].double()
             assert torch.allclose(got, x.T @ x, rtol=1e-4, atol=1e-5), name  # float32 products per batch
             assert module.counts[(module.sites[name], policy)] == rows.shape[0]
+    # docs/safety-module.md's reading example, run as written on this file: every expert of both fused
+    # parameters, with the shapes the table states ((2F, r_s) and (H, r_s)), and their sites.
+    doc = (Path(__file__).parent.parent / "docs" / "safety-module.md").read_text()
+    example = doc.split("## Experts of MoE models", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"path": str(safety)}
+    exec(example, scope)
+    fused = {f"model.layers.{i}.mlp.experts.{p}" for i in range(len(model.model.layers)) for p in
+             ("gate_up_proj", "down_proj")}
+    experts = moe.experts.gate_up_proj.shape[0]
+    assert set(scope["bases"]) == {(p, e) for p in fused for e in range(experts)}
+    two_f, hidden = moe.experts.gate_up_proj.shape[1], moe.experts.down_proj.shape[1]
+    for (param, e), basis in scope["bases"].items():
+        assert basis.shape == ((two_f if param.endswith("gate_up_proj") else hidden), 2)
+        assert scope["sites"][f"{param}[{e}]"] == module.sites[f"{param}[{e}]"]
