@@ -223,6 +223,53 @@ def test_a_base_model_without_a_chat_template_is_said_and_can_be_given_one(tmp_p
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_safety_module_without_lm_head_is_completed_when_an_adapter_needs_it(tied, tmp_path,
+                                                                                 tiny_calibration_prompts):
+    """A module calibrated with the default targets (no lm_head) and an adapter with a LoRA on lm_head: realign
+    and audit compute the missing basis with the module's own settings and say so. The basis equals the one a
+    calibration naming lm_head gives (same prompts, policy and rank); the file itself is not changed."""
+    from conftest import build_tiny_llama
+
+    base = tmp_path / "base"
+    build_tiny_llama(base)
+    if not tied:
+        from transformers import AutoModelForCausalLM
+        config = json.loads((base / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (base / "config.json").write_text(json.dumps(config))
+        untied = AutoModelForCausalLM.from_pretrained(str(base))
+        untied.lm_head.weight.data = torch.randn_like(untied.lm_head.weight)
+        untied.save_pretrained(str(base), safe_serialization=True)
+    adapter = make_peft_adapter(base, tmp_path / "lora", target_modules=["q_proj", "lm_head"])
+    default, named = tmp_path / "default.safetensors", tmp_path / "named.safetensors"
+    common = ("--base", base, "--prompts", tiny_calibration_prompts, "--rank", 4, "--max-new-tokens", 4)
+    _cli("calibrate", *common, "-o", default)
+    _cli("calibrate", *common, "--targets", "q_proj,lm_head", "-o", named)
+    assert "lm_head" not in load_safety_module(default).bases
+    before = default.read_bytes()
+    # without the prompt file it was calibrated on, the module cannot be completed exactly: one line, the fixes
+    refused = CliRunner().invoke(main, ["realign", "--base", str(base), "--adapter", str(adapter), "--safety",
+                                        str(default), "-o", str(tmp_path / "no")])
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "(prompts.jsonl) is not at hand: give that file with --prompts" in refused.output
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "realigned"
+    result = _cli("realign", "--base", base, "--adapter", adapter, "--safety", default, "-o", out, "--json",
+                  "--prompts", tiny_calibration_prompts)
+    label = json.loads(result.stdout)["safety"]
+    assert "1 module(s) it lacked (lm_head) calibrated now with its settings" in label, label
+    assert default.read_bytes() == before  # the user's file is never rewritten
+    u = load_safety_module(named).bases["lm_head"].double()
+    from salora_merge.io.adapter import read_adapter
+    head = read_adapter(out).modules["lm_head"].lora_B.double()
+    assert torch.allclose(u.T @ head, torch.zeros_like(u.T @ head), atol=1e-6)  # the direct basis's outputs kept
+    report = _cli("audit", "--base", base, "--safety", default, "--adapter", adapter, "--format", "json",
+                  "--prompts", tiny_calibration_prompts)
+    audited = json.loads(report.stdout)
+    assert "calibrated now" in audited["safety"]["source"] and audited["adapters"][0]["weight_space"]["rho"] > 0
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_a_lora_on_the_output_layer_is_calibrated_realigned_and_audited(tied, tmp_path, tiny_calibration_prompts):
     """lm_head's statistics come from the backbone's last hidden state (no logits): equal to its input in a full
     forward pass (dense float64 reference); realign keeps its safety outputs and loads in PEFT; audit scores it."""

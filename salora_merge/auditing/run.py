@@ -169,7 +169,8 @@ def run_audit(
     safety_label, safety = None, None
     if adapters:
         targets = tuple(sorted({m for a in adapters.values() for m in a.modules}))
-        safety, safety_label = obtain_safety(base, targets, safety_path, calibration, progress=progress)
+        safety, safety_label = obtain_safety(base, targets, safety_path, calibration, progress=progress,
+                                             must_cover=False)  # an adapter it cannot cover is that entry's error
     for index, adapter in list(adapters.items()):
         try:
             entries[index]["weight_space"] = _weight_space(adapter, safety, options.top)

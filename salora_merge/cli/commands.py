@@ -110,7 +110,7 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
 
     given = given_method_options(method, kwargs)
     calibration = None
-    if safety is None and "safety" in get_method(method).needs:
+    if "safety" in get_method(method).needs:  # with --safety: what completes a module that lacks a module's basis
         calibration = build_calibration(kwargs, None)
     report = api.realign(base, adapter, output, method=method, method_options=given, safety=safety,
                          calibration=calibration, save_safety=save_safety, input_safety=input_safety,
@@ -371,9 +371,8 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
     options = api.AuditOptions(fail_above=fail_above, fail_asr_above=fail_asr_above, behavior=behavior_options,
                                allow_pickle=allow_pickle)
     options.validate()
-    calibration = build_calibration(kwargs, None) if safety is None else None
-    if calibration is not None:
-        calibration.validate()
+    calibration = build_calibration(kwargs, None)  # with --safety: completes a module that lacks a basis
+    calibration.validate()
     placed = [f"--{k.replace('_', '-')}" for k in ("device_map", "max_memory", "offload_folder") if kwargs.get(k)]
     if placed and safety is not None and not behavior:
         from salora_merge.errors import InputError
