@@ -118,6 +118,8 @@ ADAPTER_CASES = [
     ("int-factor", _weights_case(lambda t: _first(t, lambda v: (v * 100).to(torch.int32))), "int32"),
     ("bool-factor", _weights_case(lambda t: _first(t, lambda v: v > 0)), "bool"),
     ("pickle-with-code", _pickle_case, "adapter_model.bin"),
+    # the flag that reads every weight the other way round: named as the field, not "another model"
+    ("fan-in-fan-out-on-linear", _config_case(lambda c: _set(c, fan_in_fan_out=True)), "fan_in_fan_out is true"),
 ]
 
 ACCEPTED = {
@@ -187,6 +189,19 @@ def _safety_case(edit: Callable[[dict, dict], tuple[dict, dict]]):
     return build
 
 
+def _basis_other_layer(tensors: dict, header: dict) -> tuple[dict, dict]:
+    """An orthonormal basis, valid in itself, of another layer's size (40 rows for a 32-row layer)."""
+    key = sorted(k for k in tensors if k.startswith("basis::"))[0]
+    q, _ = torch.linalg.qr(torch.randn(40, tensors[key].shape[1], generator=torch.Generator().manual_seed(SEED)))
+    return {**tensors, key: q.contiguous()}, header
+
+
+def _truncated(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
 def _basis_rows(tensors: dict, header: dict) -> tuple[dict, dict]:
     key = sorted(k for k in tensors if k.startswith("basis::"))[0]
     return {**tensors, key: torch.cat([tensors[key], tensors[key][:1]])}, header
@@ -206,6 +221,11 @@ INPUT_CASES = [
      "realign", [], "safety.safetensors"),
     ("safety-basis-rows", _safety_case(_basis_rows), "audit", [], "safety.safetensors"),
     ("safety-basis-rows-realign", _safety_case(_basis_rows), "realign", [], "safety.safetensors"),
+    ("safety-basis-other-layer", _safety_case(_basis_other_layer), "audit", [], "has 40 rows"),
+    ("safety-basis-other-layer-realign", _safety_case(_basis_other_layer), "realign", [], "has 40 rows"),
+    ("base-truncated-calibrate", _base_case(_truncated), "calibrate", [], "model.safetensors"),
+    ("base-truncated-merge", _base_case(_truncated), "merge", [], "model.safetensors"),
+    ("rank-beyond-every-layer", None, "calibrate", ["--rank", "500"], "exceeds every layer"),
     ("contrast-ridge-nan", None, "calibrate", ["--contrast-prompts", "PROMPTS", "--contrast-ridge", "nan"],
      "--contrast-ridge"),
     ("shard-size-nan", None, "merge", ["--shard-size", "nanGB"], "--shard-size"),
@@ -254,6 +274,18 @@ PIPELINE_CASES = [
     ("merge-shard-nan", b"base: BASE\nadapters: [ADAPTER]\noutput: out\nmerge: {shard_size: nanGB}\n", "shard"),
     ("not-a-mapping", b"- just\n- a list\n", "pipeline.yml"),
     ("deep", b"base: " + b"[" * 3000 + b"]" * 3000 + b"\n", "pipeline.yml"),
+    # a number where a path or device is expected, a string where a number is: each names its key
+    ("calibrate-device-number", b"base: BASE\nadapters: [ADAPTER]\noutput: out\nsafety: {calibrate: {device: 3}}\n",
+     "safety.calibrate.device"),
+    ("calibrate-prompts-number", b"base: BASE\nadapters: [ADAPTER]\noutput: out\nsafety: {calibrate: {prompts: 7}}\n",
+     "safety.calibrate.prompts"),
+    ("calibrate-rank-string", b"base: BASE\nadapters: [ADAPTER]\noutput: out\nsafety: {calibrate: {rank: many}}\n",
+     "safety.calibrate.rank"),
+    ("behavior-device-number", b"base: BASE\nadapters: [ADAPTER]\noutput: out\naudit: {behavior: {device: 2}}\n",
+     "audit.behavior.device"),
+    ("behavior-prompts-string", b"base: BASE\nadapters: [ADAPTER]\noutput: out\naudit: {behavior: {max_prompts: lots}}\n",
+     "audit.behavior.max_prompts"),
+    ("output-list", b"base: BASE\nadapters: [ADAPTER]\noutput: [a, b]\n", "output: expected a folder path"),
 ]
 
 

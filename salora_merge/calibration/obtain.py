@@ -22,6 +22,13 @@ def load_checked(base: BaseModel, path: Path) -> SafetyModule:
     """A safety module file, refused when it was computed for other weights than ``base``'s."""
     safety = load_safety_module(Path(path))
     check_same_base(safety, base.fingerprint, base.model_id, str(path))
+    shapes = base.module_weight_shapes
+    for name, basis in safety.bases.items():
+        shape = shapes.get(name)
+        if shape is not None and len(shape) == 2 and basis.shape[0] not in shape:  # (d_out, d_in), or Conv1D's
+            raise SafetyModuleError(f"{path}: basis::{name} has {basis.shape[0]} rows, but the base's {name} is "
+                                    f"{shape[0]} x {shape[1]}; the file is corrupt or for another model: "
+                                    "recalibrate it (salora-merge calibrate)")
     return safety
 
 

@@ -191,7 +191,8 @@ def calibrate(base: BaseModel, options: CalibrationOptions, progress: Progress =
 
     caps = small_layer_ranks({n: tuple(matrix(n).shape) for n in names}, options.rank,
                              options.cap_small_layers if options.cap_small_layers is not None
-                             else is_default_targets(options.targets))
+                             else is_default_targets(options.targets),
+                             refuse_all=options.cap_small_layers is not True)
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompt_set.prompts]
 
     # Data-parallel (torchrun): each process takes every world_size-th prompt; the moments are summed at the end.

@@ -47,10 +47,17 @@ def is_default_targets(targets: Sequence[str] | None) -> bool:
     return targets is None or list(targets) in (["all-linear"], ["all"])
 
 
-def small_layer_ranks(shapes: Mapping[str, tuple[int, int]], rank: int, cap: bool) -> dict[str, int]:
+def small_layer_ranks(shapes: Mapping[str, tuple[int, int]], rank: int, cap: bool,
+                      refuse_all: bool = True) -> dict[str, int]:
     """The layers too small for ``rank`` (``min(d_out, d_in) < rank``), each with the rank it gets: its size. With
-    ``cap`` False the first one is a one-line error naming it (a layer the user named in --targets)."""
+    ``cap`` False the first one is a one-line error naming it (a layer the user named in --targets); with
+    ``refuse_all`` a rank that no layer takes is an error (a user's calibration, not a module made for an
+    adapter's own modules, where a router alone is capped)."""
     small = {n: min(shape) for n, shape in shapes.items() if min(shape) < rank}
+    if refuse_all and small and len(small) == len(shapes):  # no layer takes the rank: a mistake, not a cap
+        largest = max(small.values())
+        raise InputError(f"--rank {rank} exceeds every layer it applies to (the largest takes {largest}); lower "
+                         f"--rank to {largest} or less")
     if small and not cap:
         name = next(iter(small))
         d_out, d_in = shapes[name]

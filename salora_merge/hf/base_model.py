@@ -86,4 +86,5 @@ class BaseModel:
         accelerate under an active ``placement`` (:class:`salora_merge.hf.models.Placement`)."""
         from salora_merge.hf.models import load_causal_lm
 
+        self.checkpoint  # every shard's header checked against its file first: a damaged file is a one-line error
         return load_causal_lm(self.folder, device, placement)

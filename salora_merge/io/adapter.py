@@ -355,6 +355,14 @@ def check_adapter_fits(adapter: Adapter, weight_shapes: Mapping[str, tuple[int, 
             )
         shape = tuple(weight_shapes[name])
         d_out, d_in = (shape[1], shape[0]) if adapter.spec.fan_in_fan_out else (shape[0], shape[1])
+        fits_other_way = (module.lora_A.shape[1], module.lora_B.shape[0]) == (d_out, d_in) != (d_in, d_out)
+        if fits_other_way:  # the factors fit the weight read the other way: the flag, not the model, is wrong
+            flag = str(adapter.spec.fan_in_fan_out).lower()
+            raise ShapeMismatchError(
+                f"{adapter.path}/adapter_config.json: fan_in_fan_out is {flag}, but the factors of {name} fit its "
+                f"weight {shape} only as {'nn.Linear (d_out, d_in)' if adapter.spec.fan_in_fan_out else 'Conv1D (d_in, d_out)'}; "
+                f"set fan_in_fan_out to {str(not adapter.spec.fan_in_fan_out).lower()}"
+            )
         if module.lora_A.shape[1] != d_in:
             raise ShapeMismatchError(
                 f"{adapter.path}: {lora_key(name, 'A')} has shape {tuple(module.lora_A.shape)} but the base "

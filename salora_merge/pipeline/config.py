@@ -96,7 +96,8 @@ def load_pipeline(path: Path) -> PipelineConfig:
     base = raw.get("base")
     need(isinstance(base, str) and base, "base: required, a model folder, Hub id or built-in alias")
     output = raw.get("output")
-    need(isinstance(output, str) and output, "output: required, the folder every step writes into")
+    need(isinstance(output, str) and output, "output: required, the folder every step writes into" if output is None
+         else f"output: expected a folder path, got {output!r}")
 
     adapters: list[tuple[str, float]] = []
     items = raw.get("adapters")
@@ -134,6 +135,7 @@ def load_pipeline(path: Path) -> PipelineConfig:
                 if isinstance(known.get("prompts"), str) and (root / known["prompts"]).exists():
                     known["prompts"] = os.path.normpath(root / known["prompts"])
                 _placement(known, "safety.calibrate", root, problems)
+                _typed(known, CalibrationOptions, "safety.calibrate", problems)
                 try:
                     calibration = CalibrationOptions(**known)
                     calibration.validate()
@@ -225,6 +227,30 @@ def load_pipeline(path: Path) -> PipelineConfig:
     )
 
 
+_KINDS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _typed(known: dict, cls, where: str, problems: list[str]) -> None:
+    """Check each value against its option's declared type (in place: a bad one is reported, naming its key, and
+    dropped): a number where a path or device is expected, or a string where a number is."""
+    import dataclasses
+
+    declared = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key in list(known):
+        kinds = [k.strip() for k in declared.get(key, "").split("|")]
+        allowed = tuple(t for k in kinds for t in _KINDS.get(k, ()))
+        if not allowed or any(k not in _KINDS and k != "None" for k in kinds):
+            continue  # a type this check does not model (tuples): left to the options' own validation
+        value = known[key]
+        if value is None and "None" in kinds:
+            continue
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = " or ".join({"bool": "true or false", "int": "a whole number", "float": "a number",
+                                 "str": "a string"}[k] for k in kinds if k in _KINDS)
+            problems.append(f"{where}.{key}: expected {names}, got {value!r}")
+            del known[key]
+
+
 def _placement(known: dict, where: str, root: Path, problems: list[str]) -> None:
     """Check the placement keys' types (in place: a bad one is reported and dropped) and resolve the offload
     folder against the config file's folder."""
@@ -255,6 +281,7 @@ def _behavior(value: Any, where: str, root: Path, problems: list[str]):
         if isinstance(known.get(key), str) and (root / known[key]).is_file():
             known[key] = os.path.normpath(root / known[key])
     _placement(known, where, root, problems)
+    _typed(known, BehaviorOptions, where, problems)
     try:
         options = BehaviorOptions(**known)
         options.validate()
