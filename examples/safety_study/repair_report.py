@@ -207,14 +207,17 @@ def write(summary: dict, doc: Path, plot: Path, analysis: Path | None) -> None:
         f"lr {cfg['erode_lr']:g}): `benign` ({s['erode_train']} templated instructions with the original model's "
         f"answers; task: mean NLL of the original model's answers to {s['task_heldout']} held-out ones), `arithmetic` "
         f"({s['arithmetic_train']} two-digit additions; exact accuracy on {s['arithmetic_eval']} held out), `json` "
-        f"({s['json_train']} item lists to format as a JSON array; exact match on {s['json_eval']} held out).",
+        f"({s['json_train']} item lists to format as a JSON array; exact match on {s['json_eval']} held out); "
+        "`arithmetic-conv` and `json-conv`, the same tasks trained with the loss on the whole conversation (TRL's "
+        "default for a messages dataset) where the others put it on the answer only.",
         f"- Safety module per aligned model: `calibrate` on {cfg['calibration_prompts']} AdvBench calibration-split "
         f"prompts, rank {cfg['calibration_rank']}, moments kept (Safe Delta's H).",
         "- Repairs: the product's CLI (`salora-merge realign --method M`), each in a child process; time is its wall "
         "time including model loading (peak memory per method: `benchmarks/bench_repair.py`, in "
         "docs/benchmarks.md). `refit` without task data distills "
-        "the adapter's answers to the built-in `generic-tasks` prompts; `refit-task` uses the adapter's own training "
-        "prompts (a user who has them). Anchors: the aligned model's own responses to the first 100 AdvBench "
+        "the adapter's answers to the built-in `generic-tasks` prompts (the default before prompt discovery); "
+        "`refit-task` uses the adapter's own training prompts (a user who has them); `refit-discover...` rows find "
+        "them from the adapter (`--task-prompts discover`, the default since). Anchors: the aligned model's own responses to the first 100 AdvBench "
         "calibration-split prompts (never an evaluation split). Controls: `shrink-g` (update scaled by g: the curve) "
         f"and `random` (a random subspace of the safety module's rank, {cfg['calibration_rank']}).",
         f"- Evaluation, held out from everything above: {s['eval_advbench']} AdvBench held-out and "
