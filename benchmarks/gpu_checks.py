@@ -103,10 +103,25 @@ def _sync(device: torch.device) -> None:
 
 def calibration_overhead(folder: Path, device: torch.device, n_prompts: int, repeats: int) -> dict:
     """The statistics pass against bare forward passes over the same batches (alternating, medians), and the
-    peak device memory of a whole calibration through the product's API."""
+    peak device memory of a whole calibration through the product's API (the timing model freed first)."""
     from salora_merge import api
-    from salora_merge.calibration.run import (CalibrationOptions, accumulate_moments, backbone_of, batch_tensors,
-                                              build_sequences, length_sorted_batches, select_targets)
+    from salora_merge.calibration.run import CalibrationOptions
+
+    timed = _timed_passes(folder, device, n_prompts, repeats)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    api.calibrate(str(folder), CalibrationOptions(max_prompts=n_prompts, max_new_tokens=32, device=str(device)))
+    _sync(device)
+    whole = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {**timed, "seconds_calibrate": whole, "peak_gib": peak}
+
+
+def _timed_passes(folder: Path, device: torch.device, n_prompts: int, repeats: int) -> dict:
+    from salora_merge.calibration.run import (accumulate_moments, backbone_of, batch_tensors, build_sequences,
+                                              length_sorted_batches, select_targets)
     from salora_merge.hf.models import chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm, load_tokenizer
     from salora_merge.io.prompts import load_prompt_set
 
@@ -140,19 +155,10 @@ def calibration_overhead(folder: Path, device: torch.device, n_prompts: int, rep
             fn()
             _sync(device)
             times[label].append(time.perf_counter() - t)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    api.calibrate(str(folder), CalibrationOptions(max_prompts=n_prompts, max_new_tokens=32, device=str(device)))
-    _sync(device)
-    whole = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"prompts": n_prompts, "tokens": sum(len(s) for s, _ in sequences), "seconds_generate": seconds_generate,
-            "median_seconds": med, "ratio": med["stats"] / med["bare"], "seconds_calibrate": whole,
-            "peak_gib": peak, "dtype": str(next(iter(linear.values())).weight.dtype).replace("torch.", "")}
+            "median_seconds": med, "ratio": med["stats"] / med["bare"],
+            "dtype": str(next(iter(linear.values())).weight.dtype).replace("torch.", "")}
 
 
 def device_agreement(folder: Path, adapter: Path, device: torch.device, n_prompts: int, work: Path) -> dict:

@@ -224,7 +224,8 @@ def test_repair_evaluation_with_layers_offloaded_to_disk_equals_the_evaluation_i
     a, b = reports["memory"], reports["offloaded"]
     assert set(a["behavior"]) == {"base", "adapter", "repaired"}
     assert a["behavior"] == b["behavior"] and a["task"] == b["task"]
-    assert len(placed) == 1 and "disk" in set(placed[0].values())  # the offloaded run's evaluation model
+    # the offloaded run's loads (the base-refusal probe before the repair, then the evaluation), each on disk
+    assert len(placed) == 2 and all("disk" in set(p.values()) for p in placed)
 
 
 def test_audit_that_loads_no_model_refuses_placement_options(tiny_model_dir, tmp_path):

@@ -117,9 +117,11 @@ def _measure(applied: Applied, held: PromptSet, sets: PromptSets, options: Repai
 PROBE_PROMPTS = 16  # held-out harmful prompts the base answers before the repair, for the warning below
 
 
-def base_refusal_warning(base: BaseModel, sets: PromptSets, behavior: BehaviorOptions) -> str | None:
+def base_refusal_warning(base: BaseModel, sets: PromptSets, behavior: BehaviorOptions,
+                         trains: bool = False) -> str | None:
     """One line when the base model refuses fewer than half of the first :data:`PROBE_PROMPTS` held-out harmful
-    prompts (greedy, the keyword judge): then there are no refusals to restore. None otherwise."""
+    prompts (greedy, the keyword judge): then there are no refusals to restore. None otherwise. With ``trains``
+    (the method trains on the model as placed), a placement training cannot run on is refused first."""
     from salora_merge.auditing.judges import refused
     from salora_merge.hf.models import chat_prompt_ids, generate_greedy, pick_device
 
@@ -127,6 +129,9 @@ def base_refusal_warning(base: BaseModel, sets: PromptSets, behavior: BehaviorOp
     if not prompts:
         return None
     model, tokenizer = base.load_model(pick_device(behavior.device), behavior.placement()), base.tokenizer
+    if trains:
+        from salora_merge.hf.placement import check_trainable
+        check_trainable(getattr(model, "hf_device_map", None))  # its one-line error before any warning
     answers = generate_greedy(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts],
                               min(16, behavior.max_new_tokens), behavior.batch_size)
     share = sum(refused(tokenizer.decode(a, skip_special_tokens=True)) for a in answers) / len(prompts)
@@ -180,7 +185,8 @@ def run_repair(
         if discovering:
             from salora_merge.hf.chat_templates import user_turn_frame
             user_turn_frame(base.tokenizer)  # no chat template to sample from: one line, before the probe
-        low = base_refusal_warning(base, sets, options.behavior) if options.evaluate and warn else None
+        low = (base_refusal_warning(base, sets, options.behavior, trains=method.name == "refit")
+               if options.evaluate and warn else None)
         if low:
             warn(low)
 
