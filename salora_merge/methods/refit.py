@@ -151,14 +151,9 @@ def _check_inputs(options: Mapping[str, Any]) -> None:
 
 def apply_refit(modules: Mapping[str, "LoraModule"], ctx: MethodContext,
                 options: Mapping[str, Any]) -> tuple[dict[str, "LoraModule"], RefitReport]:
-    from salora_merge.io.prompts import load_prompt_set
     from salora_merge.training.refit import RefitOptions, refit_adapter
 
-    def load(option: str, spec: str):
-        try:
-            return load_prompt_set(spec)
-        except InputError as exc:
-            raise InputError(f"--{option.replace('_', '-')}: {exc}") from None
+    load = _load  # the same one-line errors as check_inputs
 
     anchors = load("anchor_prompts", options["anchor_prompts"]).head(options["max_anchors"])
     if not anchors.prompts:
