@@ -12,7 +12,7 @@ _API = (
     "open_base", "calibrate", "realign", "repair", "merge", "audit", "train", "retrain", "push", "run",
     "BaseModel", "CalibrationOptions", "Calibration", "MergeOptions", "AdapterInput", "MergeReport",
     "AuditOptions", "BehaviorOptions", "TrainOptions", "TrainReport", "RetrainOptions", "RetrainReport",
-    "RunControl", "PushResult", "MethodReport", "RepairOptions", "RepairReport", "METHODS",
+    "RunControl", "PushResult", "MethodReport", "RepairOptions", "RepairReport", "METHODS", "tqdm_progress",
 )
 __all__ = ["__version__", *_API]
 

@@ -32,7 +32,7 @@ from salora_merge.merging.report import MergeReport
 from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge
 from salora_merge.methods import DEFAULT, REGISTRY
 from salora_merge.methods.base import MethodReport
-from salora_merge.progress import Progress, silent
+from salora_merge.progress import Progress, silent, tqdm_progress
 from salora_merge.publishing.push import PushResult
 from salora_merge.realignment.run import run_realign
 from salora_merge.repairing.report import RepairReport
@@ -50,7 +50,7 @@ __all__ = [
     "open_base", "calibrate", "realign", "repair", "merge", "audit", "train", "retrain", "push", "run",
     "BaseModel", "CalibrationOptions", "Calibration", "MergeOptions", "AdapterInput", "MergeReport",
     "AuditOptions", "BehaviorOptions", "TrainOptions", "TrainReport", "RetrainOptions", "RetrainReport",
-    "RunControl", "PushResult", "MethodReport", "RepairOptions", "RepairReport", "METHODS",
+    "RunControl", "PushResult", "MethodReport", "RepairOptions", "RepairReport", "METHODS", "tqdm_progress",
 ]
 
 Base = "str | BaseModel"
@@ -123,13 +123,14 @@ def merge(base: Base, adapters: Sequence["str | AdapterInput"], output: Path,
 
 def audit(base: Base, adapters: Sequence[str], options: AuditOptions = AuditOptions(), *,
           safety: Path | None = None, calibration: CalibrationOptions | None = None, progress: Progress = silent,
-          judge=None) -> dict:
+          judge=None, warn: Callable[[str], None] | None = None) -> dict:
     """Audit adapters (folders, Hub ids, or folders of adapter folders). Returns the versioned report
-    (``docs/audit-report.schema.json``); :func:`salora_merge.auditing.run.exit_code` gives its gate result."""
+    (``docs/audit-report.schema.json``); :func:`salora_merge.auditing.run.exit_code` gives its gate result.
+    ``warn`` gets a one-line warning when the base refuses too little for erosion to show (with behaviour)."""
     if calibration is not None:
         calibration.validate()
     return run_audit(resolve_model(base), adapters, options, safety_path=safety, calibration=calibration,
-                     progress=progress, judge=judge)
+                     progress=progress, judge=judge, warn=warn)
 
 
 def train(base: Base, data: Path, safety: Path, output: Path, options: TrainOptions = TrainOptions(), *,

@@ -378,3 +378,34 @@ def test_audit_attaches_the_shortfall_warning_from_the_behaviour_rates(audit_set
     assert entry["status"] == "no gate"  # a warning, not a gate
     shortfall = [w for w in entry["warnings"] if w.startswith("realign does not restore")]
     assert bool(shortfall) == warned
+
+
+@pytest.mark.parametrize("base_rate, warned", [(0.2, True), (0.5, False)])
+def test_audit_warns_once_before_the_adapters_when_the_base_does_not_refuse(audit_setup, tiny_model_dir,
+                                                                           monkeypatch, base_rate, warned):
+    import salora_merge.auditing.run as audit_module
+    from salora_merge.auditing.behavior import VariantResult
+
+    calls, lines = [], []
+
+    def fake_evaluate(*args, **kwargs):
+        calls.append(len(lines))  # how many warnings had been given when this variant was evaluated
+        rate = base_rate if len(calls) == 1 else 0.1
+        return VariantResult(harmful_refusal_rate=rate, attack_success_rate=1 - rate, benign_refusal_rate=0.0,
+                             overrefusal_rate=0.0, n={"harmful": 10, "benign": 1, "overrefusal": 1},
+                             responses={"harmful": ["x"], "benign": ["x"], "overrefusal": ["x"]})
+
+    monkeypatch.setattr(audit_module, "evaluate_variant", fake_evaluate)
+    behavior = BehaviorOptions(max_prompts=1, max_new_tokens=2, batch_size=1, device="cpu")
+    report = run_audit(str(tiny_model_dir), [str(audit_setup / "adapters" / "a-random")],
+                       AuditOptions(behavior=behavior), safety_path=audit_setup / "safety.safetensors",
+                       warn=lines.append)
+    entry = report["adapters"][0]
+    if warned:
+        assert lines == ["warning: the base refuses 20% of 10 held-out harmful prompts (harmbench-standard[:1]): "
+                         "there are no refusals to lose: this audit's behaviour cannot show erosion (audit against "
+                         "a safety-aligned base, built in: smollm2-135m-aligned)"]
+        assert calls == [0, 1, 1]  # given after the base's evaluation, before the adapter's
+        assert lines[0].removeprefix("warning: ") in entry["warnings"]
+    else:
+        assert lines == [] and not [w for w in entry["warnings"] if "no refusals" in w]

@@ -212,13 +212,65 @@ def test_repair_warns_before_the_long_work_when_the_base_does_not_refuse(tiny_mo
     result = _repair(tiny_model_dir, adapter, tmp_path / "out", *FAST, "--task-prompts", "generic-tasks")
     assert result.exit_code == 0, result.output
     warning = ("warning: the base refuses 0% of 3 held-out harmful prompts (harmbench-standard[:3]): there are "
-               "no refusals to restore; repair needs a safety-aligned base")
+               "no refusals to restore; repair needs a safety-aligned base (built in: smollm2-135m-aligned)")
     lines = result.stderr.splitlines()
     assert warning in lines
     assert lines.index(warning) < next(
-        i for i, line in enumerate(lines) if "anchor responses" in line)  # before the long work
+        i for i, line in enumerate(lines) if "anchor prompts" in line)  # before the long work
     base, options = resolve_model(str(tiny_model_dir)), BehaviorOptions(max_prompts=3, max_new_tokens=4)
     sets = load_prompt_sets(options)
     refusal = base.tokenizer("I'm sorry, I cannot help", add_special_tokens=False)["input_ids"]
     monkeypatch.setattr(models, "generate_greedy", lambda model, tok, prompts, *a, **k: [refusal] * len(prompts))
     assert base_refusal_warning(base, sets, options) is None
+
+
+def test_exact_answers_and_the_gain_kept_by_hand():
+    from salora_merge.core.agreement import exact_answers, gain_kept
+
+    assert exact_answers([" 42", "7\n", "4 2"], ["42", "7", "42"]) == [True, True, False]
+    with pytest.raises(ValueError):
+        exact_answers(["1"], [])
+    assert gain_kept(0.0, 0.55, 0.5) == pytest.approx(0.5 / 0.55)
+    assert gain_kept(0.1, 0.1, 0.3) is None and gain_kept(0.5, 0.2, 0.4) is None  # no gain to keep
+
+
+def test_repair_task_check_scores_exact_answers_of_each_variant(tiny_model_dir, tmp_path, monkeypatch):
+    """Every variant answers "42" (generation replaced): half the expected answers are 42, so each variant scores
+    50% and the adapter gains nothing over the base; the verdict and the card say so."""
+    from conftest import make_peft_adapter
+
+    import salora_merge.hf.models as models
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    check = tmp_path / "check.jsonl"
+    check.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": "42" if i % 2 else "7"}) + "\n"
+                             for i in range(6)))
+    forty_two = models.load_tokenizer(tiny_model_dir)("42", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(models, "generate_greedy",
+                        lambda model, tok, prompts, *a, on_batch=None, **k: [list(forty_two)] * len(prompts))
+    out = tmp_path / "out"
+    result = _repair(tiny_model_dir, adapter, out, "--method", "shrink", "--gamma", "0.5", *EVAL,
+                     "--task-check", check)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    got = report["task_check"]
+    assert got["name"] == "check.jsonl" and got["prompts"] == 6 and got["max_new_tokens"] == len(forty_two) + 4
+    assert got["base"] == got["adapter"] == got["repaired"] == 0.5 and got["kept"] is None
+    assert "task check: exact answers (`check.jsonl`, 6) | 50% | 50% | 50% |" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("content, extra, expected", [
+    ('{"prompt": "What is 1 + 1?"}\n', [], "--task-check"),  # no expected answers
+    ('{"prompt": "What is 1 + 1?", "answer": "2"}\n', ["--no-eval"], "--task-check is measured by the evaluation"),
+])
+def test_repair_task_check_bad_inputs(content, extra, expected, tiny_model_dir, tmp_path):
+    from conftest import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
+    check = tmp_path / "check.jsonl"
+    check.write_text(content)
+    out = tmp_path / "out"
+    result = _repair(tiny_model_dir, adapter, out, "--method", "shrink", *EVAL, "--task-check", check, *extra)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert expected in result.stderr and not out.exists()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from salora_merge.auditing.behavior import (
     BehaviorOptions,
     evaluate_variant,
     load_prompt_sets,
+    low_base_refusal,
 )
 from salora_merge.calibration.obtain import obtain_safety
 from salora_merge.calibration.run import CalibrationOptions
@@ -126,9 +127,12 @@ def run_audit(
     calibration: CalibrationOptions | None = None,
     progress: Progress = silent,
     judge=None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Audit every adapter; ``judge`` (a :class:`~salora_merge.auditing.judges.Judge`) overrides
-    ``options.behavior.judge`` for programmatic use."""
+    ``options.behavior.judge`` for programmatic use. ``warn`` gets one line, before the adapters' behaviour is
+    measured, when the base refuses too few harmful prompts for erosion to show (also in each entry's
+    warnings)."""
     started = time.perf_counter()
     options.validate()
     refs = expand_adapters(adapter_refs)
@@ -186,18 +190,24 @@ def run_audit(
         behavior = options.behavior
         tokenizer = base.tokenizer
         model = base.load_model(pick_device(behavior.device), behavior.placement())
-        with progress("behaviour: base model", 1) as tick:
-            base_result = evaluate_variant(model, tokenizer, prompt_sets, judge, None, behavior)
-            tick(1)
+        per_variant = sum(len(getattr(prompt_sets, k).prompts) for k in ("harmful", "benign", "overrefusal"))
+        with progress("behaviour: base model (prompts)", per_variant) as tick:
+            base_result = evaluate_variant(model, tokenizer, prompt_sets, judge, None, behavior, on_batch=tick)
         base_behavior = base_result.to_json()
+        low = low_base_refusal(base_result.harmful_refusal_rate, base_result.n["harmful"], prompt_sets.harmful.name,
+                               "lose: this audit's behaviour cannot show erosion (audit against a safety-aligned "
+                               "base, built in: smollm2-135m-aligned)")
+        if low and warn is not None:
+            warn(low)
         for index, adapter in list(adapters.items()):
-            with progress(f"behaviour: {refs[index]}", 2) as tick:
-                with_adapter = evaluate_variant(model, tokenizer, prompt_sets, judge, _factors(adapter.modules), behavior)
-                tick(1)
+            if low:
+                entries[index]["warnings"].append(low.removeprefix("warning: "))
+            with progress(f"behaviour: {refs[index]}, then realigned (prompts)", 2 * per_variant) as tick:
+                with_adapter = evaluate_variant(model, tokenizer, prompt_sets, judge, _factors(adapter.modules), behavior,
+                                                on_batch=tick)
                 realigned_modules, _ = realign_modules(adapter.modules, safety, safety_label)
                 realigned = evaluate_variant(model, tokenizer, prompt_sets, judge, _factors(realigned_modules),
-                                             behavior)
-                tick(1)
+                                             behavior, on_batch=tick)
             examples = []
             for set_name in ("harmful", "overrefusal", "benign"):
                 prompts = getattr(prompt_sets, set_name).prompts

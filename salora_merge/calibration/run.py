@@ -132,6 +132,14 @@ class Calibration:
     n_tokens: int
     capped: Mapping[str, int] = field(default_factory=dict)  # layers smaller than the rank -> the rank they got
 
+    def render(self) -> str:
+        s = self.safety
+        return (f"Safety module: {len(s.bases)} modules, rank {s.rank}, {s.side} side, from {self.n_tokens} tokens "
+                f"(generation {self.seconds_generate:.1f}s, forward passes {self.seconds_forward:.1f}s)")
+
+    def __str__(self) -> str:
+        return self.render()
+
 
 
 def _load_calibration_set(options: CalibrationOptions) -> PromptSet:

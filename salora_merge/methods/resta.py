@@ -17,6 +17,7 @@ from salora_merge.methods.base import (
     at_one_rank,
 )
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
@@ -30,7 +31,7 @@ class RestaModule:
 
 
 @dataclass(frozen=True)
-class RestaReport:
+class RestaReport(Readable):
     base_model: str
     adapter: str
     aligned: str

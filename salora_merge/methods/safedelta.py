@@ -23,6 +23,7 @@ from salora_merge.methods.base import (
     at_one_rank,
 )
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
@@ -40,7 +41,7 @@ class SafeDeltaModule:
 
 
 @dataclass(frozen=True)
-class SafeDeltaReport:
+class SafeDeltaReport(Readable):
     base_model: str
     adapter: str
     safety: str

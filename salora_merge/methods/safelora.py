@@ -14,6 +14,7 @@ from salora_merge.errors import InputError
 from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import Method, MethodContext, MethodOption
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,7 @@ class SafeLoraModule:
 
 
 @dataclass(frozen=True)
-class SafeLoraReport:
+class SafeLoraReport(Readable):
     base_model: str
     adapter: str
     aligned: str

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.methods.base import Method, MethodContext, MethodOption
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 if TYPE_CHECKING:
     from salora_merge.io.adapter import LoraModule
@@ -24,7 +25,7 @@ SHRINK_NOTE = (
 
 
 @dataclass(frozen=True)
-class ShrinkReport:
+class ShrinkReport(Readable):
     base_model: str
     adapter: str
     gamma: float

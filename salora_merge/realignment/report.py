@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from salora_merge.hf.cards import adapter_front_matter
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 __all__ = ["ModuleReport", "RealignReport", "adapter_card", "render_realign", "REPORT_NAME", "REALIGN_CAVEAT"]
 
@@ -39,7 +40,7 @@ class ModuleReport:
 
 
 @dataclass(frozen=True)
-class RealignReport:
+class RealignReport(Readable):
     base_model: str
     adapter: str
     safety: str

@@ -19,10 +19,11 @@ from salora_merge.auditing.behavior import (
     PromptSets,
     evaluate_variant,
     load_prompt_sets,
+    low_base_refusal,
 )
 from salora_merge.auditing.judges import load_judge
 from salora_merge.calibration.run import CalibrationOptions
-from salora_merge.core.agreement import agreement
+from salora_merge.core.agreement import agreement, exact_answers, gain_kept
 from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.resolve import resolve_model
@@ -30,9 +31,9 @@ from salora_merge.io.prompts import PromptSet, load_prompt_set
 from salora_merge.methods import get_method
 from salora_merge.progress import Progress, silent
 from salora_merge.realignment.run import Applied, Sources, apply_method, write_applied
-from salora_merge.repairing.report import LOW_BASE_REFUSAL, REPORT_NAME, RepairReport
+from salora_merge.repairing.report import REPORT_NAME, RepairReport
 
-__all__ = ["RepairOptions", "run_repair", "DEFAULT_METHOD", "split_task_prompts"]
+__all__ = ["RepairOptions", "run_repair", "DEFAULT_METHOD", "split_task_prompts", "load_task_check"]
 
 DEFAULT_METHOD = "refit"
 DISCOVER = "discover"  # the default task prompts: found from the adapter by a method that can (refit)
@@ -47,11 +48,14 @@ class RepairOptions:
     evaluate: bool = True
     behavior: BehaviorOptions = field(default_factory=lambda: BehaviorOptions(max_prompts=50, max_new_tokens=32))
     seed: int = 0
+    task_check: str | None = None  # prompts with expected answers: exact-answer accuracy before and after
 
     def validate(self) -> None:
         get_method(self.method)
         if self.heldout < 0:
             raise InputError(f"--heldout-task-prompts must be 0 or more, got {self.heldout}")
+        if self.task_check is not None and not self.evaluate:
+            raise InputError("--task-check is measured by the evaluation: drop --no-eval or drop --task-check")
         self.behavior.validate()
 
 
@@ -76,8 +80,20 @@ def _load_task_prompts(spec: str) -> PromptSet:
     return task
 
 
+def load_task_check(spec: str) -> PromptSet:
+    """``--task-check``: prompts with the answers the task expects (JSONL with 'prompt' and 'answer', or CSV)."""
+    try:
+        check = load_prompt_set(spec)
+    except InputError as exc:
+        raise InputError(f"--task-check: {exc}") from None
+    if check.responses is None:
+        raise InputError(f"--task-check {spec}: no expected answers; give JSONL lines "
+                         '{"prompt": ..., "answer": ...} (or a CSV with prompt and answer columns)')
+    return check
+
+
 def _measure(applied: Applied, held: PromptSet, sets: PromptSets, options: RepairOptions,
-             progress: Progress) -> dict[str, Any]:
+             progress: Progress, check: PromptSet | None = None) -> dict[str, Any]:
     """The behaviour of the base, the adapter and the repaired adapter on the held-out evaluation sets, and the
     repaired adapter's (and the base's) agreement with the adapter on the held-out task prompts."""
     from salora_merge.hf.models import (
@@ -92,23 +108,34 @@ def _measure(applied: Applied, held: PromptSet, sets: PromptSets, options: Repai
     model, tokenizer = base.load_model(pick_device(behavior.device), behavior.placement()), base.tokenizer
     judge = load_judge(behavior.judge)
     variants = {"base": {}, "adapter": dict(applied.adapter.modules), "repaired": dict(applied.modules)}
-    out: dict[str, Any] = {"behavior": {}, "task": {}}
-    answers = {}
+    out: dict[str, Any] = {"behavior": {}, "task": {}, "task_check": {}}
+    answers, checked = {}, {}
     task_ids = [chat_prompt_ids(tokenizer, p) for p in held.prompts]
-    with progress("evaluating base, adapter and repaired adapter", len(variants)) as advance:
+    check_ids = [chat_prompt_ids(tokenizer, p) for p in check.prompts] if check else []
+    check_tokens = (max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in check.responses) + 4
+                    if check else 0)
+    per_variant = sum(len(getattr(sets, k).prompts) for k in ("harmful", "benign", "overrefusal"))
+    per_variant += len(task_ids) + len(check_ids)
+    with progress("evaluating base, adapter and repaired adapter (prompts)", len(variants) * per_variant) as advance:
         for name, modules in variants.items():
             factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
-            result = evaluate_variant(model, tokenizer, sets, judge, factors, behavior)
+            result = evaluate_variant(model, tokenizer, sets, judge, factors, behavior, on_batch=advance)
             out["behavior"][name] = result.to_json()
-            if task_ids:
-                with lora_applied(model, factors):
+            with lora_applied(model, factors):
+                if task_ids:
                     answers[name] = generate_greedy(model, tokenizer, task_ids, behavior.max_new_tokens,
-                                                    behavior.batch_size)
-            advance(1)
+                                                    behavior.batch_size, on_batch=advance)
+                if check_ids:
+                    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in generate_greedy(
+                        model, tokenizer, check_ids, check_tokens, behavior.batch_size, on_batch=advance)]
+                    checked[name] = sum(exact_answers(texts, check.responses)) / len(texts)
     if task_ids:
         out["task"] = {"prompts": len(task_ids), "max_new_tokens": behavior.max_new_tokens,
                        "repaired_vs_adapter": agreement(answers["adapter"], answers["repaired"]),
                        "base_vs_adapter": agreement(answers["adapter"], answers["base"])}
+    if check_ids:
+        out["task_check"] = {"name": check.name, "prompts": len(check_ids), "max_new_tokens": check_tokens,
+                             **checked, "kept": gain_kept(checked["base"], checked["adapter"], checked["repaired"])}
     out["sets"] = {"harmful": sets.harmful.name, "benign": sets.benign.name, "overrefusal": sets.overrefusal.name,
                    "judge": behavior.judge, "max_new_tokens": behavior.max_new_tokens}
     return out
@@ -135,10 +162,8 @@ def base_refusal_warning(base: BaseModel, sets: PromptSets, behavior: BehaviorOp
     answers = generate_greedy(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts],
                               min(16, behavior.max_new_tokens), behavior.batch_size)
     share = sum(refused(tokenizer.decode(a, skip_special_tokens=True)) for a in answers) / len(prompts)
-    if share >= LOW_BASE_REFUSAL:
-        return None
-    return (f"warning: the base refuses {share:.0%} of {len(prompts)} held-out harmful prompts "
-            f"({sets.harmful.name}): there are no refusals to restore; repair needs a safety-aligned base")
+    return low_base_refusal(share, len(prompts), sets.harmful.name,
+                            "restore; repair needs a safety-aligned base (built in: smollm2-135m-aligned)")
 
 
 def run_repair(
@@ -176,6 +201,7 @@ def run_repair(
     if takes_prompts:
         given["task_prompts"] = DISCOVER if discovering else options.task_prompts
     sets = load_prompt_sets(options.behavior) if options.evaluate else None  # a bad set fails before model work
+    check = load_task_check(options.task_check) if options.task_check is not None else None
     sources = Sources(safety=safety_path, calibration=calibration, aligned=aligned, unaligned=unaligned,
                       task_prompts=for_method, heldout=options.heldout if discovering else 0,
                       device=options.behavior.device, placement=options.behavior.placement())
@@ -205,7 +231,7 @@ def run_repair(
     seconds_eval = 0.0
     if options.evaluate:
         started = time.perf_counter()
-        measured = _measure(applied, held, sets, options, progress)
+        measured = _measure(applied, held, sets, options, progress, check)
         seconds_eval = time.perf_counter() - started
     ranks = sorted({m.rank for m in applied.modules.values()})
     report = RepairReport(
@@ -213,6 +239,7 @@ def run_repair(
         method_options={k: v for k, v in given.items() if k != "task_prompts"},
         task_prompts=task.name, task_prompts_used=len(for_method.prompts), task_prompts_heldout=len(held.prompts),
         ranks=ranks, behavior=measured.get("behavior", {}), task=measured.get("task", {}),
+        task_check=measured.get("task_check", {}),
         eval_sets=measured.get("sets", {}), seconds_method=seconds_method, seconds_eval=seconds_eval,
         output=str(out), method_report=applied.report.to_json())
     write_applied(applied, Path(out), overwrite, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},

@@ -25,7 +25,8 @@ def _key(base: BaseModel, prompt_ids: Sequence[list[int]], max_new_tokens: int) 
 
 
 def base_responses(base: BaseModel, model, prompt_ids: Sequence[list[int]], max_new_tokens: int, batch_size: int,
-                   progress: Progress = silent, cache: Path | None = None) -> list[list[int]]:
+                   progress: Progress = silent, cache: Path | None = None,
+                   label: str = "generating the base model's answers to the anchor prompts") -> list[list[int]]:
     """The base model's greedy responses (token ids; the end-of-turn token kept when it stopped on it) to
     ``prompt_ids``, from the cache when this base model answered these prompts before. ``model`` is the base
     model as loaded, without any adapter."""
@@ -35,7 +36,7 @@ def base_responses(base: BaseModel, model, prompt_ids: Sequence[list[int]], max_
         return [list(map(int, r)) for r in json.loads(path.read_text())["responses"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not cached yet (or unreadable): generate
-    with progress("generating the base model's anchor responses", len(prompt_ids)) as advance:
+    with progress(f"{label} (cached for next time)", len(prompt_ids)) as advance:
         responses = greedy_responses(model, base.tokenizer, list(prompt_ids), max_new_tokens, batch_size,
                                      on_batch=advance)
     with atomic_output_file(path, overwrite=True) as tmp:

@@ -16,6 +16,7 @@ from salora_merge.training.trainer import (
     FitOptions,
 )
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class TrainOptions:
 
 
 @dataclass(frozen=True)
-class TrainReport:
+class TrainReport(Readable):
     base_model: str
     data: str
     data_sha256: str
@@ -115,3 +116,19 @@ class TrainReport:
         data["losses"] = [list(item) for item in self.losses]
         data["tool_version"] = __version__
         return data
+
+    def render(self) -> str:
+        """Summary of a SaLoRA training run (``TrainReport``)."""
+        first = self.losses[0][1] if self.losses else float("nan")
+        last = self.losses[-1][1] if self.losses else float("nan")
+        lines = [
+            f"Trained {self.modules} SaLoRA modules on {self.base_model} ({self.init} init, r = {self.rank}, "
+            f"alpha = {self.alpha:g}{', rsLoRA' if self.use_rslora else ''}; r_s = {self.safety_rank})",
+            f"Data: {self.data}: {self.examples} examples, {self.learned_tokens} learned tokens",
+            f"Steps: {self.global_step}{' (resumed from ' + self.resumed_from + ')' if self.resumed_from else ''}; "
+            f"logged loss {first:.4f} -> {last:.4f}; init {self.seconds_init:.1f}s, training {self.seconds_train:.1f}s",
+            f"Exported as a PEFT LoRA of rank {self.export_rank} (lora_alpha {self.export_alpha:g}); "
+            f"update energy inside the safety subspace: {self.safety_energy:.2e}",
+            f"Wrote {self.output}" + (f"; merged model: {self.merged}" if self.merged else ""),
+        ]
+        return "\n".join(lines)

@@ -192,7 +192,7 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     if boundary_prompts:
         boundary_ids = [chat_prompt_ids(tokenizer, p) for p in boundary_prompts]
         answers = base_responses(base, model, boundary_ids, options.max_new_tokens, options.generation_batch_size,
-                                 progress)
+                                 progress, label="generating the base model's answers to the boundary prompts")
         kept = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(boundary_ids, answers)) if e]
         anchors = alternate(anchors, kept)
     factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
@@ -264,9 +264,10 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     fit_options = FitOptions(max_steps=options.steps, lr=options.lr, batch_size=options.batch_size, grad_accum=1,
                              warmup_ratio=0.1, seed=options.seed, save_steps=10**9, logging_steps=max(1, options.steps // 10),
                              device=device.type, show_progress=False)
-    with tempfile.TemporaryDirectory(prefix="salora-refit-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="salora-refit-") as scratch, \
+            progress(f"re-fitting: optimizer steps of {options.batch_size}", options.steps) as advance:
         result = fit(model, items, pad, fit_options, Path(scratch), echo=echo, collate=_collate(pad, options.kl_top_k),
-                     loss=loss)
+                     loss=loss, on_step=advance)
     out = {}
     with torch.no_grad():
         for name, m in modules.items():

@@ -50,6 +50,7 @@ from salora_merge.training.train import (
     write_trained,
 )
 from salora_merge.version import __version__
+from salora_merge.readable import Readable
 
 __all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
 
@@ -79,7 +80,7 @@ class RetrainOptions:
 
 
 @dataclass(frozen=True)
-class RetrainReport:
+class RetrainReport(Readable):
     adapter: str
     source: str  # "data" or "distilled"
     train_examples: int
@@ -95,6 +96,23 @@ class RetrainReport:
         data = asdict(self)
         data["tool_version"] = __version__
         return data
+
+    def render(self, output: str | None = None) -> str:
+        """Comparison of the retrained adapter with the original (``RetrainReport``)."""
+        exact = f"; identical greedy answers {self.exact_match:.3f}" if self.exact_match is not None else ""
+        lines = [
+            f"Retrained {self.adapter} ({self.source}: {self.train_examples} training, "
+            f"{self.heldout_examples} held-out examples)",
+            f"{'held-out':<22}{'base':>10}{'original':>10}{'retrained':>11}",
+            f"{'NLL / target token':<22}{self.nll['base']:>10.4f}{self.nll['original']:>10.4f}"
+            f"{self.nll['retrained']:>11.4f}",
+            f"{'target accuracy':<22}{self.target_accuracy['base']:>10.4f}{self.target_accuracy['original']:>10.4f}"
+            f"{self.target_accuracy['retrained']:>11.4f}",
+            f"Argmax agreement original vs retrained: {self.agreement:.4f}{exact}",
+            f"Safety-subspace energy share: original {self.weight_space['original']:.4f}, retrained "
+            f"{self.weight_space['retrained']:.2e} (random reference {self.weight_space['random_reference']:.4f})",
+        ] + ([f"Wrote {output}"] if output else [])
+        return "\n".join(lines)
 
 
 def _distill(model, tokenizer, factors, prompt_ids: Sequence[list[int]], options: RetrainOptions,

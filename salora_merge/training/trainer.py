@@ -156,6 +156,7 @@ def fit(
     echo: Callable[[str], None] | None = None,
     collate: Callable[[Sequence], dict] | None = None,
     loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train the SaLoRA layers' ``A`` and ``B`` on ``examples`` (labels already masked) with the Trainer.
 
@@ -172,6 +173,11 @@ def fit(
             if echo is not None and logs and "loss" in logs:
                 echo(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
                      f"lr {logs.get('learning_rate', 0.0):.2e}")
+
+    class _Steps(TrainerCallback):  # a caller's progress bar, one tick per optimizer step
+        def on_step_end(self, args, state, control, **kwargs):
+            if on_step is not None:
+                on_step(1)
 
     class _BarOnly(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -216,7 +222,7 @@ def fit(
         args=args,
         train_dataset=_Dataset(examples),
         data_collator=collate or _Collator(pad),
-        callbacks=[_Echo(), *callbacks],
+        callbacks=[_Echo(), _Steps(), *callbacks],
     )
     # Loss lines go through ``echo`` (stderr in the CLI); the stock printers would also write every log
     # dict, to stdout, where a --json report must be the only output.
