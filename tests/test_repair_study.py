@@ -65,6 +65,7 @@ def test_bar_check_against_hand_computed_cases():
     assert misses[0] == "AdvBench 50% < 85.5%" and misses[1] == "HarmBench 40% < 76.0%"  # 95% of 90% and of 80%
 
 
+@pytest.mark.slow  # minutes on 2 cores: `make test-slow`
 def test_smoke_repair_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path, capsys):
     cache, doc = tmp_path / "cache", tmp_path / "repair.md"
     args = ["--config", "smoke", "--base", str(tiny_model_dir), "--cache", str(cache), "--doc", str(doc),

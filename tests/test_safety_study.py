@@ -59,6 +59,7 @@ def test_bar_check_against_hand_computed_cases():
     assert kept == pytest.approx(0.8)
 
 
+@pytest.mark.slow  # minutes on 2 cores: `make test-slow`
 def test_smoke_study_runs_every_stage_and_caches(tiny_model_dir, tmp_path, capsys):
     cache, doc = tmp_path / "cache", tmp_path / "study.md"
     args = ["--config", "smoke", "--base", str(tiny_model_dir), "--cache", str(cache), "--doc", str(doc),
