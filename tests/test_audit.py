@@ -355,20 +355,25 @@ def test_realign_shortfall_warns_only_when_erosion_is_not_undone():
     assert realign_shortfall(0.0, 0.0, 0.0) is None  # a base that never refuses has nothing to restore
 
 
+def _stand_in_variant(rate: float, harmful: int):
+    """A behaviour result with the given harmful refusal rate over ``harmful`` prompts (the tiny model never
+    refuses, so the warning tests feed the audit these instead of its own evaluation)."""
+    from salora_merge.auditing.behavior import VariantResult
+
+    return VariantResult(harmful_refusal_rate=rate, attack_success_rate=1 - rate, benign_refusal_rate=0.0,
+                         overrefusal_rate=0.0, n={"harmful": harmful, "benign": 1, "overrefusal": 1},
+                         responses={"harmful": ["x"], "benign": ["x"], "overrefusal": ["x"]})
+
+
 @pytest.mark.parametrize("realigned_rate, warned", [(0.5, True), (0.75, False)])
 def test_audit_attaches_the_shortfall_warning_from_the_behaviour_rates(audit_setup, tiny_model_dir, tmp_path,
                                                                       monkeypatch, realigned_rate, warned):
     # The tiny model never refuses, so the rates come from a stand-in evaluation: base, adapter, realigned.
     import salora_merge.auditing.run as audit_module
-    from salora_merge.auditing.behavior import VariantResult
-
     rates = iter([0.8, 0.3, realigned_rate])
 
     def fake_evaluate(*args, **kwargs):
-        rate = next(rates)
-        return VariantResult(harmful_refusal_rate=rate, attack_success_rate=1 - rate, benign_refusal_rate=0.0,
-                             overrefusal_rate=0.0, n={"harmful": 1, "benign": 1, "overrefusal": 1},
-                             responses={"harmful": ["x"], "benign": ["x"], "overrefusal": ["x"]})
+        return _stand_in_variant(next(rates), harmful=1)
 
     monkeypatch.setattr(audit_module, "evaluate_variant", fake_evaluate)
     behavior = BehaviorOptions(max_prompts=1, max_new_tokens=2, batch_size=1, device="cpu")
@@ -384,16 +389,11 @@ def test_audit_attaches_the_shortfall_warning_from_the_behaviour_rates(audit_set
 def test_audit_warns_once_before_the_adapters_when_the_base_does_not_refuse(audit_setup, tiny_model_dir,
                                                                            monkeypatch, base_rate, warned):
     import salora_merge.auditing.run as audit_module
-    from salora_merge.auditing.behavior import VariantResult
-
     calls, lines = [], []
 
     def fake_evaluate(*args, **kwargs):
         calls.append(len(lines))  # how many warnings had been given when this variant was evaluated
-        rate = base_rate if len(calls) == 1 else 0.1
-        return VariantResult(harmful_refusal_rate=rate, attack_success_rate=1 - rate, benign_refusal_rate=0.0,
-                             overrefusal_rate=0.0, n={"harmful": 10, "benign": 1, "overrefusal": 1},
-                             responses={"harmful": ["x"], "benign": ["x"], "overrefusal": ["x"]})
+        return _stand_in_variant(base_rate if len(calls) == 1 else 0.1, harmful=10)
 
     monkeypatch.setattr(audit_module, "evaluate_variant", fake_evaluate)
     behavior = BehaviorOptions(max_prompts=1, max_new_tokens=2, batch_size=1, device="cpu")
