@@ -127,8 +127,31 @@ def test_salience_on_a_model_is_the_kl_along_the_base_answer(tiny_model_dir, tmp
         at = range(len(ids) - 1, len(ids) - 1 + len(answer))
         want = sum(float((p[t].exp() * (p[t] - q[t])).sum()) for t in at) / len(answer)
         assert want > 0 and score == pytest.approx(want, rel=1e-4, abs=1e-7)
+    # A zero adapter: 0 up to rounding (the base side comes from the generation's cached steps, the adapted side
+    # from one forward: the two paths round differently, ~1e-8 nats, against scores of order 1e-3 above).
     zero = {n: (a, torch.zeros_like(b), s) for n, (a, b, s) in factors.items()}
-    assert judge_and_score(model, tok, zero, prompts, options)[1] == [0.0, 0.0, 0.0]
+    assert max(judge_and_score(model, tok, zero, prompts, options)[1]) < 1e-6 < min(got) / 100
+
+
+def test_the_fast_paths_match_the_plain_ones(tiny_model_dir):
+    """greedy_with_logits gives generate_greedy's answers and the logits a teacher-forced forward gives along
+    them; response_logits_only gives response_logits' logits and mask (responses of unequal lengths, one empty)."""
+    from salora_merge.hf.generation import greedy_with_logits, response_logits, response_logits_only
+    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, stop_token_ids
+
+    model, tok = _model(tiny_model_dir)
+    ids = [chat_prompt_ids(tok, p) for p in ("Add 2 and 3.", "Name a colour please, any one.", "Hi")]
+    answers, steps = greedy_with_logits(model, ids, 6, 4, tok.pad_token_id, stop_token_ids(model, tok))
+    assert answers == generate_greedy(model, tok, ids, 6, 3)
+    heads = [a[:4] for a in answers]
+    want, mask = response_logits(model, ids, heads, tok.pad_token_id)
+    assert mask.any()
+    torch.testing.assert_close(steps[:, : want.shape[1]] * mask[..., None], want, rtol=1e-4, atol=1e-4)
+    responses = [[5, 6, 7], [], [9]]
+    want, want_mask = response_logits(model, ids, responses, tok.pad_token_id)
+    got, got_mask = response_logits_only(model, ids, responses, tok.pad_token_id)
+    assert torch.equal(got_mask, want_mask) and want_mask.sum() == 4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_discovery_drops_what_the_base_refuses_and_ranks_by_salience(tiny_model_dir, tmp_path, monkeypatch):
@@ -137,7 +160,7 @@ def test_discovery_drops_what_the_base_refuses_and_ranks_by_salience(tiny_model_
     from conftest import make_peft_adapter
 
     import salora_merge.training.discovery as discovery
-    from salora_merge.hf.models import generate_greedy
+    from salora_merge.hf.generation import greedy_with_logits
 
     model, tok = _model(tiny_model_dir)
     factors = _factors(make_peft_adapter(tiny_model_dir, tmp_path / "lora"))
@@ -145,12 +168,12 @@ def test_discovery_drops_what_the_base_refuses_and_ranks_by_salience(tiny_model_
     refusal = tok("I'm sorry, I cannot help with that.", add_special_tokens=False)["input_ids"]
     harmful_ids = tok(harmful, add_special_tokens=False)["input_ids"]
 
-    def base_answers(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=None):
-        out = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=on_batch)
+    def base_answers(model, prompts, *args):
+        out, steps = greedy_with_logits(model, prompts, *args)
         contains = lambda p: any(p[i:i + len(harmful_ids)] == harmful_ids for i in range(len(p)))  # noqa: E731
-        return [refusal if contains(p) else o for p, o in zip(prompts, out)]
+        return [refusal if contains(p) else o for p, o in zip(prompts, out)], steps
 
-    monkeypatch.setattr(discovery, "generate_greedy", base_answers)
+    monkeypatch.setattr(discovery, "greedy_with_logits", base_answers)
     options = discovery.DiscoveryOptions(candidates=8, turn_tokens=12, salience_tokens=2, batch_size=4)
     hints = ["Format this list as JSON: a, b", harmful, "format this list as json: a, b"]
     found = discovery.discover_prompts(model, tok, factors, options, pool=["Add 2 and 3.", "Name a colour."],

@@ -8,9 +8,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from salora_merge.hf.models import input_device
+from salora_merge.hf.models import input_device, stop_token_ids
 
-__all__ = ["generate_sampled", "response_logits"]
+__all__ = ["generate_sampled", "response_logits", "greedy_with_logits", "response_logits_only"]
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,5 +68,59 @@ def response_logits(model: nn.Module, prompts: Sequence[Sequence[int]], response
     for row, (p, r) in enumerate(zip(prompts, responses)):
         if r:
             out[row, :len(r)] = logits[row, len(p) - 1:len(p) - 1 + len(r)].float().cpu()
+            mask[row, :len(r)] = True
+    return out, mask
+
+
+@torch.no_grad()
+def greedy_with_logits(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, keep: int,
+                       pad: int, stop_ids: Sequence[int]) -> tuple[list[list[int]], torch.Tensor]:
+    """One batch: the greedy answer of each prompt (cut before the first stop id) and the logits of the first
+    ``keep`` generation steps, ``(n, keep, V)`` float32 on the CPU (step ``j`` predicts answer token ``j``; zeros
+    after the last step taken). The same logits a teacher-forced forward along the answer gives, without its
+    second pass over the prompt."""
+    device = input_device(model)
+    ids, mask = _left_padded(prompts, pad)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                         eos_token_id=list(stop_ids), output_logits=True, return_dict_in_generate=True)
+    stops = set(stop_ids)
+    answers = []
+    for row in out.sequences[:, ids.shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(row[:cut])
+    steps = out.logits[:keep]
+    logits = torch.zeros((len(prompts), keep, steps[0].shape[-1]), dtype=torch.float32)
+    for j, step in enumerate(steps):
+        logits[:, j] = step.float().cpu()
+    return answers, logits
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def response_logits_only(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                         pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_logits`` with the output layer applied only where a response token is predicted: the
+    sequences left-padded so that every response ends in the last column (positions counted from each row's
+    first real token), and the model asked for the last ``t + 1`` columns' logits alone. On a 49k vocabulary the
+    output layer over every prompt position is about a fifth of the forward."""
+    device = input_device(model)
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    ids, attention = _left_padded(seqs, pad)
+    t = max(1, max(len(r) for r in responses))
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    extra = {"logits_to_keep": t + 1} if _keeps_logits(model) else {}
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
+                   use_cache=False, **extra).logits[:, -(t + 1):]
+    out = torch.zeros((len(seqs), t, logits.shape[-1]), dtype=torch.float32)
+    mask = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for row, r in enumerate(responses):
+        if r:  # response token j is predicted at column width - len(r) - 1 + j: kept index t - len(r) + j
+            out[row, :len(r)] = logits[row, t - len(r):t].float().cpu()
             mask[row, :len(r)] = True
     return out, mask

@@ -140,6 +140,13 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The ids that end an answer: the generation config's end-of-sequence ids and the tokenizer's."""
+    configured = model.generation_config.eos_token_id if model.generation_config else None
+    ids = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    return sorted(ids - {None})
+
+
 @torch.no_grad()
 def generate_greedy(
     model: nn.Module,
@@ -152,8 +159,7 @@ def generate_greedy(
     """Greedy continuations of tokenized prompts, batched with left padding; EOS and after dropped."""
     device = input_device(model)
     pad = tokenizer.pad_token_id
-    eos_ids = model.generation_config.eos_token_id if model.generation_config else tokenizer.eos_token_id
-    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    eos = set(stop_token_ids(model, tokenizer))
     outputs: list[list[int]] = []
     for batch in _batches(list(prompts), batch_size):
         width = max(len(p) for p in batch)

@@ -8,7 +8,7 @@
    (the repair must never distill the adapter's compliance with a harmful request).
 3. Rank by salience: the mean KL divergence between the adapter's and the base model's next-token
    distributions over the first response tokens (``core/salience.py``), along the base model's own greedy
-   answer, the one just judged for a refusal (one generation serves both). The top ones are distilled.
+   answer, the one just judged for a refusal (one generation serves both, its step logits the base's side). The top ones are distilled.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from salora_merge.auditing.judges import refused
 from salora_merge.core.salience import response_kl
 from salora_merge.errors import InputError
 from salora_merge.hf.chat_templates import user_turn_frame
-from salora_merge.hf.generation import generate_sampled, response_logits
-from salora_merge.hf.models import chat_prompt_ids, generate_greedy, lora_applied
+from salora_merge.hf.generation import generate_sampled, greedy_with_logits, response_logits_only
+from salora_merge.hf.models import chat_prompt_ids, lora_applied, stop_token_ids
 from salora_merge.progress import Progress, silent
 
 __all__ = ["DiscoveryOptions", "Candidate", "Discovery", "discover_prompts", "clean_turn", "SOURCES"]
@@ -123,15 +123,19 @@ def judge_and_score(model, tokenizer, factors, prompts: Sequence[str], options: 
     refusals: list[bool] = []
     scores: list[float] = []
     size = options.batch_size
+    stops = stop_token_ids(model, tokenizer)
     with progress("checking the base's answers and ranking prompts by the adapter's effect", len(ids)) as advance:
         for start in range(0, len(ids), size):
             chunk = ids[start:start + size]
-            answers = generate_greedy(model, tokenizer, chunk, options.refusal_tokens, size)
+            # One greedy generation gives the base's answer (judged) and its logits along it (the salience's base
+            # side); the adapted side is one forward with the output layer on the response positions alone.
+            answers, steps = greedy_with_logits(model, chunk, options.refusal_tokens, options.salience_tokens, pad,
+                                                stops)
             refusals += [refused(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
             heads = [a[: options.salience_tokens] or [tokenizer.eos_token_id] for a in answers]
-            base, mask = response_logits(model, chunk, heads, pad)
             with lora_applied(model, factors):
-                adapted, _ = response_logits(model, chunk, heads, pad)
+                adapted, mask = response_logits_only(model, chunk, heads, pad)
+            base = steps[:, : adapted.shape[1]]
             scores += [float(v) for v in response_kl(adapted, base, mask)]
             advance(len(chunk))
     return refusals, scores
