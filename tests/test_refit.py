@@ -254,7 +254,8 @@ def test_refit_boundary_prompts_by_teacher(tiny_model_dir, tmp_path, monkeypatch
 
 def test_distilled_items_weight_the_first_answer_tokens_and_anchors_alternate():
     from salora_merge.training.data import example_from_ids
-    from salora_merge.training.refit import RefitOptions, alternate, distilled_item
+    from salora_merge.training.anchors import alternate
+    from salora_merge.training.refit import RefitOptions, distilled_item
 
     example = example_from_ids([1, 2], [5, 6, 7], 64)  # labels: IGNORE, IGNORE, 5, 6, 7
     ce = distilled_item(example, None, RefitOptions(first_tokens=2, answer_first_weight=3.0))

@@ -1,5 +1,6 @@
-"""Refusal anchors: harmful prompts with the base model's own greedy responses (its refusals), generated
-once per base model and prompt set and cached under the salora-merge cache."""
+"""Refusal anchors: harmful prompts with the base model's own greedy responses (its refusals), and benign
+boundary prompts with its own answers, generated once per base model and prompt set and cached under the
+salora-merge cache. Shared by ``refit`` (repair) and anchored ``train``/``retrain``."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from pathlib import Path
 from typing import Sequence
 
 from salora_merge.hf.base_model import BaseModel
-from salora_merge.hf.models import greedy_responses
+from salora_merge.hf.models import chat_prompt_ids, greedy_responses
 from salora_merge.hf.resolve import cache_dir
 from salora_merge.io.atomic import atomic_output_file
 from salora_merge.progress import Progress, silent
+from salora_merge.training.data import TokenizedExample, example_from_ids
 from salora_merge.version import __version__
 
-__all__ = ["base_responses"]
+__all__ = ["base_responses", "anchor_examples", "alternate"]
 
 
 def _key(base: BaseModel, prompt_ids: Sequence[list[int]], max_new_tokens: int) -> str:
@@ -42,3 +44,27 @@ def base_responses(base: BaseModel, model, prompt_ids: Sequence[list[int]], max_
     with atomic_output_file(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps({"responses": responses}))
     return responses
+
+
+def alternate(first: list, second: list) -> list:
+    """``first`` and ``second`` interleaved item by item, then the rest of the longer one."""
+    return [x for pair in zip(first, second) for x in pair] + first[len(second):] + second[len(first):]
+
+
+def anchor_examples(base: BaseModel, model, anchor_prompts: Sequence[str], boundary_prompts: Sequence[str],
+                    max_new_tokens: int, max_length: int, batch_size: int, progress: Progress = silent
+                    ) -> list[TokenizedExample]:
+    """The anchors as training examples: each harmful prompt with the base model's own response (its refusal),
+    alternating with each boundary prompt with the base model's own answer; examples with no response token
+    within ``max_length`` are dropped. ``model`` is the base model as loaded, without any adapter."""
+    tokenizer = base.tokenizer
+    anchor_ids = [chat_prompt_ids(tokenizer, p) for p in anchor_prompts]
+    refusals = base_responses(base, model, anchor_ids, max_new_tokens, batch_size, progress)
+    anchors = [e for e in (example_from_ids(p, r, max_length) for p, r in zip(anchor_ids, refusals)) if e]
+    if boundary_prompts:
+        boundary_ids = [chat_prompt_ids(tokenizer, p) for p in boundary_prompts]
+        answers = base_responses(base, model, boundary_ids, max_new_tokens, batch_size, progress,
+                                 label="generating the base model's answers to the boundary prompts")
+        kept = [e for e in (example_from_ids(p, r, max_length) for p, r in zip(boundary_ids, answers)) if e]
+        anchors = alternate(anchors, kept)
+    return anchors

@@ -20,15 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-import salora_merge.parallel as parallel
-from salora_merge.core.refit_loss import (
-    IGNORE,
-    cross_entropy_weight,
-    proximal_penalty,
-    soft_cross_entropy,
-    token_weights,
-    weighted_cross_entropy,
-)
+from salora_merge.core.refit_loss import IGNORE, token_weights
 from salora_merge.core.training_math import gaussian_init
 from salora_merge.errors import InputError, SafetyModuleError
 from salora_merge.hf.base_model import BaseModel
@@ -42,10 +34,11 @@ from salora_merge.hf.models import (
 from salora_merge.hf.placement import Placement
 from salora_merge.io.adapter import LoraModule
 from salora_merge.progress import Progress, silent
-from salora_merge.training.anchors import base_responses
+from salora_merge.training.anchors import anchor_examples
 from salora_merge.training.data import TokenizedExample, example_from_ids, pad_batch
 from salora_merge.training.discovery import Candidate, Discovery, DiscoveryOptions, discover_prompts, split_ranked
 from salora_merge.training.layer import LayerInit, inject
+from salora_merge.training.objective import WeightedItem, weighted_collate, weighted_loss
 from salora_merge.training.prepare import load_for_training
 from salora_merge.training.trainer import FitOptions, fit
 
@@ -105,45 +98,14 @@ class RefitResult:
     seconds_train: float = 0.0
 
 
-@dataclass(frozen=True)
-class _Item:
-    example: TokenizedExample
-    weights: list[float]  # cross-entropy weight per position (0: none)
-    teacher: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, probs) (T, k) at the predicting positions
-    teacher_weights: list[float] | None = None  # weight per predicting position (T) of the teacher's distribution
-
-
-def distilled_item(example: TokenizedExample, teacher, options: RefitOptions) -> _Item:
+def distilled_item(example: TokenizedExample, teacher, options: RefitOptions) -> WeightedItem:
     """A distilled answer's training item: cross-entropy weights on its tokens (``ce``), or weights on the
     teacher's distributions (``kl``; the one at position ``j`` predicts label ``j + 1``), the first
     ``first_tokens`` answer tokens weighted ``answer_first_weight``."""
     w = token_weights(example.labels, options.first_tokens, options.answer_first_weight)
     if options.distill == "kl":
-        return _Item(example, [0.0] * len(w), teacher, w[1:] + [0.0])
-    return _Item(example, w)
-
-
-def alternate(first: list, second: list) -> list:
-    """``first`` and ``second`` interleaved item by item, then the rest of the longer one."""
-    return [x for pair in zip(first, second) for x in pair] + first[len(second):] + second[len(first):]
-
-
-def _collate(pad: int, k: int) -> Callable[[Sequence[_Item]], dict[str, torch.Tensor]]:
-    def collate(items: Sequence[_Item]) -> dict[str, torch.Tensor]:
-        batch = pad_batch([i.example for i in items], pad)
-        n, width = batch["input_ids"].shape
-        batch.update(weights=torch.zeros((n, width)), teacher_ids=torch.zeros((n, width, k), dtype=torch.long),
-                     teacher_probs=torch.zeros((n, width, k)), teacher_weights=torch.zeros((n, width)))
-        for row, item in enumerate(items):
-            t = len(item.example.input_ids)
-            batch["weights"][row, :t] = torch.tensor(item.weights)
-            if item.teacher is not None:
-                ids, probs = item.teacher
-                batch["teacher_ids"][row, :t] = ids
-                batch["teacher_probs"][row, :t] = probs
-                batch["teacher_weights"][row, :t] = torch.tensor(item.teacher_weights) * (probs.sum(-1) > 0)
-        return batch
-    return collate
+        return WeightedItem(example, [0.0] * len(w), teacher, w[1:] + [0.0])
+    return WeightedItem(example, w)
 
 
 @torch.no_grad()
@@ -186,15 +148,8 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     if options.constraint == "salora" and (safety is None or safety.side != "output"):
         raise SafetyModuleError("refit --constraint salora needs an output-side safety module (--safety)")
 
-    anchor_ids = [chat_prompt_ids(tokenizer, p) for p in anchor_prompts]
-    refusals = base_responses(base, model, anchor_ids, options.max_new_tokens, options.generation_batch_size, progress)
-    anchors = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(anchor_ids, refusals)) if e]
-    if boundary_prompts:
-        boundary_ids = [chat_prompt_ids(tokenizer, p) for p in boundary_prompts]
-        answers = base_responses(base, model, boundary_ids, options.max_new_tokens, options.generation_batch_size,
-                                 progress, label="generating the base model's answers to the boundary prompts")
-        kept = [e for e in (example_from_ids(p, r, options.max_length) for p, r in zip(boundary_ids, answers)) if e]
-        anchors = alternate(anchors, kept)
+    anchors = anchor_examples(base, model, anchor_prompts, boundary_prompts, options.max_new_tokens,
+                              options.max_length, options.generation_batch_size, progress)
     factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()}
     found, chosen_prompts, held = None, [], []
     if discovery is not None:
@@ -226,7 +181,7 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
                   else max(len(anchors), options.steps * options.batch_size))
         chosen = [anchors[i % len(anchors)] for i in range(max(1, round(wanted)))]
         rng.shuffle(chosen)
-        items += [_Item(e, token_weights(e.labels, options.first_tokens, options.first_weight)) for e in chosen]
+        items += [WeightedItem(e, token_weights(e.labels, options.first_tokens, options.first_weight)) for e in chosen]
 
     generator = torch.Generator().manual_seed(options.seed)
     inits = {}
@@ -240,25 +195,7 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
     model.config.use_cache = False
     starts = [(p, p.detach().clone()) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
 
-    def loss(model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        # Under --device-map the logits come out on the last layer's device, the batch is on the first's.
-        batch = {k: v.to(out.logits.device) for k, v in batch.items()}
-        # Each term is a weighted mean over the whole step's batch: under torchrun the weights are summed over the
-        # processes and each process's share scaled by their number, so that DDP's mean of the gradients is the
-        # gradient one process would take on the whole batch (and the logged loss, a mean over processes, too).
-        sums = torch.stack([cross_entropy_weight(batch["labels"], batch["weights"]),
-                            batch["teacher_weights"].float().sum()])
-        world = parallel.world_size()
-        if world > 1:
-            sums = parallel.all_reduce_sum_(sums.detach().clone()) / world
-        value = weighted_cross_entropy(out.logits, batch["labels"], batch["weights"], sums[0])
-        if options.distill == "kl" and bool(sums[1] > 0):
-            value = value + soft_cross_entropy(out.logits, batch["teacher_ids"], batch["teacher_probs"],
-                                               batch["teacher_weights"], sums[1])
-        if options.proximal > 0:
-            value = value + options.proximal * proximal_penalty(starts).to(value.device)
-        return value
+    loss = weighted_loss(options.distill == "kl", options.proximal, starts)
 
     prepared = time.perf_counter()
     fit_options = FitOptions(max_steps=options.steps, lr=options.lr, batch_size=options.batch_size, grad_accum=1,
@@ -266,7 +203,7 @@ def refit_adapter(base: BaseModel, modules: Mapping[str, LoraModule], task_promp
                              device=device.type, show_progress=False)
     with tempfile.TemporaryDirectory(prefix="salora-refit-") as scratch, \
             progress(f"re-fitting: optimizer steps of {options.batch_size}", options.steps) as advance:
-        result = fit(model, items, pad, fit_options, Path(scratch), echo=echo, collate=_collate(pad, options.kl_top_k),
+        result = fit(model, items, pad, fit_options, Path(scratch), echo=echo, collate=weighted_collate(pad, options.kl_top_k),
                      loss=loss, on_step=advance)
     out = {}
     with torch.no_grad():
