@@ -13,6 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory):
+    """The salora-merge cache of this test session (anchors' responses and the like) in a temporary folder, its
+    ``models`` (the built-in aliases, converted once) shared with the user's cache; a test that sets its own
+    ``SALORA_MERGE_CACHE`` still does. Left alone when the caller set one."""
+    if os.environ.get("SALORA_MERGE_CACHE"):
+        yield
+        return
+    from salora_merge.hf import hub
+
+    shared = hub.hf_home() / "salora-merge" / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("salora-merge-cache")
+    (cache / "models").symlink_to(shared, target_is_directory=True)
+    os.environ["SALORA_MERGE_CACHE"] = str(cache)
+    yield
+    os.environ.pop("SALORA_MERGE_CACHE", None)
+
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -160,7 +160,7 @@ def test_family_through_calibrate_realign_merge_and_audit(family, tmp_path, tiny
     trained = tmp_path / "trained"
     _cli("train", "--base", base, "--data", data, "--safety", safety, "--rank", 2, "--alpha", 4, "--task-rank", 2,
          "--targets", ",".join(suffixes), "--max-steps", 1, "--batch-size", 2, "--grad-accum", 1,
-         "--lr", "1e-2", "--warmup-ratio", 0, "--device", "cpu", "--quiet", "-o", trained)
+         "--lr", "1e-2", "--warmup-ratio", 0, "--device", "cpu", "--quiet", "--no-keep-refusals", "-o", trained)
     peft_trained, warned = _peft(base, trained)
     assert warned == []
     assert {k.split(".lora_A")[0].removeprefix("base_model.model.")

@@ -322,7 +322,7 @@ def test_non_finite_and_out_of_range_options_are_one_line_errors(world, tmp_path
     before = {p.name for p in tmp_path.iterdir()}
     out = tmp_path / "out"
     common = {"train": ["--data", data, "--safety", world["safety"], "--targets", "q_proj", "--rank", 2,
-                        "--max-steps", 1, "--device", "cpu", "--quiet", "-o", out],
+                        "--max-steps", 1, "--device", "cpu", "--quiet", "--no-keep-refusals", "-o", out],
               "realign": ["--adapter", world["adapter"], "-o", out],
               "calibrate": ["--prompts", world["prompts"], "--rank", 2, "--max-new-tokens", 2, "--targets", "q_proj",
                             "-o", out]}[command]
@@ -370,10 +370,10 @@ def test_every_command_that_reads_files_refuses_bad_ones_in_one_line(world, tmp_
         data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"}) + "\n")
         before.add("data.jsonl")
         args = ["retrain", "--base", world["base"], "--safety", world["safety"], "--data", data, *given,
-                "--max-steps", 1, "--device", "cpu", "--quiet", "-o", out]
+                "--max-steps", 1, "--device", "cpu", "--quiet", "--no-keep-refusals", "-o", out]
     elif command == "train":
         args = ["train", "--base", world["base"], "--safety", world["safety"], "--targets", "q_proj", "--rank", 2,
-                *given, "--max-steps", 1, "--device", "cpu", "--quiet", "-o", out]
+                *given, "--max-steps", 1, "--device", "cpu", "--quiet", "--no-keep-refusals", "-o", out]
     else:
         args = ["push", *given, "--repo-id", "org/name"]
     result = CliRunner().invoke(main, [str(a) for a in args])

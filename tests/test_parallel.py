@@ -113,7 +113,7 @@ def test_torchrun_train_equals_one_process(tiny_model_dir, tiny_calibration_prom
         return ["train", "--base", str(tiny_model_dir), "--data", str(data), "--safety", str(safety), "--rank", "4",
                 "--alpha", "8", "--task-rank", "6", "--targets", "q_proj,v_proj", "--lr", "1e-2", "--dropout", "0",
                 "--batch-size", str(batch), "--grad-accum", "1", "--max-steps", "3", "--logging-steps", "1",
-                "--device", "cpu", "--quiet", "--json", "-o", str(out)]
+                "--device", "cpu", "--quiet", "--json", "--no-keep-refusals", "-o", str(out)]
 
     single, both = tmp_path / "single", tmp_path / "parallel"
     result = CliRunner().invoke(main, train(single, 4))

@@ -76,7 +76,7 @@ def test_offloaded_modules_of_a_device_map():
 def _train_args(base, data, safety, out, *extra):
     return ["train", "--base", str(base), "--data", str(data), "--safety", str(safety), "--rank", "2", "--alpha", "4",
             "--targets", "q_proj,v_proj", "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2",
-            "--device", "cpu", "--quiet", "--json", "-o", str(out), *map(str, extra)]
+            "--device", "cpu", "--quiet", "--json", "--no-keep-refusals", "-o", str(out), *map(str, extra)]
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_training_refuses_offloaded_layers(tiny_model_dir, task_world, tmp_path,
     args = {
         "train": _train_args(tiny_model_dir, w["data"], w["safety"], out),
         "retrain": ["retrain", *base, "--adapter", str(w["adapter"]), "--safety", str(w["safety"]), "--data",
-                    str(w["data"]), "--max-steps", "1", "--device", "cpu", "--quiet", "-o", str(out)],
+                    str(w["data"]), "--max-steps", "1", "--device", "cpu", "--quiet", "--no-keep-refusals", "-o", str(out)],
         "realign-refit": ["realign", *base, "--adapter", str(w["adapter"]), "--method", "refit", "--task-prompts",
                           str(w["task"]), "-o", str(out)],
         "repair-refit": ["repair", *base, "--adapter", str(w["adapter"]), "--task-prompts", str(w["task"]),

@@ -52,7 +52,10 @@ from salora_merge.core.safety import SafetyModule, random_control  # noqa: E402
 from salora_merge.core.subspace import (contrastive_output_basis, energy_total, input_basis, output_basis,  # noqa: E402
                                    rank_for_energy)
 from salora_merge.training.task_eval import mean_nll, score_examples  # noqa: E402
-from salora_merge.training.train import TrainOptions, adapter_config, export_modules, prepare_model  # noqa: E402
+from salora_merge.training.objective import weighted_collate, weighted_loss  # noqa: E402
+from salora_merge.training.options import KeepRefusals  # noqa: E402
+from salora_merge.training.train import (TrainOptions, adapter_config, anchored_mixture, export_modules,  # noqa: E402
+                                         prepare_model)
 from salora_merge.training.data import conversations_from_pairs, example_from_ids, tokenize_all  # noqa: E402
 from salora_merge.training.trainer import FitOptions, fit  # noqa: E402
 
@@ -185,22 +188,29 @@ def empty_safety(model, targets) -> SafetyModule:
 
 
 def train(folder: Path, examples, cfg: StudyConfig, workdir: Path, *, lr: float, epochs: float = 1.0,
-          max_steps: int = -1, safety: SafetyModule | None = None, init: str = "gaussian"
-          ) -> tuple[dict[str, LoraModule], dict, dict]:
+          max_steps: int = -1, safety: SafetyModule | None = None, init: str = "gaussian",
+          keep: KeepRefusals | None = None) -> tuple[dict[str, LoraModule], dict, dict]:
     """Train on the model in ``folder``: plain LoRA (no safety module: the SaLoRA layer with an empty basis
-    and PEFT's default init is exactly LoRA), or SaLoRA with ``safety`` and ``init``. Returns the exported
-    modules, the PEFT config and a few statistics."""
+    and PEFT's default init is exactly LoRA), or SaLoRA with ``safety`` and ``init``; with ``keep``, the
+    product's anchored mixture (``train --keep-refusals``: ``training.train.anchored_mixture``, its weighted
+    loss) instead of the examples alone. Returns the exported modules, the PEFT config and a few statistics."""
     model, tokenizer = load(folder)
     safety = safety if safety is not None else empty_safety(model, cfg.targets)
     options = TrainOptions(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.targets, init=init,
                            task_rank=cfg.train_task_rank, max_length=cfg.max_length, device="cpu",
                            fit=FitOptions(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=cfg.batch_size,
                                           grad_accum=1, seed=cfg.seed, save_steps=10**9, logging_steps=10,
-                                          show_progress=False))
-    prepared = prepare_model(resolve_model(str(folder)), safety, examples, options, model=model,
-                             tokenizer=tokenizer)
-    result = fit(prepared.model, examples, tokenizer.pad_token_id, options.fit, workdir / "checkpoints",
-                 echo=lambda line: log(f"  {line}"))
+                                          show_progress=False),
+                           keep_refusals=keep if keep is not None else KeepRefusals(enabled=False))
+    base = resolve_model(str(folder))
+    items, fit_options, extra, mixed = examples, options.fit, {}, None
+    if options.keep_refusals.enabled:  # the anchors' responses from the unmodified model, before prepare_model
+        mixed = anchored_mixture(base, model, examples, options)
+        items, fit_options = mixed.items, mixed.fit
+        extra = {"collate": weighted_collate(tokenizer.pad_token_id, 1), "loss": weighted_loss()}
+    prepared = prepare_model(base, safety, examples, options, model=model, tokenizer=tokenizer)
+    result = fit(prepared.model, items, tokenizer.pad_token_id, fit_options, workdir / "checkpoints",
+                 echo=lambda line: log(f"  {line}"), **extra)
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     modules = export_modules(prepared.layers)
     doubled = any(layer.has_initial_part for layer in prepared.layers.values())
@@ -208,7 +218,8 @@ def train(folder: Path, examples, cfg: StudyConfig, workdir: Path, *, lr: float,
     stats = {"steps": result.global_step, "train_loss": result.train_loss, "seconds": result.seconds,
              "first_loss": result.losses[0][1] if result.losses else None,
              "last_loss": result.losses[-1][1] if result.losses else None,
-             "update_norm": sum(m.scaling**2 * update_norm_sq(m.lora_B, m.lora_A) for m in modules.values()) ** 0.5}
+             "update_norm": sum(m.scaling**2 * update_norm_sq(m.lora_B, m.lora_A) for m in modules.values()) ** 0.5,
+             **({"refusal_anchors": mixed.record} if mixed else {})}
     return modules, config, stats
 
 

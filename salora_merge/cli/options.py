@@ -197,6 +197,21 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option(t, "--gradient-checkpointing", is_flag=True,
                help="Recompute activations in the backward pass (less memory)."),
         option(t, "--seed", default=0, show_default=True, type=int, help="Seed of data order, sampling and init."),
+        option("Refusal anchors", "--keep-refusals/--no-keep-refusals", default=True, show_default=True,
+               help="Mix refusal anchors into every batch: harmful prompts with the base model's own responses and "
+                    "benign boundary prompts with its own answers (generated once per base, cached), the objective "
+                    "of 'repair'. --no-keep-refusals trains on your data alone."),
+        option("Refusal anchors", "--anchor-share", default=0.125, show_default=True, type=float,
+               help="Share of every batch given to anchors (rounded to whole examples, at least one; below 1)."),
+        option("Refusal anchors", "--anchor-prompts", default="advbench-calibration", show_default=True,
+               help="Harmful prompts (file or built-in set; never an evaluation split); the first 100 are used."),
+        option("Refusal anchors", "--boundary-prompts", default="benign-boundary", show_default=True,
+               help="Benign prompts that sound risky, learned with the base model's answers ('none' for none); the "
+                    "first 128 are used."),
+        option("Refusal anchors", "--anchor-first-tokens", default=5, show_default=True, type=int,
+               help="The first N response tokens of each anchor get --anchor-first-weight."),
+        option("Refusal anchors", "--anchor-first-weight", default=4.0, show_default=True, type=float,
+               help="Loss weight of an anchor's first response tokens (your data's tokens weigh 1)."),
         option(r, "--logging-steps", default=10, show_default=True, type=int, help="Log the loss every N steps."),
         option(r, "--save-steps", default=200, show_default=True, type=int, help="Checkpoint every N steps."),
         option(r, "--checkpoint-dir", type=click.Path(path_type=Path), default=None,
@@ -218,7 +233,7 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
 
 
 def build_training(kw: dict):
-    from salora_merge.training.options import TrainOptions
+    from salora_merge.training.options import KeepRefusals, TrainOptions
     from salora_merge.training.trainer import FitOptions
 
     fit = FitOptions(epochs=kw["epochs"], max_steps=kw["max_steps"], lr=kw["lr"], batch_size=kw["batch_size"],
@@ -233,6 +248,9 @@ def build_training(kw: dict):
         task_rank=kw["task_rank"], init=kw["init"], init_samples=kw["init_samples"], dropout=kw["dropout"],
         max_length=kw["max_length"], device=kw["device"], device_map=kw["device_map"], max_memory=kw["max_memory"],
         random_control=kw["random_control"], fit=fit,
+        keep_refusals=KeepRefusals(enabled=kw["keep_refusals"], share=kw["anchor_share"],
+                                   anchor_prompts=kw["anchor_prompts"], boundary_prompts=kw["boundary_prompts"],
+                                   first_tokens=kw["anchor_first_tokens"], first_weight=kw["anchor_first_weight"]),
     )
 
 

@@ -21,6 +21,22 @@ TRAIN_CAVEAT = (
 )
 
 
+ANCHORS_CAVEAT = (
+    "The anchored objective is the one that brings refusals back in `salora-merge repair` "
+    "(`docs/repair-study.md`); inside training it is not yet measured by the project's study: audit the result "
+    "with `salora-merge audit --behavior`."
+)
+
+
+def _anchors_text(report: "TrainReport") -> str:
+    if not report.refusal_anchors:
+        return ""
+    a = report.refusal_anchors
+    return (f"- Refusal anchors mixed in (`--keep-refusals`): {a['examples_added']} examples added, {a['per_batch']} of "
+            f"every batch of {a['batch_size']}, drawn from {a['distinct']} anchors (`{a['anchor_prompts']}` with the "
+            f"base model's own responses, `{a['boundary_prompts']}` with its own answers); the first "
+            f"{a['first_tokens']} response tokens of each weighted {a['first_weight']:g}. {ANCHORS_CAVEAT}\n")
+
 
 def trained_adapter_card(report: "TrainReport", safety_meta: Mapping[str, Any], note: str | None = None) -> str:
     """Card of an adapter trained (or retrained) with SaLoRA and exported as a plain LoRA."""
@@ -46,7 +62,7 @@ training) that stock PEFT loads on the untouched base.
   `{safety_meta.get('token_policy')}`, rank {report.safety_rank})
 - Steps: {report.global_step}; logged training loss {first:.4f} -> {final:.4f}
 - Share of the update's energy inside the safety subspace: {report.safety_energy:.2e}
-{note or ""}
+{_anchors_text(report)}{note or ""}
 {TRAIN_CAVEAT} Full figures: `salora_train.json`.
 """
     )

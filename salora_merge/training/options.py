@@ -20,6 +20,41 @@ from salora_merge.readable import Readable
 
 
 @dataclass(frozen=True)
+class KeepRefusals:
+    """Refusal anchors mixed into training (the repair's anchored objective, ``training/objective.py``): harmful
+    prompts with the base model's own responses and benign boundary prompts with its own answers, ``share`` of
+    every batch, the first ``first_tokens`` response tokens of each anchor weighted ``first_weight``."""
+
+    enabled: bool = True
+    share: float = 0.125  # one anchor in each batch of 8: the time bar (at most 1.3x plain training) allows no more
+    anchor_prompts: str = "advbench-calibration"
+    max_anchors: int = 100
+    boundary_prompts: str = "benign-boundary"  # 'none' for none
+    max_boundary: int = 128
+    first_tokens: int = 5
+    first_weight: float = 4.0
+    answer_tokens: int = 64  # length of the base model's responses
+
+    def problems(self, batch_size: int) -> list[str]:
+        if not self.enabled:
+            return []
+        out = []
+        if not 0.0 <= self.share < 1.0:  # also NaN
+            out.append(f"--anchor-share must be at least 0 and below 1 (the rest of each batch is your data), "
+                       f"got {self.share}")
+        elif self.share > 0 and max(1, round(self.share * batch_size)) >= batch_size:
+            out.append(f"--anchor-share {self.share:g} leaves no place for your data in a batch of {batch_size}; "
+                       "lower it or raise --batch-size")
+        for name, value in (("--anchor-first-tokens", self.first_tokens), ("--anchor-tokens", self.answer_tokens)):
+            if value < (0 if name == "--anchor-first-tokens" else 1):
+                out.append(f"{name} must be {'0 or more' if name == '--anchor-first-tokens' else 'positive'}, "
+                           f"got {value}")
+        if not 0.0 <= self.first_weight < 1e6:
+            out.append(f"--anchor-first-weight must be a number from 0 to 1e6, got {self.first_weight}")
+        return out
+
+
+@dataclass(frozen=True)
 class TrainOptions:
     rank: int = 16
     alpha: float = 16.0
@@ -35,6 +70,7 @@ class TrainOptions:
     max_memory: str | None = None  # "0=20GiB,1=20GiB"
     random_control: int | None = None  # seed: train against random subspaces of the same sizes (the control)
     fit: FitOptions = field(default_factory=FitOptions)
+    keep_refusals: KeepRefusals = field(default_factory=KeepRefusals)
 
     @property
     def scaling(self) -> float:
@@ -68,6 +104,7 @@ class TrainOptions:
             problems.append(f"--alpha must be a finite non-zero number (up to 1e6), got {self.alpha}")
         if not self.targets:
             problems.append("--targets is empty")
+        problems += self.keep_refusals.problems(self.fit.batch_size)
         if problems:
             raise InputError("; ".join(problems))
 
@@ -75,10 +112,12 @@ class TrainOptions:
         """The options that change what is trained (not how it is shown or saved)."""
         data = asdict(self)
         fit_options = data.pop("fit")
-        for key in ("save_steps", "save_total_limit", "logging_steps", "show_progress", "device"):
+        for key in ("save_steps", "save_total_limit", "logging_steps", "show_progress", "device", "sequential"):
             fit_options.pop(key)
         for key in ("device", "device_map", "max_memory"):  # where it runs, not what it learns
             data.pop(key)
+        if not self.keep_refusals.enabled:  # nothing mixed in: the key of a run before the option existed
+            data.pop("keep_refusals")
         return json.loads(json.dumps({**data, **fit_options}))  # flat, and as it reads back from JSON
 
 
@@ -110,6 +149,7 @@ class TrainReport(Readable):
     output: str
     merged: str | None = None
     options: Mapping = field(default_factory=dict)
+    refusal_anchors: Mapping | None = None  # what --keep-refusals mixed in (None: nothing)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -125,6 +165,7 @@ class TrainReport(Readable):
             f"Trained {self.modules} SaLoRA modules on {self.base_model} ({self.init} init, r = {self.rank}, "
             f"alpha = {self.alpha:g}{', rsLoRA' if self.use_rslora else ''}; r_s = {self.safety_rank})",
             f"Data: {self.data}: {self.examples} examples, {self.learned_tokens} learned tokens",
+            *([self.anchors_line()] if self.refusal_anchors else []),
             f"Steps: {self.global_step}{' (resumed from ' + self.resumed_from + ')' if self.resumed_from else ''}; "
             f"logged loss {first:.4f} -> {last:.4f}; init {self.seconds_init:.1f}s, training {self.seconds_train:.1f}s",
             f"Exported as a PEFT LoRA of rank {self.export_rank} (lora_alpha {self.export_alpha:g}); "
@@ -132,3 +173,10 @@ class TrainReport(Readable):
             f"Wrote {self.output}" + (f"; merged model: {self.merged}" if self.merged else ""),
         ]
         return "\n".join(lines)
+
+    def anchors_line(self) -> str:
+        a = self.refusal_anchors
+        return (f"Refusal anchors mixed in: {a['examples_added']} examples ({a['per_batch']} of every batch of "
+                f"{a['batch_size']}) drawn from {a['distinct']} anchors: `{a['anchor_prompts']}` with the base model's "
+                f"responses, `{a['boundary_prompts']}` with its answers; first {a['first_tokens']} response tokens "
+                f"weighted {a['first_weight']:g}")

@@ -44,6 +44,7 @@ from salora_merge.training.task_eval import (
 )
 from salora_merge.training.train import (
     RunControl,
+    check_anchor_sets,
     TrainOptions,
     prepare_run,
     train_adapter,
@@ -145,6 +146,7 @@ def run_retrain(
     """
     options.validate()
     train_options.validate()
+    check_anchor_sets(train_options.keep_refusals)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("retrain generates and compares on one process; launch it without torchrun/accelerate "
                          "(train supports multi-process runs)")

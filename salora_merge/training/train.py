@@ -17,11 +17,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from salora_merge.core.audit_math import module_scores, summarize
+from salora_merge.core.refit_loss import IGNORE, token_weights
 from salora_merge.core.safety import (
     SafetyModule,
     check_same_base,
     random_control,
 )
+from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.models import input_device
 from salora_merge.hf.resolve import resolve_model
@@ -29,14 +31,18 @@ from salora_merge.io.adapter import LoraModule, write_adapter
 from salora_merge.io.atomic import atomic_output_dir
 from salora_merge.io.safety_file import load_safety_module
 from salora_merge.progress import Progress, silent
+from salora_merge.training.anchors import anchor_examples
 from salora_merge.training.card import trained_adapter_card
 from salora_merge.training.data import TokenizedExample, tokenize_all
-from salora_merge.training.options import TrainOptions, TrainReport
+from salora_merge.training.mixture import anchors_per_batch, mixed_order, mixture_steps
+from salora_merge.training.objective import WeightedItem, weighted_collate, weighted_loss
+from salora_merge.training.options import KeepRefusals, TrainOptions, TrainReport
 from salora_merge.training.prepare import (
     PreparedModel,
     _target_modules,
     adapter_config,
     export_modules,
+    load_for_training,
     prepare_model,
 )
 from salora_merge.training.runs import (
@@ -48,6 +54,7 @@ from salora_merge.training.runs import (
     is_main_process,
 )
 from salora_merge.training.trainer import (
+    FitOptions,
     FitResult,
     fit,
     last_checkpoint,
@@ -56,39 +63,67 @@ from salora_merge.training.trainer import (
 
 __all__ = ["TrainOptions", "TrainReport", "PreparedModel", "TrainedAdapter", "prepare_model", "export_modules",
            "adapter_config", "prepare_run", "train_adapter", "write_trained", "run_train",
-           "RunControl", "is_main_process", "REPORT_NAME", "RUN_NAME"]
+           "RunControl", "is_main_process", "REPORT_NAME", "RUN_NAME", "anchored_mixture", "check_anchor_sets"]
 
 REPORT_NAME = "salora_train.json"
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """The anchored training set: the items in training order, the trainer's steps, and the report's record."""
+
+    items: list[WeightedItem]
+    fit: FitOptions
+    record: dict
 
 
+def _prompt_list(spec: str, limit: int, option: str) -> tuple[str, list[str]]:
+    from salora_merge.io.prompts import load_prompt_set
+
+    try:
+        prompts = load_prompt_set(spec).head(limit)
+    except InputError as exc:
+        raise InputError(f"{option}: {exc}") from None
+    if not prompts.prompts:
+        raise InputError(f"{option} {spec}: no prompts; give a file with one prompt per line (or JSONL with a "
+                         "'prompt' field), or a built-in set")
+    return prompts.name, list(prompts.prompts)
 
 
+def check_anchor_sets(keep: KeepRefusals) -> None:
+    """The anchor and boundary prompt sets load and are not empty (before any model is loaded)."""
+    if keep.enabled:
+        _prompt_list(keep.anchor_prompts, keep.max_anchors, "--anchor-prompts")
+        if keep.boundary_prompts != "none":
+            _prompt_list(keep.boundary_prompts, keep.max_boundary, "--boundary-prompts")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def anchored_mixture(base: BaseModel, model: torch.nn.Module, examples: Sequence[TokenizedExample],
+                     options: TrainOptions, progress: Progress = silent) -> Mixture:
+    """The user's ``examples`` (every learned token weight 1) with the anchors (``training/anchors.py``, the base
+    model's own responses, cached per base model) in ``keep_refusals.share`` of every batch, in training order,
+    and the trainer's options that read it so. ``model``: the base as loaded, unmodified."""
+    keep, fit_options = options.keep_refusals, options.fit
+    anchor_name, anchor_prompts = _prompt_list(keep.anchor_prompts, keep.max_anchors, "--anchor-prompts")
+    boundary_name, boundary_prompts = ("none", []) if keep.boundary_prompts == "none" else _prompt_list(
+        keep.boundary_prompts, keep.max_boundary, "--boundary-prompts")
+    anchors = anchor_examples(base, model, anchor_prompts, boundary_prompts, keep.answer_tokens, options.max_length,
+                              fit_options.batch_size, progress)
+    if not anchors:
+        raise InputError(f"--anchor-prompts {keep.anchor_prompts}: no anchor keeps a response token within "
+                         f"--max-length {options.max_length}; raise it")
+    k = anchors_per_batch(keep.share, fit_options.batch_size)
+    steps, passes = mixture_steps(len(examples), k, fit_options.batch_size, fit_options.grad_accum,
+                                  fit_options.epochs, fit_options.max_steps)
+    order = mixed_order(len(examples), len(anchors), k, fit_options.batch_size, passes, fit_options.seed)
+    task = [WeightedItem(e, [0.0 if label == IGNORE else 1.0 for label in e.labels]) for e in examples]
+    anchored = [WeightedItem(e, token_weights(e.labels, keep.first_tokens, keep.first_weight)) for e in anchors]
+    items = [anchored[i] if is_anchor else task[i] for is_anchor, i in order]
+    record = {"anchor_prompts": anchor_name, "boundary_prompts": boundary_name, "distinct": len(anchors),
+              "per_batch": k, "batch_size": fit_options.batch_size, "share": k / fit_options.batch_size,
+              "examples_added": sum(1 for is_anchor, _ in order if is_anchor), "first_tokens": keep.first_tokens,
+              "first_weight": keep.first_weight, "steps": steps, "passes": passes}
+    return Mixture(items=items, fit=replace(fit_options, max_steps=steps, sequential=True), record=record)
 
 
 @dataclass
@@ -138,15 +173,21 @@ def train_adapter(
     resume_from = _resume_point(checkpoint_dir, key, run.resume, run.overwrite)
     resume_state = read_state(resume_from) if resume_from is not None else None
 
+    mixture = None
+    if options.keep_refusals.enabled:  # the anchors' responses come from the unmodified base: before prepare_model
+        model = model if model is not None else load_for_training(base, options.device, options.placement())
+        mixture = anchored_mixture(base, model, examples, options, progress)
     prepared = prepare_model(base, safety, examples, options, resume_state, progress, str(safety_path),
                              model=model, tokenizer=tokenizer)
     device = input_device(prepared.model)  # under --device-map, where the batches go (the first layer's GPU)
-    fit_options = replace(options.fit, device=device.type)
+    fit_options = replace(mixture.fit if mixture else options.fit, device=device.type)
+    pad = prepared.tokenizer.pad_token_id
+    extra = ({"collate": weighted_collate(pad, 1), "loss": weighted_loss()} if mixture else {})
     if resume_from is None:
         _start_checkpoints(checkpoint_dir, key)
     try:
-        result: FitResult = fit(prepared.model, examples, prepared.tokenizer.pad_token_id, fit_options,
-                                checkpoint_dir, resume_from=resume_from, callbacks=callbacks, echo=echo)
+        result: FitResult = fit(prepared.model, mixture.items if mixture else examples, pad, fit_options,
+                                checkpoint_dir, resume_from=resume_from, callbacks=callbacks, echo=echo, **extra)
     except BaseException:
         if last_checkpoint(checkpoint_dir) is None:  # nothing to resume from: leave nothing behind
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -169,6 +210,7 @@ def train_adapter(
         safety_energy=summarize(scores).rho, seconds_init=prepared.seconds_init, seconds_train=result.seconds,
         resumed_from=str(resume_from) if resume_from else None, output=str(run.out),
         merged=str(run.merge_to) if run.merge_to else None, options=options.run_key(),
+        refusal_anchors=mixture.record if mixture else None,
     )
     return TrainedAdapter(modules=modules, config=config, report=report, safety_meta=dict(safety.metadata))
 
@@ -206,6 +248,7 @@ def run_train(
 ) -> TrainReport:
     """Train a SaLoRA adapter on ``conversations`` and write the portable PEFT adapter to ``run.out``."""
     options.validate()
+    check_anchor_sets(options.keep_refusals)
     base, fingerprint, safety = prepare_run(base, safety_path, run)
     tokenizer = base.tokenizer
     examples = tokenize_all(tokenizer, conversations, options.max_length, data_label)

@@ -47,6 +47,7 @@ class FitOptions:
     logging_steps: int = 10
     device: str = "cpu"  # the resolved device type: cpu or cuda
     show_progress: bool = True
+    sequential: bool = False  # read the examples in the order given (a mixture with exact per-batch shares)
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,21 @@ def last_checkpoint(folder: Path) -> Path | None:
     return best
 
 
-def _trainer_class(loss: "Callable[[torch.nn.Module, dict], torch.Tensor] | None" = None):
+def _trainer_class(loss: "Callable[[torch.nn.Module, dict], torch.Tensor] | None" = None, sequential: bool = False):
     from transformers import Trainer
 
     class SaloraTrainer(Trainer):
         """Saves and restores only the SaLoRA layers' state; everything else is the stock Trainer (and, with
-        ``loss``, the training loss is ``loss(model, batch)`` instead of the model's own)."""
+        ``loss``, the training loss is ``loss(model, batch)`` instead of the model's own; with ``sequential`` the
+        examples are read in the order given)."""
+
+        # A ``loss`` is a mean over its micro-batch: the Trainer divides it by the accumulation steps.
+        loss_is_scaled_for_ga = None if loss is None else False
+
+        def _get_train_sampler(self, *args, **kwargs):
+            if sequential:
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+            return super()._get_train_sampler(*args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if loss is None:
@@ -217,7 +227,7 @@ def fit(
         disable_tqdm=not options.show_progress,
         dataloader_num_workers=0,
     )
-    trainer = _trainer_class(loss)(
+    trainer = _trainer_class(loss, options.sequential)(
         model=model,
         args=args,
         train_dataset=_Dataset(examples),
