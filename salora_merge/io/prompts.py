@@ -22,6 +22,8 @@ BUILTIN_SETS = {
     "generic-tasks": "generic_tasks.jsonl",
     "benign-boundary": "benign_boundary.jsonl",
     "benign-boundary-wide": "benign_boundary_wide.jsonl",
+    "benign-eval": "benign_eval.jsonl",  # evaluation only: disjoint from every other set and the studies' data
+    "harmful-eval": "harmful_eval.jsonl",  # evaluation only: harmful requests written apart from AdvBench/HarmBench
 }
 _PROMPT_FIELDS = ("prompt", "goal", "behavior", "instruction", "question", "text")
 _RESPONSE_FIELDS = ("response", "output", "completion", "answer")
