@@ -40,7 +40,10 @@ def memory_child(n_prompts: int) -> None:
 
 def overhead(n_prompts: int, repeats: int) -> dict:
     from salora_merge.calibration.run import accumulate_moments, backbone_of, batch_tensors, build_sequences, length_sorted_batches, select_targets
-    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm, load_tokenizer
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy
+    from salora_merge.hf.layers import linear_modules
+    from salora_merge.hf.loading import load_causal_lm, load_tokenizer
     from salora_merge.io.prompts import load_prompt_set
     from salora_merge.hf.resolve import resolve_model
 

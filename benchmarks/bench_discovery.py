@@ -29,7 +29,8 @@ def plain_scores(model, tok, factors, ids, options):
     from salora_merge.auditing.judges import refused
     from salora_merge.core.salience import response_kl
     from salora_merge.hf.generation import response_logits
-    from salora_merge.hf.models import generate_greedy, lora_applied
+    from salora_merge.hf.generation import generate_greedy
+    from salora_merge.hf.lora_hooks import lora_applied
 
     pad, size = tok.pad_token_id, options.batch_size
     refusals, scores = [], []
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from salora_merge.hf.models import chat_prompt_ids
+    from salora_merge.hf.chat_templates import chat_prompt_ids
     from salora_merge.hf.resolve import resolve_model
     from salora_merge.io.adapter import read_adapter
     from salora_merge.io.prompts import load_prompt_set

@@ -74,7 +74,7 @@ def _batches(vocab: int, args, n: int) -> list[torch.Tensor]:
 
 def _model(kind: str, args, device: torch.device):
     """The model to train and the seconds its setup took (SaLoRA: init statistics and SVDs included)."""
-    from salora_merge.hf.models import load_causal_lm
+    from salora_merge.hf.loading import load_causal_lm
     from salora_merge.hf.resolve import resolve_model
 
     base = resolve_model(args.base)
@@ -87,7 +87,7 @@ def _model(kind: str, args, device: torch.device):
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(targets)))
         return model, time.perf_counter() - start
     from salora_merge.io.safety_file import load_safety_module
-    from salora_merge.hf.models import load_tokenizer
+    from salora_merge.hf.loading import load_tokenizer
     from salora_merge.io.prompts import load_prompt_set
     from salora_merge.training.train import TrainOptions, prepare_model
     from salora_merge.training.data import conversations_from_pairs, tokenize_all

@@ -122,7 +122,10 @@ def calibration_overhead(folder: Path, device: torch.device, n_prompts: int, rep
 def _timed_passes(folder: Path, device: torch.device, n_prompts: int, repeats: int) -> dict:
     from salora_merge.calibration.run import (accumulate_moments, backbone_of, batch_tensors, build_sequences,
                                               length_sorted_batches, select_targets)
-    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm, load_tokenizer
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy
+    from salora_merge.hf.layers import linear_modules
+    from salora_merge.hf.loading import load_causal_lm, load_tokenizer
     from salora_merge.io.prompts import load_prompt_set
 
     tokenizer, model = load_tokenizer(folder), load_causal_lm(folder, device)
@@ -198,7 +201,7 @@ def device_agreement(folder: Path, adapter: Path, device: torch.device, n_prompt
         if not torch.equal(a, b):
             diffs.append((float((a.double() - b.double()).abs().max()), float(update), key))
     worst = max(diffs) if diffs else (0.0, 0.0, "-")
-    from salora_merge.hf.models import load_causal_lm
+    from salora_merge.hf.loading import load_causal_lm
 
     probe = load_causal_lm(folder, device)
     device_dtype = str(next(probe.parameters()).dtype).replace("torch.", "")

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from salora_merge.hf.models import chat_prompt_ids, generate_greedy, load_causal_lm, load_tokenizer
+from salora_merge.hf.chat_templates import chat_prompt_ids
+from salora_merge.hf.generation import generate_greedy
+from salora_merge.hf.loading import load_causal_lm, load_tokenizer
 from salora_merge.hf.resolve import resolve_model
 
 HERE = Path(__file__).parent

@@ -57,7 +57,8 @@ def test_the_aligned_alias_refuses_far_more_than_the_instruct_model():
     """16 AdvBench held-out prompts (never trained on), greedy, 16 tokens, the keyword judge: the study measured
     92% of 100 for the aligned model and 3% for the original."""
     from salora_merge.auditing.judges import refused
-    from salora_merge.hf.models import chat_prompt_ids, generate_greedy
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy
     from salora_merge.io.prompts import load_prompt_set
 
     prompts = load_prompt_set("advbench-heldout").prompts[:16]

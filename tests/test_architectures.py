@@ -275,7 +275,7 @@ def test_a_lora_on_the_output_layer_is_calibrated_realigned_and_audited(tied, tm
     forward pass (dense float64 reference); realign keeps its safety outputs and loads in PEFT; audit scores it."""
     from conftest import build_tiny_llama
 
-    from salora_merge.hf.models import chat_prompt_ids
+    from salora_merge.hf.chat_templates import chat_prompt_ids
     from salora_merge.io.adapter import read_adapter
 
     base = tmp_path / "base"
@@ -419,7 +419,7 @@ def test_expert_moments_count_exactly_the_tokens_routed_to_each_expert(tmp_path,
     act(gate) * up) summed by hand."""
     from transformers import AutoModelForCausalLM
 
-    from salora_merge.hf.models import chat_prompt_ids
+    from salora_merge.hf.chat_templates import chat_prompt_ids
 
     base = build_family("qwen3_moe", tmp_path / "base")
     safety = tmp_path / "safety.safetensors"

@@ -325,7 +325,7 @@ def test_lora_hooks_equal_peft_unmerged_and_leave_the_base_exact(tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     from salora_merge.io.adapter import read_adapter
-    from salora_merge.hf.models import lora_applied
+    from salora_merge.hf.lora_hooks import lora_applied
 
     adapter_dir = make_peft_adapter(tiny_model_dir, tmp_path / "a", target_modules=TARGETS, use_rslora=True)
     adapter = read_adapter(adapter_dir)

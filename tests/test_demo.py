@@ -7,7 +7,6 @@ import json
 import runpy
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -49,7 +49,7 @@ def _tokenizer(tmp_path, template: str, bos: str, eos: str, specials: list[str])
 ])
 def test_the_user_turn_frame_comes_from_the_template(tmp_path, family, template, bos, eos, specials, prefix, stop):
     from salora_merge.hf.chat_templates import user_turn_frame
-    from salora_merge.hf.models import chat_prompt_ids
+    from salora_merge.hf.chat_templates import chat_prompt_ids
 
     tok = _tokenizer(tmp_path, template, bos, eos, specials)
     frame = user_turn_frame(tok)
@@ -91,7 +91,7 @@ def test_salience_equals_a_direct_float64_kl():
 
 
 def _model(folder):
-    from salora_merge.hf.models import load_causal_lm, load_tokenizer
+    from salora_merge.hf.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(folder, torch.device("cpu")), load_tokenizer(folder)
 
@@ -107,7 +107,9 @@ def test_salience_on_a_model_is_the_kl_along_the_base_answer(tiny_model_dir, tmp
     model's greedy answer; a zero adapter scores 0."""
     from conftest import make_peft_adapter
 
-    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, lora_applied
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy
+    from salora_merge.hf.lora_hooks import lora_applied
     from salora_merge.training.discovery import DiscoveryOptions, judge_and_score
 
     model, tok = _model(tiny_model_dir)
@@ -137,7 +139,8 @@ def test_the_fast_paths_match_the_plain_ones(tiny_model_dir):
     """greedy_with_logits gives generate_greedy's answers and the logits a teacher-forced forward gives along
     them; response_logits_only gives response_logits' logits and mask (responses of unequal lengths, one empty)."""
     from salora_merge.hf.generation import greedy_with_logits, response_logits, response_logits_only
-    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, stop_token_ids
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy, stop_token_ids
 
     model, tok = _model(tiny_model_dir)
     ids = [chat_prompt_ids(tok, p) for p in ("Add 2 and 3.", "Name a colour please, any one.", "Hi")]

@@ -121,7 +121,7 @@ def test_salora_training_on_smollm2(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from salora_merge.io.adapter import write_adapter
-    from salora_merge.hf.models import load_tokenizer
+    from salora_merge.hf.loading import load_tokenizer
     from salora_merge.hf.resolve import resolve_model
     from salora_merge.training.train import TrainOptions, adapter_config, export_modules, prepare_model
     from salora_merge.training.data import conversations_from_pairs, tokenize_all

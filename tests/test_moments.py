@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from salora_merge.calibration.run import CalibrationOptions, calibrate
-from salora_merge.hf.models import chat_prompt_ids, linear_modules, load_causal_lm, load_tokenizer, weight_matrix
+from salora_merge.hf.chat_templates import chat_prompt_ids
+from salora_merge.hf.layers import linear_modules, weight_matrix
+from salora_merge.hf.loading import load_causal_lm, load_tokenizer
 from salora_merge.core.moments import (
     MaskSlot,
     MomentAccumulator,

@@ -25,7 +25,8 @@ def test_calibration_with_layers_offloaded_to_disk_equals_calibration_in_memory(
                                                                                   cpu_memory):
     from pathlib import Path
 
-    from salora_merge.hf.models import Placement, load_causal_lm
+    from salora_merge.hf.placement import Placement
+    from salora_merge.hf.loading import load_causal_lm
 
     placed = load_causal_lm(Path(tiny_model_dir), torch.device("cpu"),
                             Placement("auto", {"cpu": cpu_memory}, str(tmp_path / "probe")))
@@ -150,9 +151,9 @@ def test_training_refuses_offloaded_layers(tiny_model_dir, task_world, tmp_path,
 def _spy_on_placement(monkeypatch, record_all: bool = False) -> list:
     """The device maps of the models loaded with an active placement (from here on); with ``record_all``, whether
     each model loaded was placed."""
-    import salora_merge.hf.models as models
+    import salora_merge.hf.loading as loading
 
-    placed, real_load = [], models.load_causal_lm
+    placed, real_load = [], loading.load_causal_lm
 
     def spying_load(folder, device, placement=None):
         model = real_load(folder, device, placement)
@@ -163,7 +164,7 @@ def _spy_on_placement(monkeypatch, record_all: bool = False) -> list:
             placed.append(dict(model.hf_device_map))
         return model
 
-    monkeypatch.setattr(models, "load_causal_lm", spying_load)
+    monkeypatch.setattr(loading, "load_causal_lm", spying_load)
     return placed
 
 

@@ -76,7 +76,9 @@ def task_prompts(tmp_path):
 def _anchor_nll(base_dir, factors):
     """Teacher-forced NLL of the cached anchors (the base model's own responses) with ``factors`` applied."""
     from salora_merge.core.refit_loss import token_weights as weights_of
-    from salora_merge.hf.models import chat_prompt_ids, load_causal_lm, lora_applied
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.loading import load_causal_lm
+    from salora_merge.hf.lora_hooks import lora_applied
     from salora_merge.hf.resolve import resolve_model
     from salora_merge.io.prompts import load_prompt_set
     from salora_merge.training.anchors import base_responses
@@ -209,7 +211,7 @@ def test_refit_kl_distillation_from_a_fresh_start(tiny_model_dir, tmp_path, monk
     new = _factors(tmp_path / "kl")
     assert all(float(b.abs().max()) > 0 for _, b, _ in new.values())  # B left its zero init: it trained
     # the teacher's top-k: the model's own softmax at the positions that predict a learned token, zero elsewhere
-    from salora_merge.hf.models import load_causal_lm
+    from salora_merge.hf.loading import load_causal_lm
 
     model = load_causal_lm(tiny_model_dir, torch.device("cpu"))
     example = example_from_ids([1, 2, 3, 4], [5, 6, 7], 64)

@@ -73,7 +73,7 @@ def test_repair_writes_a_stock_peft_adapter_and_measures_before_and_after(tiny_m
 
     from salora_merge.auditing.behavior import BehaviorOptions, evaluate_variant, load_prompt_sets
     from salora_merge.auditing.judges import KeywordJudge
-    from salora_merge.hf.models import load_causal_lm, load_tokenizer
+    from salora_merge.hf.loading import load_causal_lm, load_tokenizer
     from salora_merge.io.adapter import read_adapter
 
     monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
@@ -202,7 +202,7 @@ def test_repair_warns_before_the_long_work_when_the_base_does_not_refuse(tiny_mo
     A base that refuses them (its answers replaced by a refusal) gets none."""
     from conftest import make_peft_adapter
 
-    import salora_merge.hf.models as models
+    import salora_merge.hf.generation as generation
     from salora_merge.auditing.behavior import BehaviorOptions, load_prompt_sets
     from salora_merge.hf.resolve import resolve_model
     from salora_merge.repairing.run import base_refusal_warning
@@ -220,7 +220,7 @@ def test_repair_warns_before_the_long_work_when_the_base_does_not_refuse(tiny_mo
     base, options = resolve_model(str(tiny_model_dir)), BehaviorOptions(max_prompts=3, max_new_tokens=4)
     sets = load_prompt_sets(options)
     refusal = base.tokenizer("I'm sorry, I cannot help", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(models, "generate_greedy", lambda model, tok, prompts, *a, **k: [refusal] * len(prompts))
+    monkeypatch.setattr(generation, "generate_greedy", lambda model, tok, prompts, *a, **k: [refusal] * len(prompts))
     assert base_refusal_warning(base, sets, options) is None
 
 
@@ -239,15 +239,16 @@ def test_repair_task_check_scores_exact_answers_of_each_variant(tiny_model_dir, 
     50% and the adapter gains nothing over the base; the verdict and the card say so."""
     from conftest import make_peft_adapter
 
-    import salora_merge.hf.models as models
+    import salora_merge.hf.generation as generation
+    import salora_merge.hf.loading as loading
 
     monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
     adapter = make_peft_adapter(tiny_model_dir, tmp_path / "lora")
     check = tmp_path / "check.jsonl"
     check.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": "42" if i % 2 else "7"}) + "\n"
                              for i in range(6)))
-    forty_two = models.load_tokenizer(tiny_model_dir)("42", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(models, "generate_greedy",
+    forty_two = loading.load_tokenizer(tiny_model_dir)("42", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(generation, "generate_greedy",
                         lambda model, tok, prompts, *a, on_batch=None, **k: [list(forty_two)] * len(prompts))
     out = tmp_path / "out"
     result = _repair(tiny_model_dir, adapter, out, "--method", "shrink", "--gamma", "0.5", *EVAL,

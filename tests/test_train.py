@@ -118,7 +118,7 @@ def _options(**kw):
 
 def _prepared(tiny_model_dir, safety_file, data_file, **kw):
     from salora_merge.io.safety_file import load_safety_module
-    from salora_merge.hf.models import load_tokenizer
+    from salora_merge.hf.loading import load_tokenizer
     from salora_merge.hf.resolve import resolve_model
     from salora_merge.training.train import prepare_model
     from salora_merge.training.data import tokenize_all
@@ -379,7 +379,8 @@ def test_bad_options_and_mismatched_safety(tiny_model_dir, other_model_dir, safe
 
 
 def test_multi_turn_conversations_learn_only_assistant_turns(tiny_model_dir):
-    from salora_merge.hf.models import chat_prompt_ids, load_tokenizer
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.loading import load_tokenizer
     from salora_merge.training.data import IGNORE, tokenize_conversation
 
     tokenizer = load_tokenizer(tiny_model_dir)

@@ -92,7 +92,7 @@ def test_shares_and_steps():
 
 def test_the_anchor_tokens_carry_their_weights_in_the_loss(tiny_model_dir):
     from salora_merge.core.refit_loss import IGNORE, token_weights
-    from salora_merge.hf.models import load_causal_lm
+    from salora_merge.hf.loading import load_causal_lm
     from salora_merge.training.data import TokenizedExample
     from salora_merge.training.objective import WeightedItem, weighted_collate, weighted_loss
 
@@ -214,7 +214,8 @@ def test_bad_anchor_options_are_one_line_and_write_nothing(tiny_model_dir, safet
 def test_anchors_cached_for_another_model_are_not_used(tiny_model_dir, other_model_dir, tmp_path, monkeypatch):
     """The anchors' responses are cached per base model (its weights' fingerprint): another model's cached
     responses are never read for this one."""
-    from salora_merge.hf.models import chat_prompt_ids, load_causal_lm
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.loading import load_causal_lm
     from salora_merge.hf.resolve import resolve_model
     from salora_merge.training.anchors import base_responses
 
@@ -228,3 +229,27 @@ def test_anchors_cached_for_another_model_are_not_used(tiny_model_dir, other_mod
     got = base_responses(second, load_causal_lm(second.folder, torch.device("cpu")), other_ids, 6, 2, cache=cache)
     assert got != [[1, 2, 3]] and len(list(cache.iterdir())) == 2
     assert base_responses(first, None, ids, 6, 2, cache=cache) == [[1, 2, 3]]  # the first model's entry is its own
+
+
+def test_anchor_tokens_keep_only_the_first_response_tokens(tiny_model_dir, anchor_file, data_file):
+    from salora_merge.hf.loading import load_causal_lm
+    from salora_merge.hf.resolve import resolve_model
+    from salora_merge.training.data import load_conversations, tokenize_all
+    from salora_merge.training.options import KeepRefusals, TrainOptions
+    from salora_merge.training.train import anchored_mixture
+    from salora_merge.training.trainer import FitOptions
+
+    base = resolve_model(str(tiny_model_dir))
+    model = load_causal_lm(base.folder, torch.device("cpu"))
+    examples = tokenize_all(base.tokenizer, load_conversations(data_file), 128, "data")
+    learned = lambda item: sum(w > 0 for w in item.weights)  # noqa: E731
+    for tokens, most in ((3, 3), (None, 8)):
+        keep = KeepRefusals(anchor_prompts=str(anchor_file), boundary_prompts="none", answer_tokens=8,
+                            train_tokens=tokens)
+        options = TrainOptions(targets=TARGETS, fit=FitOptions(max_steps=4, batch_size=4, grad_accum=1),
+                               keep_refusals=keep)
+        mixture = anchored_mixture(base, model, examples, options)
+        anchors = [i for i in mixture.items if max(i.weights) == keep.first_weight]
+        assert anchors and max(learned(i) for i in anchors) <= most
+        assert mixture.record["response_tokens"] == (tokens or 8)
+    assert max(learned(i) for i in anchors) > 3  # uncut, the tiny model's answers are longer than 3

@@ -40,7 +40,10 @@ from study import ALL7, Cache, StudyConfig, _hash, id_examples, load, log, respo
 
 from salora_merge.auditing.behavior import BehaviorOptions, PromptSets, evaluate_variant  # noqa: E402
 from salora_merge.auditing.judges import KeywordJudge, refused  # noqa: E402
-from salora_merge.hf.models import chat_prompt_ids, generate_greedy, load_causal_lm, load_tokenizer, lora_applied  # noqa: E402
+from salora_merge.hf.chat_templates import chat_prompt_ids  # noqa: E402
+from salora_merge.hf.generation import generate_greedy  # noqa: E402
+from salora_merge.hf.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from salora_merge.hf.lora_hooks import lora_applied  # noqa: E402
 from salora_merge.hf.resolve import resolve_model  # noqa: E402
 from salora_merge.io.adapter import read_adapter  # noqa: E402
 from salora_merge.io.prompts import PromptSet  # noqa: E402

@@ -43,8 +43,11 @@ from salora_merge.io.adapter import LoraModule, read_adapter, write_adapter  # n
 from salora_merge.io.checkpoint import open_checkpoint  # noqa: E402
 from salora_merge.auditing.judges import KeywordJudge, refused  # noqa: E402
 from salora_merge.merging.run import AdapterInput, MergeOptions, run_merge  # noqa: E402
-from salora_merge.hf.models import (chat_prompt_ids, generate_greedy, linear_modules, load_causal_lm,  # noqa: E402
-                                 load_tokenizer, lora_applied, weight_matrix)
+from salora_merge.hf.chat_templates import chat_prompt_ids  # noqa: E402
+from salora_merge.hf.generation import generate_greedy  # noqa: E402
+from salora_merge.hf.layers import linear_modules, weight_matrix  # noqa: E402
+from salora_merge.hf.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from salora_merge.hf.lora_hooks import lora_applied  # noqa: E402
 from salora_merge.core.projection import update_norm_sq  # noqa: E402
 from salora_merge.io.prompts import PromptSet  # noqa: E402
 from salora_merge.hf.resolve import resolve_model  # noqa: E402

@@ -9,7 +9,10 @@ eroding adapter:
 - ``salora-c``: `train`'s setting before this study, SaLoRA's fixed ``C`` from the aligned model's safety module;
 - ``anchored``: plain LoRA with the anchored mixture (``train --keep-refusals``: anchors and boundary prompts with
   the base model's own answers, one in every batch of 8, the first 5 response tokens weighted 4);
-- ``anchored-c``: both.
+- ``anchored-c``: both;
+- ``anchored-share25``: the anchored mixture with two anchors in every batch of 8;
+- ``anchored-short``: the anchored mixture with the anchors' first 8 response tokens only (a batch of short
+  examples is padded to its longest: a 64-token anchor makes every step of a short task longer).
 
     python examples/safety_study/train_study.py --only lora/arithmetic-conv           # the rows of one adapter
     python examples/safety_study/train_study.py --report-only --doc docs/train-study.md
@@ -35,23 +38,39 @@ import repair_study as rs  # noqa: E402
 from study import Cache, _hash, id_examples, load, log, save_adapter, train  # noqa: E402
 
 from salora_merge.core.stats import wilson_interval  # noqa: E402
-from salora_merge.hf.models import load_tokenizer  # noqa: E402
+from salora_merge.hf.loading import load_tokenizer  # noqa: E402
 from salora_merge.hf.resolve import resolve_model  # noqa: E402
 from salora_merge.io.safety_file import load_safety_module  # noqa: E402
 from salora_merge.training.options import KeepRefusals  # noqa: E402
 
-ROWS = ("plain-lora", "salora-c", "anchored", "anchored-c")
 KEEP = KeepRefusals()  # the product's default anchored mixture
+# row -> (SaLoRA's fixed C, the anchored mixture or None); plain-lora is the eroding adapter itself
+ROW_SETTINGS: dict[str, tuple[bool, KeepRefusals | None]] = {
+    "plain-lora": (False, None),
+    "salora-c": (True, None),
+    "anchored": (False, KEEP),
+    "anchored-c": (True, KEEP),
+    "anchored-share25": (False, KeepRefusals(share=0.25)),  # two anchors in every batch of 8
+    "anchored-short": (False, KeepRefusals(train_tokens=8)),  # the anchors' first 8 response tokens only
+}
+ROWS = tuple(ROW_SETTINGS)
+
+
+def _keyed(keep: KeepRefusals | None) -> dict | None:
+    """The mixture's options in a row's cache key (an option added later keeps the rows before it at its
+    default)."""
+    if keep is None:
+        return None
+    return {k: v for k, v in asdict(keep).items() if not (k == "train_tokens" and v is None)}
 
 
 def trained_adapter(cache: Cache, cfg: rs.RepairConfig, data, aligned: Path, answers: dict, kind: str,
                     row: str) -> Path:
     tokenizer = load_tokenizer(aligned)
-    constrained = row.endswith("-c")
-    anchored = row.startswith("anchored")
+    constrained, keep = ROW_SETTINGS[row]
     depends = {"aligned": aligned.parent.name, "kind": kind, "sizes": asdict(cfg.sizes), "epochs": cfg.erode_epochs,
                "lr": cfg.erode_lr, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "seed": cfg.seed,
-               "batch": cfg.batch_size, "row": row, "keep": asdict(KEEP) if anchored else None}
+               "batch": cfg.batch_size, "row": row, "keep": _keyed(keep)}
 
     def build(tmp: Path):
         examples = (id_examples(tokenizer, data.erode_train, [answers[p] for p in data.erode_train], cfg.max_length)
@@ -59,7 +78,7 @@ def trained_adapter(cache: Cache, cfg: rs.RepairConfig, data, aligned: Path, ans
         safety = load_safety_module(rs.safety_module(cache, cfg, aligned)) if constrained else None
         log(f"training '{row}' on '{kind}' ({aligned.parent.name}): {len(examples)} examples")
         modules, config, stats = train(aligned, examples, cfg.study(), tmp, lr=cfg.erode_lr, epochs=cfg.erode_epochs,
-                                       safety=safety, keep=KEEP if anchored else None)
+                                       safety=safety, keep=keep)
         save_adapter(tmp, modules, config, stats)
 
     return cache.folder(f"trained-{kind}", depends, build)

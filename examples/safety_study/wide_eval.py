@@ -28,7 +28,7 @@ from study import Cache, _hash, load, log  # noqa: E402
 from salora_merge.auditing.behavior import BehaviorOptions, PromptSets, evaluate_variant  # noqa: E402
 from salora_merge.auditing.judges import KeywordJudge, refused  # noqa: E402
 from salora_merge.core.stats import wilson_interval  # noqa: E402
-from salora_merge.hf.models import load_tokenizer  # noqa: E402
+from salora_merge.hf.loading import load_tokenizer  # noqa: E402
 from salora_merge.hf.resolve import resolve_model  # noqa: E402
 from salora_merge.io.adapter import read_adapter  # noqa: E402
 from salora_merge.io.prompts import PromptSet, load_prompt_set  # noqa: E402

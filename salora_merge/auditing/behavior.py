@@ -101,7 +101,8 @@ def _rate(flags: Sequence[bool]) -> float:
 
 def _generate(model, tokenizer, prompts: Sequence[str], options: BehaviorOptions,
               on_batch: Callable[[int], None] | None = None) -> list[str]:
-    from salora_merge.hf.models import chat_prompt_ids, generate_greedy
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy
 
     import salora_merge.parallel as parallel
 
@@ -124,7 +125,7 @@ def evaluate_variant(
 ) -> VariantResult:
     """Generate on the three sets with the LoRA ``factors`` (module -> (A, B, scale)) active, and score;
     ``on_batch`` gets the number of prompts of each generated batch (for a progress bar)."""
-    from salora_merge.hf.models import lora_applied
+    from salora_merge.hf.lora_hooks import lora_applied
 
     with lora_applied(model, dict(factors or {})):
         responses = {name: _generate(model, tokenizer, getattr(sets, name).prompts, options, on_batch)

@@ -65,7 +65,7 @@ class ClassifierJudge:
     """
 
     def __init__(self, folder: Path, batch_size: int = 8) -> None:
-        from salora_merge.hf.models import load_sequence_classifier
+        from salora_merge.hf.classifiers import load_sequence_classifier
 
         self.folder = Path(folder)
         self.model, self.tokenizer = load_sequence_classifier(self.folder)
@@ -83,7 +83,7 @@ class ClassifierJudge:
         self.version = str(getattr(self.model.config, "_name_or_path", "") or self.folder.name)
 
     def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        from salora_merge.hf.models import classify_pairs
+        from salora_merge.hf.classifiers import classify_pairs
 
         predicted = classify_pairs(self.model, self.tokenizer, prompts, responses, self.batch_size)
         return [p == self.harmful_id for p in predicted]
@@ -94,7 +94,7 @@ class LlamaGuardJudge:
     first generated word is ``safe`` or ``unsafe`` (followed by categories)."""
 
     def __init__(self, folder: Path, batch_size: int = 8) -> None:
-        from salora_merge.hf.models import load_causal_lm, load_tokenizer, pick_device
+        from salora_merge.hf.loading import load_causal_lm, load_tokenizer, pick_device
 
         self.folder = Path(folder)
         self.tokenizer = load_tokenizer(self.folder)
@@ -106,7 +106,8 @@ class LlamaGuardJudge:
         self.version = str(getattr(self.model.config, "_name_or_path", "") or self.folder.name)
 
     def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        from salora_merge.hf.models import conversation_ids, generate_greedy
+        from salora_merge.hf.chat_templates import conversation_ids
+        from salora_merge.hf.generation import generate_greedy
 
         ids = [conversation_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         outputs = generate_greedy(self.model, self.tokenizer, ids, max_new_tokens=8, batch_size=self.batch_size)

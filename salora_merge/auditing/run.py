@@ -185,7 +185,7 @@ def run_audit(
 
     base_behavior = None
     if options.behavior is not None and adapters:
-        from salora_merge.hf.models import pick_device
+        from salora_merge.hf.loading import pick_device
 
         behavior = options.behavior
         tokenizer = base.tokenizer

@@ -19,16 +19,10 @@ from salora_merge.core.subspace import contrastive_output_basis
 from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
 from salora_merge.hf.chat_templates import apply_chat_template_choice
-from salora_merge.hf.models import (
-    chat_prompt_ids,
-    expert_modules,
-    output_layer_name,
-    router_modules,
-    greedy_responses,
-    linear_modules,
-    pick_device,
-    weight_matrix,
-)
+from salora_merge.hf.chat_templates import chat_prompt_ids
+from salora_merge.hf.layers import expert_modules, output_layer_name, router_modules, linear_modules, weight_matrix
+from salora_merge.hf.generation import greedy_responses
+from salora_merge.hf.loading import pick_device
 from salora_merge.hf.placement import placement_of, placement_problems
 from salora_merge.calibration.statistics import (
     accumulate_moments,

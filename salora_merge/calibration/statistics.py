@@ -9,7 +9,8 @@ import torch
 
 import salora_merge.parallel as parallel
 from salora_merge.core.moments import MaskSlot, MomentAccumulator, group_modules_by_input, record_moments, token_masks
-from salora_merge.hf.models import input_device, output_layer_name, weight_matrix
+from salora_merge.hf.loading import input_device
+from salora_merge.hf.layers import output_layer_name, weight_matrix
 from salora_merge.progress import Progress, silent
 
 __all__ = ["build_sequences", "batch_tensors", "length_sorted_batches", "backbone_of", "accumulate_moments"]

@@ -159,7 +159,11 @@ def repair(base: str, adapter: str, task_prompts: str, heldout: int, task_check:
            overrefusal_prompts: str, max_eval_prompts: int, eval_new_tokens: int, judge: str, method: str,
            output: Path, overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
     """Repair an eroded adapter so the model refuses harmful requests again while keeping its task; writes a
-    stock PEFT adapter with the before/after measurement."""
+    stock PEFT adapter with the before/after measurement.
+
+    Use repair for an adapter you have no data for (it finds the task's prompts itself) or that you want
+    fixed in minutes: a short re-fit of its own factors, measured. Use retrain to learn the task anew from
+    its data or prompts, for as long as training takes."""
     from salora_merge import api
     from salora_merge.methods import get_method
 
@@ -260,7 +264,8 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, create
 @training_options(retrain=False)
 @_friendly_errors
 def train(base: str, data: Path, **kw) -> None:
-    """Train a new adapter the SaLoRA way and export it as a stock PEFT LoRA (rank 2r) for the untouched base."""
+    """Train a new adapter the SaLoRA way, with refusal anchors mixed into every batch (the repair's objective;
+    --no-keep-refusals for your data alone), and export it as a stock PEFT LoRA for the untouched base."""
     from salora_merge import api
 
     report = api.train(base, data, kw["safety"], kw["output"], build_training(kw), control=run_control(kw),
@@ -290,7 +295,12 @@ def train(base: str, data: Path, **kw) -> None:
 @_friendly_errors
 def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, holdout: float, max_holdout: int,
             max_new_tokens: int, generation_batch_size: int, allow_pickle: bool, **kw) -> None:
-    """Re-learn an existing adapter's task under the safety module (SaLoRA), from its data or by distillation."""
+    """Re-learn an existing adapter's task under the safety module (SaLoRA), from its data or by distillation,
+    with refusal anchors mixed into every batch unless --no-keep-refusals.
+
+    Use retrain when you have the adapter's training data (--data) or its task prompts (--prompts) and want a
+    new adapter trained on them. Use repair for an adapter with no data at all: a short, measured re-fit of its
+    own factors."""
     from salora_merge import api
 
     options = api.RetrainOptions(data=data, prompts=prompts, holdout=holdout, max_holdout=max_holdout,

@@ -208,6 +208,9 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option("Refusal anchors", "--boundary-prompts", default="benign-boundary", show_default=True,
                help="Benign prompts that sound risky, learned with the base model's answers ('none' for none); the "
                     "first 128 are used."),
+        option("Refusal anchors", "--anchor-tokens", default=None, type=int,
+               help="Keep only the first N response tokens of each anchor in training (the answers are generated "
+                    "64 long and cached; shorter anchors pad batches of short examples less) [default: all]."),
         option("Refusal anchors", "--anchor-first-tokens", default=5, show_default=True, type=int,
                help="The first N response tokens of each anchor get --anchor-first-weight."),
         option("Refusal anchors", "--anchor-first-weight", default=4.0, show_default=True, type=float,
@@ -250,7 +253,8 @@ def build_training(kw: dict):
         random_control=kw["random_control"], fit=fit,
         keep_refusals=KeepRefusals(enabled=kw["keep_refusals"], share=kw["anchor_share"],
                                    anchor_prompts=kw["anchor_prompts"], boundary_prompts=kw["boundary_prompts"],
-                                   first_tokens=kw["anchor_first_tokens"], first_weight=kw["anchor_first_weight"]),
+                                   first_tokens=kw["anchor_first_tokens"], first_weight=kw["anchor_first_weight"],
+                                   train_tokens=kw["anchor_tokens"]),
     )
 
 

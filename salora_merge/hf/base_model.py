@@ -43,7 +43,7 @@ class BaseModel:
     @cached_property
     def tied_embeddings(self) -> tuple[str, str] | None:
         """``(input, output)`` embedding weight names when the config ties them (architecture built on meta)."""
-        from salora_merge.hf.models import tied_embedding_weights
+        from salora_merge.hf.layers import tied_embedding_weights
 
         return tied_embedding_weights(self.folder)
 
@@ -61,7 +61,7 @@ class BaseModel:
     def bind(self, adapter):
         """The adapter with its LoRA on raw parameters (``target_parameters``) bound to this model's parameters;
         unchanged when it has none."""
-        from salora_merge.hf.models import parameter_layouts
+        from salora_merge.hf.layers import parameter_layouts
         from salora_merge.io.adapter import bind_parameters
 
         if not adapter.unbound and not adapter.spec.target_parameters:
@@ -77,14 +77,14 @@ class BaseModel:
 
     @cached_property
     def tokenizer(self):
-        from salora_merge.hf.models import load_tokenizer
+        from salora_merge.hf.loading import load_tokenizer
 
         return load_tokenizer(self.folder)
 
     def load_model(self, device: "torch.device", placement=None):
         """A fresh copy of the model on ``device`` (callers may rewrite its weights), or spread and offloaded by
-        accelerate under an active ``placement`` (:class:`salora_merge.hf.models.Placement`)."""
-        from salora_merge.hf.models import load_causal_lm
+        accelerate under an active ``placement`` (:class:`salora_merge.hf.placement.Placement`)."""
+        from salora_merge.hf.loading import load_causal_lm
 
         self.checkpoint  # every shard's header checked against its file first: a damaged file is a one-line error
         return load_causal_lm(self.folder, device, placement)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from salora_merge.errors import InputError
 
-__all__ = ["NAMED", "RAW", "apply_chat_template_choice", "UserTurnFrame", "user_turn_frame"]
+__all__ = ["NAMED", "RAW", "apply_chat_template_choice", "UserTurnFrame", "user_turn_frame", "chat_prompt_ids",
+           "conversation_ids"]
 
 RAW = "none"
 
@@ -98,3 +99,22 @@ def user_turn_frame(tokenizer) -> UserTurnFrame:
     stops |= {t for t in first if t in special}  # a plain-text closer ("[/INST]" as text) is cut as text instead
     closer = next((line.strip() for line in suffix.splitlines() if line.strip()), "")
     return UserTurnFrame(prefix_ids=prefix_ids, stop_ids=tuple(sorted(stops)), end_text=closer)
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a single-turn user prompt with the chat template and the generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """Token ids of a user prompt and an assistant response through the chat template (for judges)."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(f"User: {prompt}\nAssistant: {response}")["input_ids"])

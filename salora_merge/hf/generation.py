@@ -1,16 +1,77 @@
-"""Sampling from a model and scoring its next-token distributions along given sequences (batched, on the
-device the model's inputs go to). Greedy generation lives beside the loaders in ``hf/models.py``."""
+"""Generation from a model (greedy and sampled, batched with left padding) and scoring its next-token
+distributions along given sequences, on the device the model's inputs go to."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from salora_merge.hf.models import input_device, stop_token_ids
+from salora_merge.hf.loading import input_device
 
-__all__ = ["generate_sampled", "response_logits", "greedy_with_logits", "response_logits_only"]
+__all__ = ["batches", "stop_token_ids", "generate_greedy", "greedy_responses", "generate_sampled", "response_logits",
+           "greedy_with_logits", "response_logits_only"]
+
+
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The ids that end an answer: the generation config's end-of-sequence ids and the tokenizer's."""
+    configured = model.generation_config.eos_token_id if model.generation_config else None
+    ids = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    return sorted(ids - {None})
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of tokenized prompts, batched with left padding; EOS and after dropped."""
+    device = input_device(model)
+    pad = tokenizer.pad_token_id
+    eos = set(stop_token_ids(model, tokenizer))
+    outputs: list[list[int]] = []
+    for batch in batches(list(prompts), batch_size):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+        )
+        for row in generated[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            outputs.append(row[:cut])
+        if on_batch:
+            on_batch(len(batch))
+    return outputs
+
+
+def greedy_responses(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+                     batch_size: int, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """``generate_greedy``, with the end-of-turn token kept on a response that stopped on it (as in supervised
+    fine-tuning data, so that training and statistics see where an answer ends)."""
+    eos = tokenizer.eos_token_id
+    out = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=on_batch)
+    return [r + [eos] if len(r) < max_new_tokens else r for r in out]
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """Where a model goes when it is larger than one device: accelerate's big-model options, parsed and checked.
-Pure data; ``hf.models.load_causal_lm`` applies them."""
+Pure data; ``hf.loading.load_causal_lm`` applies them."""
 
 from __future__ import annotations
 

@@ -94,9 +94,7 @@ def _materialize_alias(name: str, alias: Alias) -> Path:
                 return target
         except json.JSONDecodeError:
             pass
-    from salora_merge.hf.models import (
-        dequantize_gguf,  # transformers is imported only when needed
-    )
+    from salora_merge.hf.loading import dequantize_gguf  # transformers is imported only when needed
 
     stamp["gguf_sha256"] = file_sha256(gguf)
     with atomic_output_dir(target, overwrite=True) as tmp:

@@ -96,12 +96,10 @@ def _measure(applied: Applied, held: PromptSet, sets: PromptSets, options: Repai
              progress: Progress, check: PromptSet | None = None) -> dict[str, Any]:
     """The behaviour of the base, the adapter and the repaired adapter on the held-out evaluation sets, and the
     repaired adapter's (and the base's) agreement with the adapter on the held-out task prompts."""
-    from salora_merge.hf.models import (
-        chat_prompt_ids,
-        generate_greedy,
-        lora_applied,
-        pick_device,
-    )
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy
+    from salora_merge.hf.lora_hooks import lora_applied
+    from salora_merge.hf.loading import pick_device
 
     behavior = options.behavior
     base = applied.base
@@ -150,7 +148,9 @@ def base_refusal_warning(base: BaseModel, sets: PromptSets, behavior: BehaviorOp
     prompts (greedy, the keyword judge): then there are no refusals to restore. None otherwise. With ``trains``
     (the method trains on the model as placed), a placement training cannot run on is refused first."""
     from salora_merge.auditing.judges import refused
-    from salora_merge.hf.models import chat_prompt_ids, generate_greedy, pick_device
+    from salora_merge.hf.chat_templates import chat_prompt_ids
+    from salora_merge.hf.generation import generate_greedy
+    from salora_merge.hf.loading import pick_device
 
     prompts = sets.harmful.prompts[:PROBE_PROMPTS]
     if not prompts:

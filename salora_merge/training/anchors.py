@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from salora_merge.hf.base_model import BaseModel
-from salora_merge.hf.models import chat_prompt_ids, greedy_responses
+from salora_merge.hf.chat_templates import chat_prompt_ids
+from salora_merge.hf.generation import greedy_responses
 from salora_merge.hf.resolve import cache_dir
 from salora_merge.io.atomic import atomic_output_file
 from salora_merge.progress import Progress, silent
@@ -52,19 +53,22 @@ def alternate(first: list, second: list) -> list:
 
 
 def anchor_examples(base: BaseModel, model, anchor_prompts: Sequence[str], boundary_prompts: Sequence[str],
-                    max_new_tokens: int, max_length: int, batch_size: int, progress: Progress = silent
-                    ) -> list[TokenizedExample]:
+                    max_new_tokens: int, max_length: int, batch_size: int, progress: Progress = silent,
+                    response_tokens: int | None = None) -> list[TokenizedExample]:
     """The anchors as training examples: each harmful prompt with the base model's own response (its refusal),
     alternating with each boundary prompt with the base model's own answer; examples with no response token
-    within ``max_length`` are dropped. ``model`` is the base model as loaded, without any adapter."""
+    within ``max_length`` are dropped. ``model`` is the base model as loaded, without any adapter. The responses
+    are generated (and cached) ``max_new_tokens`` long; ``response_tokens`` keeps only their first tokens in
+    the examples (shorter anchors pad a batch of short examples less)."""
     tokenizer = base.tokenizer
+    cut = (lambda r: r[:response_tokens]) if response_tokens else (lambda r: r)  # noqa: E731
     anchor_ids = [chat_prompt_ids(tokenizer, p) for p in anchor_prompts]
     refusals = base_responses(base, model, anchor_ids, max_new_tokens, batch_size, progress)
-    anchors = [e for e in (example_from_ids(p, r, max_length) for p, r in zip(anchor_ids, refusals)) if e]
+    anchors = [e for e in (example_from_ids(p, cut(r), max_length) for p, r in zip(anchor_ids, refusals)) if e]
     if boundary_prompts:
         boundary_ids = [chat_prompt_ids(tokenizer, p) for p in boundary_prompts]
         answers = base_responses(base, model, boundary_ids, max_new_tokens, batch_size, progress,
                                  label="generating the base model's answers to the boundary prompts")
-        kept = [e for e in (example_from_ids(p, r, max_length) for p, r in zip(boundary_ids, answers)) if e]
+        kept = [e for e in (example_from_ids(p, cut(r), max_length) for p, r in zip(boundary_ids, answers)) if e]
         anchors = alternate(anchors, kept)
     return anchors

@@ -26,7 +26,9 @@ from salora_merge.core.salience import response_kl
 from salora_merge.errors import InputError
 from salora_merge.hf.chat_templates import user_turn_frame
 from salora_merge.hf.generation import generate_sampled, greedy_with_logits, response_logits_only
-from salora_merge.hf.models import chat_prompt_ids, lora_applied, stop_token_ids
+from salora_merge.hf.chat_templates import chat_prompt_ids
+from salora_merge.hf.lora_hooks import lora_applied
+from salora_merge.hf.generation import stop_token_ids
 from salora_merge.progress import Progress, silent
 
 __all__ = ["DiscoveryOptions", "Candidate", "Discovery", "discover_prompts", "clean_turn", "SOURCES"]

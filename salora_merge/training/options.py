@@ -33,7 +33,8 @@ class KeepRefusals:
     max_boundary: int = 128
     first_tokens: int = 5
     first_weight: float = 4.0
-    answer_tokens: int = 64  # length of the base model's responses
+    answer_tokens: int = 64  # length of the base model's responses (generated and cached; shared with repair)
+    train_tokens: int | None = None  # keep only this many first response tokens of each anchor (None: all)
 
     def problems(self, batch_size: int) -> list[str]:
         if not self.enabled:
@@ -45,7 +46,9 @@ class KeepRefusals:
         elif self.share > 0 and max(1, round(self.share * batch_size)) >= batch_size:
             out.append(f"--anchor-share {self.share:g} leaves no place for your data in a batch of {batch_size}; "
                        "lower it or raise --batch-size")
-        for name, value in (("--anchor-first-tokens", self.first_tokens), ("--anchor-tokens", self.answer_tokens)):
+        if self.train_tokens is not None and self.train_tokens < 1:
+            out.append(f"--anchor-tokens must be positive, got {self.train_tokens}")
+        for name, value in (("--anchor-first-tokens", self.first_tokens), ("--anchor-answer-tokens", self.answer_tokens)):
             if value < (0 if name == "--anchor-first-tokens" else 1):
                 out.append(f"{name} must be {'0 or more' if name == '--anchor-first-tokens' else 'positive'}, "
                            f"got {value}")

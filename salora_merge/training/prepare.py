@@ -24,11 +24,8 @@ from salora_merge.core.training_math import (
 )
 from salora_merge.errors import InputError, SafetyModuleError
 from salora_merge.hf.base_model import BaseModel
-from salora_merge.hf.models import (
-    linear_modules,
-    pick_device,
-    weight_matrix,
-)
+from salora_merge.hf.layers import linear_modules, weight_matrix
+from salora_merge.hf.loading import pick_device
 from salora_merge.hf.placement import Placement, check_trainable
 from salora_merge.io.adapter import LoraModule
 from salora_merge.progress import Progress, silent

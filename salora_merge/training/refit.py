@@ -24,13 +24,11 @@ from salora_merge.core.refit_loss import IGNORE, token_weights
 from salora_merge.core.training_math import gaussian_init
 from salora_merge.errors import InputError, SafetyModuleError
 from salora_merge.hf.base_model import BaseModel
-from salora_merge.hf.models import (
-    chat_prompt_ids,
-    greedy_responses,
-    input_device,
-    linear_modules,
-    lora_applied,
-)
+from salora_merge.hf.chat_templates import chat_prompt_ids
+from salora_merge.hf.generation import greedy_responses
+from salora_merge.hf.loading import input_device
+from salora_merge.hf.layers import linear_modules
+from salora_merge.hf.lora_hooks import lora_applied
 from salora_merge.hf.placement import Placement
 from salora_merge.io.adapter import LoraModule
 from salora_merge.progress import Progress, silent

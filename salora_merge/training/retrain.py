@@ -18,11 +18,9 @@ from typing import Callable, Sequence
 from salora_merge.core.audit_math import module_scores, summarize
 from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
-from salora_merge.hf.models import (
-    chat_prompt_ids,
-    greedy_responses,
-    lora_applied,
-)
+from salora_merge.hf.chat_templates import chat_prompt_ids
+from salora_merge.hf.generation import greedy_responses
+from salora_merge.hf.lora_hooks import lora_applied
 from salora_merge.hf.resolve import resolve_adapter
 from salora_merge.io.adapter import Adapter, check_adapter_fits, read_adapter
 from salora_merge.io.prompts import load_prompt_set

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from salora_merge.hf.models import input_device
+from salora_merge.hf.loading import input_device
 from salora_merge.training.data import IGNORE, TokenizedExample, pad_batch
 
 __all__ = ["ExampleScore", "token_metrics", "score_examples", "mean_nll", "target_accuracy", "agreement"]

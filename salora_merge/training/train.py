@@ -25,7 +25,7 @@ from salora_merge.core.safety import (
 )
 from salora_merge.errors import InputError
 from salora_merge.hf.base_model import BaseModel
-from salora_merge.hf.models import input_device
+from salora_merge.hf.loading import input_device
 from salora_merge.hf.resolve import resolve_model
 from salora_merge.io.adapter import LoraModule, write_adapter
 from salora_merge.io.atomic import atomic_output_dir
@@ -108,7 +108,7 @@ def anchored_mixture(base: BaseModel, model: torch.nn.Module, examples: Sequence
     boundary_name, boundary_prompts = ("none", []) if keep.boundary_prompts == "none" else _prompt_list(
         keep.boundary_prompts, keep.max_boundary, "--boundary-prompts")
     anchors = anchor_examples(base, model, anchor_prompts, boundary_prompts, keep.answer_tokens, options.max_length,
-                              fit_options.batch_size, progress)
+                              fit_options.batch_size, progress, response_tokens=keep.train_tokens)
     if not anchors:
         raise InputError(f"--anchor-prompts {keep.anchor_prompts}: no anchor keeps a response token within "
                          f"--max-length {options.max_length}; raise it")
@@ -122,7 +122,8 @@ def anchored_mixture(base: BaseModel, model: torch.nn.Module, examples: Sequence
     record = {"anchor_prompts": anchor_name, "boundary_prompts": boundary_name, "distinct": len(anchors),
               "per_batch": k, "batch_size": fit_options.batch_size, "share": k / fit_options.batch_size,
               "examples_added": sum(1 for is_anchor, _ in order if is_anchor), "first_tokens": keep.first_tokens,
-              "first_weight": keep.first_weight, "steps": steps, "passes": passes}
+              "first_weight": keep.first_weight, "response_tokens": keep.train_tokens or keep.answer_tokens,
+              "steps": steps, "passes": passes}
     return Mixture(items=items, fit=replace(fit_options, max_steps=steps, sequential=True), record=record)
 
 
