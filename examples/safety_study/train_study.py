@@ -12,7 +12,8 @@ eroding adapter:
 - ``anchored-c``: both;
 - ``anchored-share25``: the anchored mixture with two anchors in every batch of 8;
 - ``anchored-short``: the anchored mixture with the anchors' first 8 response tokens only (a batch of short
-  examples is padded to its longest: a 64-token anchor makes every step of a short task longer).
+  examples is padded to its longest: a 64-token anchor makes every step of a short task longer);
+- ``anchored-share25-short``: both.
 
     python examples/safety_study/train_study.py --only lora/arithmetic-conv           # the rows of one adapter
     python examples/safety_study/train_study.py --report-only --doc docs/train-study.md
@@ -52,6 +53,7 @@ ROW_SETTINGS: dict[str, tuple[bool, KeepRefusals | None]] = {
     "anchored-c": (True, KEEP),
     "anchored-share25": (False, KeepRefusals(share=0.25)),  # two anchors in every batch of 8
     "anchored-short": (False, KeepRefusals(train_tokens=8)),  # the anchors' first 8 response tokens only
+    "anchored-share25-short": (False, KeepRefusals(share=0.25, train_tokens=8)),  # both
 }
 ROWS = tuple(ROW_SETTINGS)
 
