@@ -17,7 +17,6 @@ import argparse
 import platform
 import random
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,8 +58,9 @@ def main(argv=None) -> int:
     fit_options = FitOptions(epochs=2.0, lr=2e-4, batch_size=8, grad_accum=1, save_steps=10**9, logging_steps=10**9,
                              show_progress=False)
     rows = []
-    settings = (("plain LoRA, the data alone", None), ("anchors, the default (64-token answers)", KeepRefusals()),
-                ("anchors, --anchor-tokens 8", KeepRefusals(train_tokens=8)))
+    settings = (("plain LoRA, the data alone", None),
+                ("anchors, every response token (--anchor-tokens 0)", KeepRefusals(train_tokens=None)),
+                ("anchors, the default (--anchor-tokens 8)", KeepRefusals(train_tokens=8)))
     for label, keep in settings:
         model = load_causal_lm(base.folder, torch.device("cpu"))
         names = select_targets(list(linear_modules(model)), targets)

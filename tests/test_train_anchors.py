@@ -196,6 +196,7 @@ def test_no_keep_refusals_trains_exactly_as_before(tiny_model_dir, safety_file, 
     (["--anchor-prompts", "MISSING"], "--anchor-prompts"),
     (["--boundary-prompts", "EMPTY"], "--boundary-prompts"),
     (["--anchor-first-weight", "-1"], "--anchor-first-weight"),
+    (["--anchor-tokens", "-1"], "--anchor-tokens"),
 ])
 def test_bad_anchor_options_are_one_line_and_write_nothing(tiny_model_dir, safety_file, data_file, tmp_path,
                                                            extra, message):

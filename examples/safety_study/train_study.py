@@ -44,15 +44,15 @@ from salora_merge.hf.resolve import resolve_model  # noqa: E402
 from salora_merge.io.safety_file import load_safety_module  # noqa: E402
 from salora_merge.training.options import KeepRefusals  # noqa: E402
 
-KEEP = KeepRefusals()  # the product's default anchored mixture
+KEEP = KeepRefusals(train_tokens=None)  # the first default: every anchor response token learned
 # row -> (SaLoRA's fixed C, the anchored mixture or None); plain-lora is the eroding adapter itself
 ROW_SETTINGS: dict[str, tuple[bool, KeepRefusals | None]] = {
     "plain-lora": (False, None),
     "salora-c": (True, None),
     "anchored": (False, KEEP),
     "anchored-c": (True, KEEP),
-    "anchored-share25": (False, KeepRefusals(share=0.25)),  # two anchors in every batch of 8
-    "anchored-short": (False, KeepRefusals(train_tokens=8)),  # the anchors' first 8 response tokens only
+    "anchored-share25": (False, KeepRefusals(share=0.25, train_tokens=None)),  # two anchors in every batch of 8
+    "anchored-short": (False, KeepRefusals(train_tokens=8)),  # the anchors' first 8 response tokens (the default)
     "anchored-share25-short": (False, KeepRefusals(share=0.25, train_tokens=8)),  # both
 }
 ROWS = tuple(ROW_SETTINGS)
@@ -120,8 +120,11 @@ def run(cfg: rs.RepairConfig, cache_root: Path, only: str | None, report_only: b
                 folder = aligned[a_kind]()
                 results[f"{a_kind}/aligned"] = evaluated("aligned", folder, None, folder.parent.name)
                 eroding = rs.eroding_adapter(cache, cfg, data, folder, answers, kind)
-                for row in wanted:
-                    name = f"{a_kind}/{kind}/{row}"
+            except rs.Missing:
+                continue
+            for row in wanted:
+                name = f"{a_kind}/{kind}/{row}"
+                try:
                     if row == "plain-lora":  # the repair study's `none` row: the same evaluation, cached
                         adapter = eroding
                         result = evaluated(f"{a_kind}/{kind}/none", folder, str(adapter),
@@ -131,12 +134,13 @@ def run(cfg: rs.RepairConfig, cache_root: Path, only: str | None, report_only: b
                         adapter = trained_adapter(cache, cfg, data, folder, answers, kind, row)
                         result = evaluated(name, folder, str(adapter), str(adapter.relative_to(cache.root)))
                         log(f"{name}: {time.perf_counter() - started:.0f} s this run")
-                    stats = json.loads((adapter / "study_train.json").read_text())
-                    results[name] = {**result, "train": stats}
-            except rs.Missing:
-                continue
+                except rs.Missing:
+                    continue
+                stats = json.loads((adapter / "study_train.json").read_text())
+                results[name] = {**result, "train": stats}
     if doc is not None:
-        doc.write_text(report(results, cfg))
+        analysis = Path(__file__).with_name("train_analysis.md")
+        doc.write_text(report(results, cfg) + ("\n" + analysis.read_text() if analysis.is_file() else ""))
         log(f"wrote {doc}")
     return results
 

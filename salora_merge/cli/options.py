@@ -208,9 +208,10 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option("Refusal anchors", "--boundary-prompts", default="benign-boundary", show_default=True,
                help="Benign prompts that sound risky, learned with the base model's answers ('none' for none); the "
                     "first 128 are used."),
-        option("Refusal anchors", "--anchor-tokens", default=None, type=int,
-               help="Keep only the first N response tokens of each anchor in training (the answers are generated "
-                    "64 long and cached; shorter anchors pad batches of short examples less) [default: all]."),
+        option("Refusal anchors", "--anchor-tokens", default=8, show_default=True, type=int,
+               help="Learn only the first N response tokens of each anchor (the answers are generated 64 long and "
+                    "cached, shared with repair; 0 learns all of them). Short anchors pad batches of short "
+                    "examples less: measured, the same refusals as all 64 at 1.14x instead of 1.83x the time."),
         option("Refusal anchors", "--anchor-first-tokens", default=5, show_default=True, type=int,
                help="The first N response tokens of each anchor get --anchor-first-weight."),
         option("Refusal anchors", "--anchor-first-weight", default=4.0, show_default=True, type=float,
@@ -254,7 +255,7 @@ def build_training(kw: dict):
         keep_refusals=KeepRefusals(enabled=kw["keep_refusals"], share=kw["anchor_share"],
                                    anchor_prompts=kw["anchor_prompts"], boundary_prompts=kw["boundary_prompts"],
                                    first_tokens=kw["anchor_first_tokens"], first_weight=kw["anchor_first_weight"],
-                                   train_tokens=kw["anchor_tokens"]),
+                                   train_tokens=kw["anchor_tokens"] or None),
     )
 
 
