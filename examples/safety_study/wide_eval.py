@@ -121,7 +121,8 @@ def main(argv=None) -> int:
              "| row | harmful-eval refusal | benign-eval refused |", "|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| `{name}` | {_rate(r['harmful'], r['n_harmful'])} | {_rate(r['benign'], r['n_benign'])} |")
-    text = "\n".join(lines) + "\n"
+    analysis = Path(__file__).with_name("wide_analysis.md")
+    text = "\n".join(lines) + "\n" + ("\n" + analysis.read_text() if analysis.is_file() else "")
     print(text)
     if args.doc:
         args.doc.write_text(text)

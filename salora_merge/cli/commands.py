@@ -71,11 +71,9 @@ def calibrate(base: str, targets: str | None, keep_moments: bool, output: Path, 
     if as_json:
         click.echo(json.dumps({"output": str(output), **meta}, indent=2))
         return
-    click.echo(
-        f"Safety module for {meta['base_model']}: {len(result.safety.bases)} modules, rank {meta['rank']}, "
-        f"{meta['n_prompts']} prompts, {meta['n_tokens']} {meta['token_policy']} tokens "
-        f"(generation {result.seconds_generate:.1f}s, statistics {result.seconds_forward:.1f}s)"
-    )
+    click.echo(f"Safety module for {meta['base_model']}: {len(result.safety.bases)} modules, rank {meta['rank']}, "
+               f"{meta['n_prompts']} prompts, {meta['n_tokens']} {meta['token_policy']} tokens "
+               f"(generation {result.seconds_generate:.1f}s, statistics {result.seconds_forward:.1f}s)")
     if meta["chat_template"].startswith("none (the model has no"):
         click.echo(f"Note: {meta['base_model']} has no chat template, so the prompts were used as raw text; give "
                    "--chat-template chatml, plain or a Jinja file to use one (recorded in the safety module).")
@@ -158,12 +156,8 @@ def repair(base: str, adapter: str, task_prompts: str, heldout: int, task_check:
            unaligned: str | None, evaluate: bool, harmful_prompts: str, benign_prompts: str,
            overrefusal_prompts: str, max_eval_prompts: int, eval_new_tokens: int, judge: str, method: str,
            output: Path, overwrite: bool, allow_pickle: bool, as_json: bool, **kwargs) -> None:
-    """Repair an eroded adapter so the model refuses harmful requests again while keeping its task; writes a
-    stock PEFT adapter with the before/after measurement.
-
-    Use repair for an adapter you have no data for (it finds the task's prompts itself) or that you want
-    fixed in minutes: a short re-fit of its own factors, measured. Use retrain to learn the task anew from
-    its data or prompts, for as long as training takes."""
+    """Repair an eroded adapter so the model refuses harmful requests again while keeping its task, measured
+    before and after (no data needed: a short re-fit of its own factors; retrain learns the task anew)."""
     from salora_merge import api
     from salora_merge.methods import get_method
 
@@ -264,8 +258,7 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, create
 @training_options(retrain=False)
 @_friendly_errors
 def train(base: str, data: Path, **kw) -> None:
-    """Train a new adapter the SaLoRA way, with refusal anchors mixed into every batch (the repair's objective;
-    --no-keep-refusals for your data alone), and export it as a stock PEFT LoRA for the untouched base."""
+    """Train a new SaLoRA adapter with refusal anchors in every batch; export a stock PEFT LoRA for the base."""
     from salora_merge import api
 
     report = api.train(base, data, kw["safety"], kw["output"], build_training(kw), control=run_control(kw),
@@ -295,12 +288,8 @@ def train(base: str, data: Path, **kw) -> None:
 @_friendly_errors
 def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, holdout: float, max_holdout: int,
             max_new_tokens: int, generation_batch_size: int, allow_pickle: bool, **kw) -> None:
-    """Re-learn an existing adapter's task under the safety module (SaLoRA), from its data or by distillation,
-    with refusal anchors mixed into every batch unless --no-keep-refusals.
-
-    Use retrain when you have the adapter's training data (--data) or its task prompts (--prompts) and want a
-    new adapter trained on them. Use repair for an adapter with no data at all: a short, measured re-fit of its
-    own factors."""
+    """Re-learn an adapter's task from its --data or --prompts under SaLoRA, with refusal anchors in every batch
+    (for an adapter with no data at all, use repair: a short, measured re-fit of its own factors)."""
     from salora_merge import api
 
     options = api.RetrainOptions(data=data, prompts=prompts, holdout=holdout, max_holdout=max_holdout,
