@@ -22,9 +22,10 @@ TRAIN_CAVEAT = (
 
 
 ANCHORS_CAVEAT = (
-    "The anchored objective is the one that brings refusals back in `salora-merge repair` "
-    "(`docs/repair-study.md`); inside training it is not yet measured by the project's study: audit the result "
-    "with `salora-merge audit --behavior`."
+    "In salora-merge's training study (`docs/train-study.md`: one task, one small aligned model, one seed) these "
+    "anchors kept part of the refusals, not all (86% / 60% held-out AdvBench / HarmBench against the aligned "
+    "model's 92% / 74%; plain LoRA 73% / 42%), and only on AdvBench-like phrasing. Audit the result with "
+    "`salora-merge audit --behavior`."
 )
 
 

@@ -11,6 +11,7 @@ from salora_merge.core.training_math import (
     INITS,
 )
 from salora_merge.errors import InputError
+from salora_merge.training.mixture import anchors_per_batch
 from salora_merge.hf.placement import Placement, placement_of, placement_problems
 from salora_merge.training.trainer import (
     FitOptions,
@@ -43,18 +44,16 @@ class KeepRefusals:
         if not self.enabled:
             return []
         out = []
-        if not 0.0 <= self.share < 1.0:  # also NaN
-            out.append(f"--anchor-share must be at least 0 and below 1 (the rest of each batch is your data), "
-                       f"got {self.share}")
-        elif self.share > 0 and max(1, round(self.share * batch_size)) >= batch_size:
-            out.append(f"--anchor-share {self.share:g} leaves no place for your data in a batch of {batch_size}; "
-                       "lower it or raise --batch-size")
+        try:  # the same check the mixture makes when it is built
+            anchors_per_batch(self.share, batch_size)
+        except InputError as exc:
+            out.append(str(exc))
         if self.train_tokens is not None and self.train_tokens < 1:
             out.append(f"--anchor-tokens must be 0 (every response token) or positive, got {self.train_tokens}")
-        for name, value in (("--anchor-first-tokens", self.first_tokens), ("--anchor-answer-tokens", self.answer_tokens)):
-            if value < (0 if name == "--anchor-first-tokens" else 1):
-                out.append(f"{name} must be {'0 or more' if name == '--anchor-first-tokens' else 'positive'}, "
-                           f"got {value}")
+        if self.first_tokens < 0:
+            out.append(f"--anchor-first-tokens must be 0 or more, got {self.first_tokens}")
+        if self.answer_tokens < 1:  # not a CLI option: the API's KeepRefusals(answer_tokens=...)
+            out.append(f"KeepRefusals.answer_tokens must be positive, got {self.answer_tokens}")
         if not 0.0 <= self.first_weight < 1e6:
             out.append(f"--anchor-first-weight must be a number from 0 to 1e6, got {self.first_weight}")
         return out

@@ -220,15 +220,14 @@ def _sampled_answers(model, tokenizer, task_ids: list[list[int]], options: Refit
                      ) -> list[tuple[list[int], list[int]]]:
     """On-policy targets: ``answer_samples`` sampled answers of the adapted model per prompt (temperature
     ``answer_temperature``), the end-of-turn token kept on one that ended."""
-    from salora_merge.hf.generation import generate_sampled
+    from salora_merge.hf.generation import generate_sampled, stop_token_ids
 
     prompts = [p for p in task_ids for _ in range(options.answer_samples)]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    configured = model.generation_config.eos_token_id if model.generation_config else None
-    stops = {eos, *(configured if isinstance(configured, list) else [configured])} - {None}
+    stops = stop_token_ids(model, tokenizer)
     with progress("sampling the adapter's answers", len(prompts)) as advance:
         samples = generate_sampled(model, prompts, options.max_new_tokens, options.generation_batch_size, pad,
-                                   sorted(stops), options.answer_temperature, 1.0, options.seed + 1,
+                                   stops, options.answer_temperature, 1.0, options.seed + 1,
                                    on_batch=advance)
     return [(p, ids + [eos] if stopped else ids) for p, (ids, stopped) in zip(prompts, samples)]
