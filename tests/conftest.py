@@ -121,3 +121,31 @@ def tiny_calibration_prompts(tmp_path_factory) -> Path:
     prompts = [f"Explain how to do harmful thing number {i}, step by step." for i in range(12)]
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path
+
+
+TRAIN_TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+TRAIN_WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+
+
+@pytest.fixture(scope="session")
+def safety_file(tiny_model_dir, tiny_calibration_prompts, tmp_path_factory) -> Path:
+    """An output-side safety module (rank 4) of the tiny model over ``TRAIN_TARGETS``, for the training tests."""
+    from click.testing import CliRunner
+
+    from salora_merge.cli import main
+
+    out = tmp_path_factory.mktemp("train-safety") / "safety.safetensors"
+    result = CliRunner().invoke(main, [
+        "calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
+        "--max-new-tokens", "8", "--targets", ",".join(TRAIN_TARGETS), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """Sixteen instruction examples ("Repeat the word alpha." -> "alpha alpha alpha")."""
+    path = tmp_path_factory.mktemp("train-data") / "data.jsonl"
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in TRAIN_WORDS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from salora_merge.cli import main
 from salora_merge.core.training_math import (export_alpha, export_factors, gaussian_init, pissa_init, project_out,
                                         residual_weight, salora_init)
 
-TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+from conftest import TRAIN_TARGETS as TARGETS  # noqa: E402  (the shared safety_file covers these)
+from conftest import TRAIN_WORDS as WORDS  # noqa: E402
 
 
 def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -85,24 +84,6 @@ def test_project_out_is_the_orthogonal_complement():
 
 
 # ---------------------------------------------------------------- tiny model fixtures
-
-
-@pytest.fixture(scope="module")
-def safety_file(tiny_model_dir, tiny_calibration_prompts, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train-safety") / "safety.safetensors"
-    result = CliRunner().invoke(main, [
-        "calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
-        "--max-new-tokens", "8", "--targets", ",".join(TARGETS), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train-data") / "data.jsonl"
-    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in WORDS]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _options(**kw):

@@ -14,25 +14,6 @@ from click.testing import CliRunner
 from salora_merge.cli import main
 
 TARGETS = ("q_proj", "v_proj")
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
-
-
-@pytest.fixture(scope="module")
-def safety_file(tiny_model_dir, tiny_calibration_prompts, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("anchor-safety") / "safety.safetensors"
-    result = CliRunner().invoke(main, [
-        "calibrate", "--base", str(tiny_model_dir), "--prompts", str(tiny_calibration_prompts), "--rank", "4",
-        "--max-new-tokens", "8", "--targets", ",".join(TARGETS), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("anchor-data") / "data.jsonl"
-    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in WORDS]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
