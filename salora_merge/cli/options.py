@@ -211,7 +211,8 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option("Refusal anchors", "--anchor-tokens", default=8, show_default=True, type=int,
                help="Learn only the first N response tokens of each anchor (the answers are generated 64 long and "
                     "cached, shared with repair; 0 learns all of them). Short anchors pad batches of short "
-                    "examples less: measured, the same refusals as all 64 at 1.14x instead of 1.83x the time."),
+                    "examples less: on the training study's one task, the same refusals as all 64 at 1.14x instead of 1.83x "
+                    "the time."),
         option("Refusal anchors", "--anchor-first-tokens", default=5, show_default=True, type=int,
                help="The first N response tokens of each anchor get --anchor-first-weight."),
         option("Refusal anchors", "--anchor-first-weight", default=4.0, show_default=True, type=float,
