@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import align_data  # noqa: E402
 import repair_data  # noqa: E402
 import repair_report  # noqa: E402
 from study import ALL7, Cache, StudyConfig, _hash, id_examples, load, log, respond, save_adapter, train  # noqa: E402
@@ -68,6 +69,7 @@ class RepairConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     align_steps: int = 150
+    align_wide_steps: int = 250  # the widened alignment (align_data.py): about twice the examples
     align_lr: float = 3e-4
     full_lr: float = 2e-5
     erode_epochs: float = 2.0
@@ -249,10 +251,10 @@ def original_answers(cache: Cache, cfg: RepairConfig, data: repair_data.RepairDa
     return cache.json("answers", {"base": cfg.base, "sizes": asdict(cfg.sizes), "tokens": cfg.answer_tokens}, compute)
 
 
-def alignment_examples(cfg: RepairConfig, data: repair_data.RepairData, tokenizer, answers: dict) -> list:
-    refusals = tokenize_all(tokenizer, conversations_from_pairs(data.align_harmful, data.align_refusals),
-                            cfg.max_length, "alignment refusals")
-    benign = id_examples(tokenizer, data.align_benign, [answers[p] for p in data.align_benign], cfg.max_length)
+def alignment_examples(cfg: RepairConfig, harmful, refusals, benign_prompts, tokenizer, answers: dict) -> list:
+    refusals = tokenize_all(tokenizer, conversations_from_pairs(harmful, refusals), cfg.max_length,
+                            "alignment refusals")
+    benign = id_examples(tokenizer, benign_prompts, [answers[p] for p in benign_prompts], cfg.max_length)
     out, step = [], max(1, round(len(benign) / max(1, len(refusals))))
     for i, r in enumerate(refusals):  # the refusals spread evenly through the benign examples
         out += benign[i * step : (i + 1) * step] + [r]
@@ -263,17 +265,28 @@ def aligned_models(cache: Cache, cfg: RepairConfig, data: repair_data.RepairData
                    answers: dict) -> dict:
     """Each aligned model as a function that builds it (or finds it in the cache) and returns its folder."""
     tokenizer = load_tokenizer(base_folder)
-    examples = alignment_examples(cfg, data, tokenizer, answers)
+    examples = alignment_examples(cfg, data.align_harmful, data.align_refusals, data.align_benign, tokenizer,
+                                  answers)
     common = {"base": cfg.base, "sizes": asdict(cfg.sizes), "steps": cfg.align_steps, "seed": cfg.seed,
               "batch": cfg.batch_size, "tokens": cfg.answer_tokens}
 
-    def build_lora(tmp: Path):
-        log(f"aligning (LoRA r={cfg.lora_rank}): {len(examples)} examples, {cfg.align_steps} steps")
-        modules, config, stats = train(base_folder, examples, cfg.study(), tmp, lr=cfg.align_lr,
-                                       max_steps=cfg.align_steps)
+    def build_lora(tmp: Path, examples=examples, steps=cfg.align_steps):
+        log(f"aligning (LoRA r={cfg.lora_rank}): {len(examples)} examples, {steps} steps")
+        modules, config, stats = train(base_folder, examples, cfg.study(), tmp, lr=cfg.align_lr, max_steps=steps)
         (tmp / "alignment-lora").mkdir()
         save_adapter(tmp / "alignment-lora", modules, config, stats)
         run_merge(str(base_folder), [AdapterInput(str(tmp / "alignment-lora"), 1.0)], tmp / "model", MergeOptions())
+
+    def build_lora_wide(tmp: Path):
+        # The widened alignment (align_data.py): built only when asked for, so its data and the original model's
+        # answers to its new benign prompts are made then.
+        wide = align_data.build(data, cfg.sizes, seed=cfg.seed)
+        extra = [p for p in wide.benign if p not in answers]
+        more = cache.json("answers-wide", {"base": cfg.base, "prompts": _hash(extra), "tokens": cfg.answer_tokens},
+                          lambda: _answer(base_folder, extra, cfg))
+        build_lora(tmp, alignment_examples(cfg, wide.harmful, wide.refusals, wide.benign, tokenizer,
+                                           {**answers, **more}), cfg.align_wide_steps)
+        (tmp / "alignment-data.json").write_text(json.dumps(asdict(wide), indent=1))
 
     def build_full(tmp: Path):
         log(f"aligning (full fine-tune): {len(examples)} examples, {cfg.align_steps} steps")
@@ -290,11 +303,22 @@ def aligned_models(cache: Cache, cfg: RepairConfig, data: repair_data.RepairData
         (tmp / "model" / "study_train.json").write_text(json.dumps({"steps": result.global_step,
                                                                      "losses": result.losses}))
 
-    builders = {"lora": (build_lora, {"lr": cfg.align_lr, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha}),
-                "full": (build_full, {"lr": cfg.full_lr})}
+    lora = {"lr": cfg.align_lr, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha}
+    builders = {"lora": (build_lora, lora), "full": (build_full, {"lr": cfg.full_lr}),
+                "lora-wide": (build_lora_wide, {**lora, "steps": cfg.align_wide_steps,
+                                                "wide": asdict(align_data.WideSizes()),
+                                                "wide_data": _hash(asdict(align_data.build(data, cfg.sizes,
+                                                                                           seed=cfg.seed)))})}
+    # every kind, built lazily: the study's runs build those of cfg.aligned_kinds; wide_eval.py any it names
     return {kind: (lambda kind=kind: cache.folder(f"aligned-{kind}", {**common, **builders[kind][1], "kind": kind},
                                                   builders[kind][0]) / "model")
-            for kind in cfg.aligned_kinds}
+            for kind in builders}
+
+
+def _answer(base_folder: Path, prompts: list[str], cfg: RepairConfig) -> dict:
+    model, tokenizer = load(base_folder)
+    log(f"original model: answering {len(prompts)} benign prompts")
+    return dict(zip(prompts, respond(model, tokenizer, prompts, cfg.answer_tokens, cfg.generation_batch)))
 
 
 def safety_module(cache: Cache, cfg: RepairConfig, aligned: Path) -> Path:
@@ -567,7 +591,8 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
     summary = {"config": asdict(cfg), "results": results, "repairs": repairs,
                "aligned_train": {k: _train_stats(v) for k, v in folders.items()}, "adapter_train": train_stats,
                "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "report_only": report_only}
-    (cache_root / f"results-{cfg.name}.json").write_text(json.dumps(summary, indent=2))
+    tail = "" if cfg.aligned_kinds == FULL.aligned_kinds else "-" + "-".join(cfg.aligned_kinds)
+    (cache_root / f"results-{cfg.name}{tail}.json").write_text(json.dumps(summary, indent=2))
     repair_report.write(summary, doc, plot, analysis)
     log(f"wrote {doc} and {plot} ({summary['seconds']:.0f} s this run)")
     return summary
@@ -600,8 +625,12 @@ def main(argv=None) -> int:
                         "entries (an entry written =NAME: that row exactly)")
     parser.add_argument("--report-only", action="store_true",
                         help="compute nothing: write the report from the stages already in the cache")
+    parser.add_argument("--aligned", help="comma-separated aligned models to run (default: lora,full; lora-wide is "
+                        "the widened alignment of align_data.py); give a --doc of its own for another set")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
+    if args.aligned:
+        cfg = replace(cfg, aligned_kinds=tuple(k for k in args.aligned.split(",") if k))
     if args.base:
         cfg = replace(cfg, base=args.base)
     plot = args.plot or args.doc.with_suffix(".svg")
