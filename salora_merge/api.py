@@ -133,10 +133,12 @@ def audit(base: Base, adapters: Sequence[str], options: AuditOptions = AuditOpti
                      progress=progress, judge=judge, warn=warn)
 
 
-def train(base: Base, data: Path, safety: Path, output: Path, options: TrainOptions = TrainOptions(), *,
+def train(base: Base, data: Path, safety: Path | None, output: Path, options: TrainOptions = TrainOptions(), *,
           control: RunControl | None = None, progress: Progress = silent,
           echo: Callable[[str], None] | None = None) -> TrainReport:
-    """Train a new SaLoRA adapter on a JSONL file and export it as a stock PEFT LoRA at ``output``."""
+    """Train a new adapter on a JSONL file, with refusal anchors in every batch unless
+    ``options.keep_refusals.enabled`` is off, and export it as a stock PEFT LoRA at ``output``. ``safety``: a
+    safety module for SaLoRA's fixed constraint (the paper's setting); None trains plain LoRA."""
     from salora_merge.training.data import conversations_digest, load_conversations
     from salora_merge.training.train import run_train
 
@@ -144,22 +146,23 @@ def train(base: Base, data: Path, safety: Path, output: Path, options: TrainOpti
     control = control or RunControl(out=Path(output))
     conversations = load_conversations(Path(data))
     return run_train(resolve_model(base), conversations, str(data), conversations_digest(conversations),
-                     Path(safety), options, control, progress=progress, echo=echo)
+                     Path(safety) if safety is not None else None, options, control, progress=progress, echo=echo)
 
 
-def retrain(base: Base, adapter: str, safety: Path, output: Path, options: RetrainOptions, *,
+def retrain(base: Base, adapter: str, safety: Path | None, output: Path, options: RetrainOptions, *,
             training: TrainOptions | None = None, inherit: Mapping[str, Any] | None = None,
             control: RunControl | None = None, progress: Progress = silent,
             echo: Callable[[str], None] | None = None) -> RetrainReport:
-    """Re-learn ``adapter`` under the safety module from its data or by distillation. Rank, alpha, rsLoRA
-    and targets come from the old adapter unless ``inherit`` gives them (``{"rank": 8, ...}``)."""
+    """Re-learn ``adapter`` from its data or by distillation, with refusal anchors (and under SaLoRA's constraint
+    when ``safety`` is given). Rank, alpha, rsLoRA and targets come from the old adapter unless ``inherit`` gives
+    them (``{"rank": 8, ...}``)."""
     options.validate()
     given = {"rank": None, "alpha": None, "use_rslora": None, "targets": None, **(inherit or {})}
     training = defaults_from_adapter(adapter, training or TrainOptions(), given, options.allow_pickle)
     training.validate()
     control = control or RunControl(out=Path(output))
-    return run_retrain(resolve_model(base), adapter, Path(safety), options, training, control, progress=progress,
-                       echo=echo)
+    return run_retrain(resolve_model(base), adapter, Path(safety) if safety is not None else None, options,
+                       training, control, progress=progress, echo=echo)
 
 
 def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,

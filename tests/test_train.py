@@ -440,3 +440,106 @@ def test_resume_with_a_corrupt_run_file_is_one_line(tiny_model_dir, safety_file,
     result = _cli_train(tiny_model_dir, safety_file, data_file, tmp_path / "out", "--resume")
     assert result.exit_code == 1 and "salora_train_run.json is not valid JSON" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- no safety module: plain LoRA
+
+
+def test_without_a_safety_module_training_is_plain_lora_as_peft_trains_it(tiny_model_dir, data_file, tmp_path):
+    """With no safety module the layer is plain LoRA: the same initial factors trained by the same trainer as a
+    stock PEFT LoRA model end at the same factors, and the export loads in PEFT equal to the trained model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from salora_merge.hf.loading import load_tokenizer
+    from salora_merge.hf.resolve import resolve_model
+    from salora_merge.io.adapter import write_adapter
+    from salora_merge.training.data import load_conversations, tokenize_all
+    from salora_merge.training.train import adapter_config, export_modules, prepare_model
+    from salora_merge.training.trainer import fit
+
+    base = resolve_model(str(tiny_model_dir))
+    examples = tokenize_all(load_tokenizer(base.folder), load_conversations(data_file), 128, "data")
+    options = _options(steps=10, lr=5e-2)
+    prepared = prepare_model(base, None, examples, options)
+    assert all(layer.safety_basis.shape[1] == 0 for layer in prepared.layers.values())
+    # Start B away from zero, so that both factors move from the first step.
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in prepared.layers.values():
+            layer.lora_B.copy_(0.05 * torch.randn(layer.lora_B.shape, generator=g))
+    start = {n: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for n, layer in prepared.layers.items()}
+    peft = get_peft_model(_base_model(tiny_model_dir), LoraConfig(r=options.rank, lora_alpha=options.alpha,
+                                                                  target_modules=list(TARGETS), lora_dropout=0.0))
+    for name, (a, b) in start.items():
+        module = peft.base_model.model.get_submodule(name)
+        module.lora_A["default"].weight.data.copy_(a)
+        module.lora_B["default"].weight.data.copy_(b)
+    pad = prepared.tokenizer.pad_token_id
+    fit(prepared.model, examples, pad, options.fit, tmp_path / "ours")
+    fit(peft, examples, pad, options.fit, tmp_path / "peft")
+    for name, layer in prepared.layers.items():
+        module = peft.base_model.model.get_submodule(name)
+        want_a, want_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        assert (layer.lora_B - start[name][1]).abs().max() > 1e-3  # trained
+        assert (layer.lora_A - want_a).abs().max() < 1e-5 * max(1.0, float(want_a.detach().abs().max())), name
+        assert (layer.lora_B - want_b).abs().max() < 1e-5 * max(1.0, float(want_b.detach().abs().max())), name
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    write_adapter(folder, adapter_config(options, str(tiny_model_dir), list(TARGETS), False),
+                  export_modules(prepared.layers), {})
+    loaded = PeftModel.from_pretrained(_base_model(tiny_model_dir), str(folder)).eval()
+    ids, mask = _batch(prepared.tokenizer)
+    with torch.no_grad():
+        want = prepared.model.eval()(input_ids=ids, attention_mask=mask).logits
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_cli_train_and_retrain_without_a_safety_module(tiny_model_dir, safety_file, data_file, tmp_path):
+    """No --safety: a plain LoRA whose update is free to enter the safety subspace (the same run with --safety keeps
+    it out), a report and card that say so; --random-control without --safety is one line with nothing written."""
+    from conftest import make_peft_adapter
+
+    from salora_merge.core.audit_math import module_scores, summarize
+    from salora_merge.io.adapter import read_adapter
+    from salora_merge.io.safety_file import load_safety_module
+
+    def train(out, *extra):
+        return CliRunner().invoke(main, [
+            "train", "--base", str(tiny_model_dir), "--data", str(data_file), "--rank", "4", "--alpha", "8",
+            "--targets", "q_proj,v_proj", "--lr", "1e-2", "--batch-size", "4", "--grad-accum", "1", "--device", "cpu",
+            "--quiet", "--no-keep-refusals", "--max-steps", "4", "-o", str(out), "--json", *extra])
+
+    plain = train(tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    report = json.loads(plain.stdout)
+    assert report["safety"] is None and report["safety_rank"] == 0 and report["safety_energy"] is None
+    card = (tmp_path / "plain" / "README.md").read_text()
+    assert "# LoRA adapter trained with refusal anchors" in card and "No refusal anchors" in card
+    assert "SaLoRA's constraint was off" in card
+    bases = load_safety_module(safety_file).bases
+    rho = {}
+    constrained = train(tmp_path / "salora", "--safety", str(safety_file))
+    assert constrained.exit_code == 0, constrained.output
+    for name in ("plain", "salora"):
+        modules = read_adapter(tmp_path / name).modules
+        rho[name] = summarize(module_scores({n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()},
+                                            {n: bases[n] for n in modules})).rho
+    assert rho["plain"] > 1e-3 and rho["salora"] < 1e-10, rho
+    rendered = CliRunner().invoke(main, ["train", "--base", str(tiny_model_dir), "--data", str(data_file),
+                                         "--targets", "q_proj,v_proj", "--device", "cpu", "--quiet",
+                                         "--no-keep-refusals", "--max-steps", "1", "-o", str(tmp_path / "text")])
+    assert rendered.exit_code == 0 and "no safety module: SaLoRA's constraint off" in rendered.output
+    bad = train(tmp_path / "bad", "--random-control", "3")
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1 and "give --safety" in bad.output
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.checkpoints").exists()
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "old", r=2, lora_alpha=4, target_modules=["v_proj"])
+    retrained = CliRunner().invoke(main, [
+        "retrain", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(data_file), "--lr", "1e-2",
+        "--batch-size", "4", "--grad-accum", "1", "--device", "cpu", "--quiet", "--no-keep-refusals",
+        "--max-steps", "2", "-o", str(tmp_path / "re")])
+    assert retrained.exit_code == 0, retrained.output
+    assert "No safety module given: no weight-space score" in retrained.output
+    saved = json.loads((tmp_path / "re" / "salora_retrain.json").read_text())
+    assert saved["weight_space"] is None and saved["train"]["safety"] is None

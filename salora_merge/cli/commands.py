@@ -258,7 +258,8 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, create
 @training_options(retrain=False)
 @_friendly_errors
 def train(base: str, data: Path, **kw) -> None:
-    """Train a new SaLoRA adapter with refusal anchors in every batch; export a stock PEFT LoRA for the base."""
+    """Train a new LoRA adapter with refusal anchors in every batch (SaLoRA's constraint with --safety); export a
+    stock PEFT LoRA for the base."""
     from salora_merge import api
 
     report = api.train(base, data, kw["safety"], kw["output"], build_training(kw), control=run_control(kw),
@@ -288,8 +289,9 @@ def train(base: str, data: Path, **kw) -> None:
 @_friendly_errors
 def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, holdout: float, max_holdout: int,
             max_new_tokens: int, generation_batch_size: int, allow_pickle: bool, **kw) -> None:
-    """Re-learn an adapter's task from its --data or --prompts under SaLoRA, with refusal anchors in every batch
-    (for an adapter with no data at all, use repair: a short, measured re-fit of its own factors)."""
+    """Re-learn an adapter's task from its --data or --prompts with refusal anchors in every batch (SaLoRA's
+    constraint with --safety); for an adapter with no data at all, use repair: a short, measured re-fit of its own
+    factors."""
     from salora_merge import api
 
     options = api.RetrainOptions(data=data, prompts=prompts, holdout=holdout, max_holdout=max_holdout,

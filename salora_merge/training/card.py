@@ -1,4 +1,5 @@
-"""The card of an adapter trained (or retrained) with SaLoRA and exported as a plain LoRA."""
+"""The card of an adapter trained (or retrained) by salora-merge, with or without SaLoRA's constraint, exported as a
+plain LoRA."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ ANCHORS_CAVEAT = (
 )
 
 
+NO_ANCHORS = ("- No refusal anchors (`--no-keep-refusals`): trained on the data alone, as plain LoRA. Fine-tuning "
+              "on benign data alone erodes an aligned model's refusals.\n")
+
+
 def _anchors_text(report: "TrainReport") -> str:
     if not report.refusal_anchors:
         return ""
@@ -40,10 +45,30 @@ def _anchors_text(report: "TrainReport") -> str:
 
 
 def trained_adapter_card(report: "TrainReport", safety_meta: Mapping[str, Any], note: str | None = None) -> str:
-    """Card of an adapter trained (or retrained) with SaLoRA and exported as a plain LoRA."""
+    """Card of an adapter trained (or retrained) and exported as a plain LoRA; SaLoRA's text when it had a safety
+    module."""
     base = report.base_model
     final = report.losses[-1][1] if report.losses else float("nan")
     first = report.losses[0][1] if report.losses else float("nan")
+    if report.safety is None:
+        return (
+            adapter_front_matter(base, "lora", "safety")
+            + f"""
+# LoRA adapter trained with refusal anchors
+
+Trained by [salora-merge](https://pypi.org/project/salora-merge/) on `{base}` as a plain LoRA (no safety module:
+SaLoRA's constraint was off), stored as a stock PEFT LoRA of rank {report.export_rank}
+(`lora_alpha = {report.export_alpha:g}`).
+
+- Data: `{report.data}` ({report.examples} examples, {report.learned_tokens} learned tokens)
+- Initialization: `{report.init}` (rank {report.rank}, alpha {report.alpha:g}{", rsLoRA" if report.use_rslora else ""});
+  {report.modules} modules
+- Steps: {report.global_step}; logged training loss {first:.4f} -> {final:.4f}
+{_anchors_text(report) or NO_ANCHORS}{note or ""}
+Measure refusals on held-out harmful prompts (`salora-merge audit --behavior`) before deployment. Full figures:
+`salora_train.json`.
+"""
+        )
     return (
         adapter_front_matter(base, "lora", "salora", "safety")
         + f"""

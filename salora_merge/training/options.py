@@ -133,8 +133,8 @@ class TrainReport(Readable):
     data_sha256: str
     examples: int
     learned_tokens: int
-    safety: str
-    safety_rank: int
+    safety: str | None  # the safety module's path (None: trained without SaLoRA's constraint)
+    safety_rank: int  # 0 without one
     init: str
     rank: int
     alpha: float
@@ -147,7 +147,7 @@ class TrainReport(Readable):
     global_step: int
     train_loss: float
     losses: tuple[tuple[int, float], ...]
-    safety_energy: float  # share of the exported update's energy inside the safety subspace (0 by design)
+    safety_energy: float | None  # share of the update's energy inside the safety subspace (0 by design; None: no module)
     seconds_init: float
     seconds_train: float
     resumed_from: str | None
@@ -166,15 +166,18 @@ class TrainReport(Readable):
         """Summary of a SaLoRA training run (``TrainReport``)."""
         first = self.losses[0][1] if self.losses else float("nan")
         last = self.losses[-1][1] if self.losses else float("nan")
+        constraint = (f"SaLoRA modules (r_s = {self.safety_rank})" if self.safety is not None
+                      else "LoRA modules (no safety module: SaLoRA's constraint off)")
         lines = [
-            f"Trained {self.modules} SaLoRA modules on {self.base_model} ({self.init} init, r = {self.rank}, "
-            f"alpha = {self.alpha:g}{', rsLoRA' if self.use_rslora else ''}; r_s = {self.safety_rank})",
+            f"Trained {self.modules} {constraint} on {self.base_model} ({self.init} init, r = {self.rank}, "
+            f"alpha = {self.alpha:g}{', rsLoRA' if self.use_rslora else ''})",
             f"Data: {self.data}: {self.examples} examples, {self.learned_tokens} learned tokens",
             *([self.anchors_line()] if self.refusal_anchors else []),
             f"Steps: {self.global_step}{' (resumed from ' + self.resumed_from + ')' if self.resumed_from else ''}; "
             f"logged loss {first:.4f} -> {last:.4f}; init {self.seconds_init:.1f}s, training {self.seconds_train:.1f}s",
-            f"Exported as a PEFT LoRA of rank {self.export_rank} (lora_alpha {self.export_alpha:g}); "
-            f"update energy inside the safety subspace: {self.safety_energy:.2e}",
+            f"Exported as a PEFT LoRA of rank {self.export_rank} (lora_alpha {self.export_alpha:g})"
+            + (f"; update energy inside the safety subspace: {self.safety_energy:.2e}"
+               if self.safety_energy is not None else ""),
             f"Wrote {self.output}" + (f"; merged model: {self.merged}" if self.merged else ""),
         ]
         return "\n".join(lines)

@@ -100,7 +100,7 @@ def _task_bases(model, linear: Mapping[str, torch.nn.Module], names: Sequence[st
 
 def prepare_model(
     base: BaseModel,
-    safety: SafetyModule,
+    safety: SafetyModule | None,
     examples: Sequence[TokenizedExample],
     options: TrainOptions,
     resume_state: Mapping[str, torch.Tensor] | None = None,
@@ -115,6 +115,9 @@ def prepare_model(
 
     With ``resume_state`` (a checkpoint's tensors) the initial parts ``A0``, ``B0`` are read from it
     instead of recomputed, so ``W_res`` is rebuilt exactly as it was.
+
+    ``safety=None``: no constraint, plain LoRA. Each layer gets an empty basis (``C = I``), so the layer, its
+    checkpoints and its export are the same code with nothing projected.
     """
     tokenizer = tokenizer if tokenizer is not None else base.tokenizer
     model = model if model is not None else load_for_training(base, options.device, options.placement())
@@ -133,7 +136,8 @@ def prepare_model(
             raise InputError(f"--rank {options.rank} exceeds the dimensions of {name} ({d_out} x {d_in})")
         if options.init == "salora" and options.task_rank > d_out:
             raise InputError(f"--task-rank {options.task_rank} exceeds d_out {d_out} of {name}")
-    _check_safety_covers(safety, names, safety_label)
+    if safety is not None:
+        _check_safety_covers(safety, names, safety_label)
     shared = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         shared.setdefault(param.data_ptr(), []).append(pname)
@@ -156,7 +160,7 @@ def prepare_model(
     for name in names:
         weight = weight_matrix(linear[name]).detach()
         d_out, d_in = weight.shape
-        basis = safety.bases[name]
+        basis = safety.bases[name] if safety is not None else torch.zeros(d_out, 0, dtype=torch.float64)
         if basis.shape[0] != d_out:
             raise SafetyModuleError(f"{safety_label}: basis for {name} has {basis.shape[0]} rows, the layer "
                                     f"has d_out {d_out}")

@@ -1,10 +1,10 @@
-"""Retrain: re-learn what an existing adapter does, under the safety module, with SaLoRA.
+"""Retrain: re-learn what an existing adapter does, with refusal anchors (and SaLoRA's constraint with --safety).
 
-With the adapter's own task data (``--data``), SaLoRA trains on it. Without it (``--prompts``), the
-adapter is distilled: base + adapter answers the task prompts greedily and SaLoRA learns those answers.
+With the adapter's own task data (``--data``), training uses it. Without it (``--prompts``), the
+adapter is distilled: base + adapter answers the task prompts greedily and the new adapter learns those answers.
 A held-out part of the examples is never trained on; the report compares the old and the new adapter
 there (NLL, target-token accuracy, agreement of their argmax, identical greedy answers when distilled)
-and in the weight-space safety score.
+and, given a safety module, in the weight-space safety score.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ class RetrainReport(Readable):
     target_accuracy: dict  # share of held-out target tokens that are the model's argmax
     agreement: float  # share of held-out positions where original and retrained argmax agree
     exact_match: float | None  # distilled: share of held-out prompts answered identically (greedy)
-    weight_space: dict  # rho of original and retrained update in the safety subspace, and the random reference
+    weight_space: dict | None  # rho of original and retrained update in the safety subspace, and the random
+    # reference (None: no safety module given)
     train: dict
 
     def to_json(self) -> dict:
@@ -108,8 +109,11 @@ class RetrainReport(Readable):
             f"{'target accuracy':<22}{self.target_accuracy['base']:>10.4f}{self.target_accuracy['original']:>10.4f}"
             f"{self.target_accuracy['retrained']:>11.4f}",
             f"Argmax agreement original vs retrained: {self.agreement:.4f}{exact}",
-            f"Safety-subspace energy share: original {self.weight_space['original']:.4f}, retrained "
-            f"{self.weight_space['retrained']:.2e} (random reference {self.weight_space['random_reference']:.4f})",
+            (f"Safety-subspace energy share: original {self.weight_space['original']:.4f}, retrained "
+             f"{self.weight_space['retrained']:.2e} (random reference {self.weight_space['random_reference']:.4f})"
+             if self.weight_space is not None else
+             "No safety module given: no weight-space score (it says nothing about refusals on its own; measure "
+             "them with salora-merge audit --behavior)"),
         ] + ([f"Wrote {output}"] if output else [])
         return "\n".join(lines)
 
@@ -130,14 +134,15 @@ def _distilled_examples(prompt_ids, answers, max_length: int) -> list[TokenizedE
 def run_retrain(
     base: "str | BaseModel",
     adapter_ref: str,
-    safety_path: Path,
+    safety_path: Path | None,
     options: RetrainOptions,
     train_options: TrainOptions,
     run: RunControl,
     progress: Progress = silent,
     echo: Callable[[str], None] | None = None,
 ) -> RetrainReport:
-    """Retrain ``adapter_ref``'s behaviour with SaLoRA and write the new adapter with a comparison report.
+    """Retrain ``adapter_ref``'s behaviour (under SaLoRA's constraint when ``safety_path`` is given) and write the
+    new adapter with a comparison report.
 
     ``train_options.targets``, ``rank``, ``alpha`` and ``use_rslora`` should already default to the old
     adapter's (the CLI does this through ``defaults_from_adapter``).
@@ -145,6 +150,8 @@ def run_retrain(
     options.validate()
     train_options.validate()
     check_anchor_sets(train_options.keep_refusals)
+    if train_options.random_control is not None and safety_path is None:
+        raise InputError("--random-control draws random subspaces of a safety module's sizes: give --safety")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("retrain generates and compares on one process; launch it without torchrun/accelerate "
                          "(train supports multi-process runs)")
@@ -195,8 +202,14 @@ def run_retrain(
     if heldout_prompt_ids is not None:
         answers_new = _distill(model, tokenizer, new_factors, heldout_prompt_ids, options, progress)
         exact = sum(a == b for a, b in zip(teacher, answers_new)) / len(teacher)
-    old_score = summarize(module_scores(old_factors, {n: safety.bases[n] for n in old_factors if n in safety.bases}))
-    new_score = summarize(module_scores(new_factors, {n: safety.bases[n] for n in new_factors}))
+    weight_space, energy = None, ""
+    if safety is not None:
+        old_score = summarize(module_scores(old_factors, {n: safety.bases[n] for n in old_factors
+                                                          if n in safety.bases}))
+        new_score = summarize(module_scores(new_factors, {n: safety.bases[n] for n in new_factors}))
+        weight_space = {"original": old_score.rho, "retrained": new_score.rho,
+                        "random_reference": new_score.random_reference}
+        energy = f" Safety-subspace energy share {old_score.rho:.2e} -> {new_score.rho:.2e}."
     report = RetrainReport(
         adapter=str(adapter_ref), source=source, train_examples=len(train_set_examples),
         heldout_examples=len(heldout),
@@ -204,14 +217,12 @@ def run_retrain(
         target_accuracy={"base": target_accuracy(scores_base), "original": target_accuracy(scores_old),
                          "retrained": target_accuracy(scores_new)},
         agreement=agreement(scores_old, scores_new), exact_match=exact,
-        weight_space={"original": old_score.rho, "retrained": new_score.rho,
-                      "random_reference": new_score.random_reference},
-        train=trained.report.to_json(),
+        weight_space=weight_space, train=trained.report.to_json(),
     )
     note = (f"\nRetrained from `{adapter_ref}` ({source}). On {len(heldout)} held-out examples: NLL per target "
             f"token {report.nll['original']:.3f} (original) vs {report.nll['retrained']:.3f} (retrained), "
-            f"base {report.nll['base']:.3f}; argmax agreement {report.agreement:.3f}. Safety-subspace energy "
-            f"share {old_score.rho:.2e} -> {new_score.rho:.2e}. Figures: `{REPORT_NAME}`.\n")
+            f"base {report.nll['base']:.3f}; argmax agreement {report.agreement:.3f}.{energy} Figures: "
+            f"`{REPORT_NAME}`.\n")
     write_trained(trained, run, base, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
                   card_note=note, progress=progress)
     return report

@@ -20,8 +20,9 @@ from salora_merge.version import __version__
 RUN_NAME = "salora_train_run.json"
 
 
-def _run_key(base_fingerprint: str, safety_path: Path, data_digest: str, options: TrainOptions) -> dict:
-    return {"base_fingerprint": base_fingerprint, "safety_sha256": file_sha256(safety_path),
+def _run_key(base_fingerprint: str, safety_path: Path | None, data_digest: str, options: TrainOptions) -> dict:
+    return {"base_fingerprint": base_fingerprint,
+            "safety_sha256": file_sha256(safety_path) if safety_path is not None else None,
             "data_sha256": data_digest, "options": options.run_key(), "tool_version": __version__}
 
 

@@ -137,11 +137,14 @@ class TrainedAdapter:
     safety_meta: dict
 
 
-def prepare_run(base: "str | BaseModel", safety_path: Path, run: RunControl) -> tuple[BaseModel, str, SafetyModule]:
-    """Resolve the base and load the safety module (checked against it) before any work."""
+def prepare_run(base: "str | BaseModel", safety_path: Path | None,
+                run: RunControl) -> tuple[BaseModel, str, SafetyModule | None]:
+    """Resolve the base and load the safety module (checked against it) before any work; no module: None."""
     run.check_outputs_free()
     base = resolve_model(base)
     fingerprint = base.fingerprint
+    if safety_path is None:
+        return base, fingerprint, None
     safety = load_safety_module(Path(safety_path))
     check_same_base(safety, fingerprint, base.model_id, str(safety_path))
     return base, fingerprint, safety
@@ -150,8 +153,8 @@ def prepare_run(base: "str | BaseModel", safety_path: Path, run: RunControl) -> 
 def train_adapter(
     base: BaseModel,
     fingerprint: str,
-    safety: SafetyModule,
-    safety_path: Path,
+    safety: SafetyModule | None,
+    safety_path: Path | None,
     examples: Sequence[TokenizedExample],
     data_label: str,
     data_digest: str,
@@ -166,11 +169,14 @@ def train_adapter(
     """Initialize, train on tokenized ``examples`` (resuming from a checkpoint when asked) and export, in memory.
 
     ``model``/``tokenizer``: the unmodified base already loaded, to spare a load (its weights are rewritten).
+    ``safety=None``: plain LoRA (with the anchors, when asked), no constraint.
     """
     checkpoint_dir = run.checkpoints
     if options.random_control is not None:
+        if safety is None:
+            raise InputError("--random-control draws random subspaces of a safety module's sizes: give --safety")
         safety = random_control(safety, options.random_control)
-    key = _run_key(fingerprint, Path(safety_path), data_digest, options)
+    key = _run_key(fingerprint, Path(safety_path) if safety_path is not None else None, data_digest, options)
     resume_from = _resume_point(checkpoint_dir, key, run.resume, run.overwrite)
     resume_state = read_state(resume_from) if resume_from is not None else None
 
@@ -199,21 +205,23 @@ def train_adapter(
     config = adapter_config(options, base.model_id,
                             _target_modules(list(prepared.layers), prepared.linear_names), doubled,
                             prepared.fan_in_fan_out)
-    scores = module_scores({n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()},
-                           {n: safety.bases[n] for n in modules})
+    scores = (module_scores({n: (m.lora_A, m.lora_B, m.scaling) for n, m in modules.items()},
+                            {n: safety.bases[n] for n in modules}) if safety is not None else None)
     report = TrainReport(
         base_model=base.model_id, data=data_label, data_sha256=data_digest, examples=len(examples),
-        learned_tokens=sum(sum(e.response_mask) for e in examples), safety=str(safety_path),
-        safety_rank=safety.rank, init=options.init, rank=options.rank, alpha=options.alpha,
+        learned_tokens=sum(sum(e.response_mask) for e in examples),
+        safety=str(safety_path) if safety is not None else None, safety_rank=safety.rank if safety is not None else 0,
+        init=options.init, rank=options.rank, alpha=options.alpha,
         use_rslora=options.use_rslora, task_rank=options.task_rank, task_tokens=prepared.task_tokens,
         export_rank=int(config["r"]), export_alpha=float(config["lora_alpha"]), modules=len(modules),
         global_step=result.global_step, train_loss=result.train_loss, losses=result.losses,
-        safety_energy=summarize(scores).rho, seconds_init=prepared.seconds_init, seconds_train=result.seconds,
+        safety_energy=summarize(scores).rho if scores is not None else None, seconds_init=prepared.seconds_init, seconds_train=result.seconds,
         resumed_from=str(resume_from) if resume_from else None, output=str(run.out),
         merged=str(run.merge_to) if run.merge_to else None, options=options.run_key(),
         refusal_anchors=mixture.record if mixture else None,
     )
-    return TrainedAdapter(modules=modules, config=config, report=report, safety_meta=dict(safety.metadata))
+    return TrainedAdapter(modules=modules, config=config, report=report,
+                          safety_meta=dict(safety.metadata) if safety is not None else {})
 
 
 def write_trained(trained: TrainedAdapter, run: RunControl, base: "str | BaseModel", extra: Mapping[str, str] | None = None,
@@ -240,15 +248,18 @@ def run_train(
     conversations,
     data_label: str,
     data_digest: str,
-    safety_path: Path,
+    safety_path: Path | None,
     options: TrainOptions,
     run: RunControl,
     progress: Progress = silent,
     echo: Callable[[str], None] | None = None,
     callbacks: Sequence[object] = (),
 ) -> TrainReport:
-    """Train a SaLoRA adapter on ``conversations`` and write the portable PEFT adapter to ``run.out``."""
+    """Train an adapter on ``conversations`` (under SaLoRA's constraint when ``safety_path`` is given) and write
+    the portable PEFT adapter to ``run.out``."""
     options.validate()
+    if options.random_control is not None and safety_path is None:
+        raise InputError("--random-control draws random subspaces of a safety module's sizes: give --safety")
     check_anchor_sets(options.keep_refusals)
     base, fingerprint, safety = prepare_run(base, safety_path, run)
     tokenizer = base.tokenizer
