@@ -268,7 +268,15 @@ def test_discovery_without_a_chat_template_fails_in_one_line(tmp_path, monkeypat
     for extra in ("chat_template.jinja", "chat_template.json"):
         (folder / extra).unlink(missing_ok=True)
     adapter = make_peft_adapter(folder, tmp_path / "lora")
-    result = CliRunner().invoke(main, ["repair", "--base", str(folder), "--adapter", str(adapter), "--max-anchors",
-                                       "4", "--steps", "1", "--answer-tokens", "4", "-o", str(tmp_path / "o")])
+    args = ["repair", "--base", str(folder), "--adapter", str(adapter), "--max-anchors", "4", "--steps", "1",
+            "--answer-tokens", "4", "--discover-candidates", "4", "--discover-tokens", "6", "--max-boundary", "4",
+            "--no-eval"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "--task-prompts FILE" in result.output, result.output
+    assert "--chat-template" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    # --chat-template gives the whole repair that template: discovery samples user turns through it
+    chatml = CliRunner().invoke(main, [*args, "--chat-template", "chatml", "-o", str(tmp_path / "c"), "--json"])
+    assert chatml.exit_code == 0, chatml.output
+    found = json.loads((tmp_path / "c" / "salora_repair.json").read_text())["method_report"]["discovery"]
+    assert found["sampled"] == 4

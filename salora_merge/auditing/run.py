@@ -139,6 +139,8 @@ def run_audit(
     if not refs:
         raise InputError("--adapter: give at least one adapter (or a folder of adapters)")
     base = resolve_model(base)
+    if calibration is not None and calibration.chat_template is not None:
+        base.use_chat_template(calibration.chat_template)  # the behaviour prompts too, not only calibration's
     shapes = base.module_weight_shapes
     prompt_sets = None
     if options.behavior is not None:  # every input problem surfaces before any long step

@@ -171,7 +171,7 @@ def repair(base: str, adapter: str, task_prompts: str, heldout: int, task_check:
                                    device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"),
                                    offload_folder=kwargs.get("offload_folder"))
     options = api.RepairOptions(method=method, task_prompts=task_prompts, heldout=heldout, evaluate=evaluate,
-                                behavior=behavior, task_check=task_check)
+                                behavior=behavior, task_check=task_check, chat_template=kwargs.get("chat_template"))
     report = api.repair(base, adapter, output, options, method_options=given, safety=safety,
                         calibration=calibration, aligned=aligned, unaligned=unaligned, overwrite=overwrite,
                         allow_pickle=allow_pickle, progress=_progress(), warn=_echo_err(False))

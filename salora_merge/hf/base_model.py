@@ -81,6 +81,16 @@ class BaseModel:
 
         return load_tokenizer(self.folder)
 
+    def use_chat_template(self, choice: str | None) -> str:
+        """Render every later prompt through ``choice`` (``--chat-template``: a name, a Jinja file, ``none``; None
+        keeps the model's own): the tokenizer this handle gives from now on carries it, so anchors, discovery,
+        distillation and evaluation all see the same template. Returns the template's label."""
+        from salora_merge.hf.chat_templates import apply_chat_template_choice
+
+        tokenizer, label = apply_chat_template_choice(self.tokenizer, choice)
+        self.__dict__["tokenizer"] = tokenizer  # the cached_property's own slot
+        return label
+
     def load_model(self, device: "torch.device", placement=None):
         """A fresh copy of the model on ``device`` (callers may rewrite its weights), or spread and offloaded by
         accelerate under an active ``placement`` (:class:`salora_merge.hf.placement.Placement`)."""

@@ -81,7 +81,8 @@ def user_turn_frame(tokenizer) -> UserTurnFrame:
     with ``--chat-template``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("--task-prompts discover samples user turns through the model's chat template, and this "
-                         "model's tokenizer has none: give the adapter's task prompts with --task-prompts FILE")
+                         "model's tokenizer has none: give the adapter's task prompts with --task-prompts FILE, or "
+                         "the template it was trained with (--chat-template chatml, plain or a Jinja file)")
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
                                              add_generation_prompt=True)

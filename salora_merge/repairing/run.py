@@ -49,6 +49,7 @@ class RepairOptions:
     behavior: BehaviorOptions = field(default_factory=lambda: BehaviorOptions(max_prompts=50, max_new_tokens=32))
     seed: int = 0
     task_check: str | None = None  # prompts with expected answers: exact-answer accuracy before and after
+    chat_template: str | None = None  # --chat-template for every prompt of the repair (None: the model's own)
 
     def validate(self) -> None:
         get_method(self.method)
@@ -206,6 +207,9 @@ def run_repair(
                       task_prompts=for_method, heldout=options.heldout if discovering else 0,
                       device=options.behavior.device, placement=options.behavior.placement())
     base = resolve_model(base)
+    template = options.chat_template or (calibration.chat_template if calibration is not None else None)
+    if template is not None:
+        base.use_chat_template(template)  # anchors, discovery, distillation and evaluation: one template
 
     def checked(base: BaseModel) -> None:  # every input checked: warn now, before the long work
         if discovering:
