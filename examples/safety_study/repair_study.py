@@ -411,6 +411,13 @@ def eval_key(name: str) -> str:
     return f"{head}{slash}{RENAMED.get(row, row)}"
 
 
+def eval_depends(cfg: RepairConfig, key: str, model_folder: Path, source: str) -> dict:
+    """What the evaluation of row ``key`` (``aligned``, ``original`` or ``aligned/kind/row``) on ``model_folder``
+    depends on: its cache key, shared by the repair, training and wide-evaluation scripts."""
+    return {"sizes": asdict(cfg.sizes), "tokens": cfg.eval_tokens, "task_tokens": [cfg.arithmetic_tokens, cfg.json_tokens],
+            "version": VERSION, "key": eval_key(key), "model": model_folder.parent.name, "source": source}
+
+
 def keyed_options(method: str, options: dict) -> dict:
     """The options a row's key records: those given that differ from the first defaults (an option spelled out at
     its first default's value changes nothing, so the row keeps its key)."""
@@ -522,9 +529,6 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
     aligned = aligned_models(cache, cfg, data, base_folder, answers)
     tokenizer = load_tokenizer(base_folder)
     nll_examples = id_examples(tokenizer, data.task_heldout, [answers[p] for p in data.task_heldout], cfg.max_length)
-    eval_depends = {"sizes": asdict(cfg.sizes), "tokens": cfg.eval_tokens,
-                    "task_tokens": [cfg.arithmetic_tokens, cfg.json_tokens],
-                    "version": VERSION}
     results: dict[str, dict] = {}
     models: dict[str, object] = {}
 
@@ -536,8 +540,7 @@ def run(cfg: RepairConfig, cache_root: Path, doc: Path, plot: Path, analysis: Pa
             log(f"evaluating {key}")
             return evaluate(models[model_folder], tokenizer, cfg, data, adapter, nll_examples)
 
-        return cache.json("eval", {**eval_depends, "key": eval_key(key), "model": model_folder.parent.name,
-                                   "source": source}, compute)
+        return cache.json("eval", eval_depends(cfg, key, model_folder, source), compute)
 
     try:
         results["original"] = evaluated("original", base_folder, None, cfg.base)

@@ -96,8 +96,6 @@ def run(cfg: rs.RepairConfig, cache_root: Path, only: str | None, report_only: b
     aligned = rs.aligned_models(cache, cfg, data, base_folder, answers)
     tokenizer = load_tokenizer(base_folder)
     nll_examples = id_examples(tokenizer, data.task_heldout, [answers[p] for p in data.task_heldout], cfg.max_length)
-    eval_depends = {"sizes": asdict(cfg.sizes), "tokens": cfg.eval_tokens,
-                    "task_tokens": [cfg.arithmetic_tokens, cfg.json_tokens], "version": rs.VERSION}
     models: dict = {}
     results: dict[str, dict] = {}
 
@@ -108,8 +106,7 @@ def run(cfg: rs.RepairConfig, cache_root: Path, only: str | None, report_only: b
                 models[folder] = load(folder)[0]
             log(f"evaluating {key}")
             return rs.evaluate(models[folder], tokenizer, cfg, data, adapter, nll_examples)
-        return cache.json("eval", {**eval_depends, "key": rs.eval_key(key), "model": folder.parent.name,
-                                   "source": source}, compute)
+        return cache.json("eval", rs.eval_depends(cfg, key, folder, source), compute)
 
     for a_kind in cfg.aligned_kinds:
         for kind in cfg.kinds:
