@@ -543,3 +543,30 @@ def test_cli_train_and_retrain_without_a_safety_module(tiny_model_dir, safety_fi
     assert "No safety module given: no weight-space score" in retrained.output
     saved = json.loads((tmp_path / "re" / "salora_retrain.json").read_text())
     assert saved["weight_space"] is None and saved["train"]["safety"] is None
+
+
+def test_retrain_with_discovered_prompts(tiny_model_dir, tmp_path, monkeypatch):
+    """--prompts discover: the prompts come from repair's discovery (sampled turns and the pool, ranked); the
+    report lists the kept ones by salience; the distilled examples are those prompts; a bad --discover-top is one
+    line with nothing written."""
+    from conftest import make_peft_adapter
+
+    monkeypatch.setenv("SALORA_MERGE_CACHE", str(tmp_path / "cache"))
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "old", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    common = ["retrain", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--prompts", "discover",
+              "--lr", "1e-2", "--batch-size", "4", "--grad-accum", "1", "--device", "cpu", "--quiet",
+              "--no-keep-refusals", "--max-new-tokens", "6", "--max-steps", "2"]
+    result = CliRunner().invoke(main, [*common, "--discover-top", "12", "--holdout", "0.25", "-o", str(tmp_path / "new"),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    found = report["discovery"]
+    kept = found["kept"]
+    assert report["source"] == "distilled" and len(kept) == 12
+    assert found["sampled"] == 128 and found["ranked"] >= 12
+    assert [k["salience"] for k in kept] == sorted((k["salience"] for k in kept), reverse=True)
+    assert {k["source"] for k in kept} <= {"sampled", "pool"}
+    assert report["train_examples"] + report["heldout_examples"] == 12 and report["heldout_examples"] == 3
+    bad = CliRunner().invoke(main, [*common, "--discover-top", "2", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "--discover-top must be at least 4" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -2,6 +2,9 @@
 
 With the adapter's own task data (``--data``), training uses it. Without it (``--prompts``), the
 adapter is distilled: base + adapter answers the task prompts greedily and the new adapter learns those answers.
+``--prompts discover`` finds those prompts from the adapter itself, as ``repair`` does (``training/discovery.py``:
+user turns sampled from the adapted model and the built-in pool, the base model's refusals dropped, ranked by how
+much the adapter changes the answer there); the most salient ``discover_top`` are distilled and held out.
 A held-out part of the examples is never trained on; the report compares the old and the new adapter
 there (NLL, target-token accuracy, agreement of their argmax, identical greedy answers when distilled)
 and, given a safety module, in the weight-space safety score.
@@ -54,6 +57,7 @@ from salora_merge.readable import Readable
 __all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
 
 REPORT_NAME = "salora_retrain.json"
+DISCOVER = "discover"
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class RetrainOptions:
     max_new_tokens: int = 128
     generation_batch_size: int = 32
     allow_pickle: bool = False
+    discover_top: int = 80  # --prompts discover: the most salient prompts kept (repair's 64 distilled + 16 held out)
+    discover_pool: str = "generic-tasks"  # ranked with the sampled turns ('none': sampled turns only)
 
     def validate(self) -> None:
         if (self.data is None) == (self.prompts is None):
@@ -76,6 +82,8 @@ class RetrainOptions:
                             ("--generation-batch-size", self.generation_batch_size)):
             if value <= 0:
                 raise InputError(f"{name} must be positive, got {value}")
+        if self.prompts == DISCOVER and self.discover_top < 4:
+            raise InputError(f"--discover-top must be at least 4 (some prompts are held out), got {self.discover_top}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class RetrainReport(Readable):
     weight_space: dict | None  # rho of original and retrained update in the safety subspace, and the random
     # reference (None: no safety module given)
     train: dict
+    discovery: dict | None = None  # --prompts discover: what was sampled, dropped and kept, with salience scores
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -165,6 +174,7 @@ def run_retrain(
     max_length = train_options.max_length
     heldout_prompt_ids: list[list[int]] | None = None
     teacher: list[list[int]] = []
+    discovery = None
     if options.data is not None:
         conversations = load_conversations(Path(options.data))
         train_set, heldout_set = split_holdout(conversations, options.holdout, options.max_holdout)
@@ -172,7 +182,15 @@ def run_retrain(
         heldout = tokenize_all(tokenizer, heldout_set, max_length, f"{options.data} (held-out part)")
         source, label = "data", str(options.data)
     else:
-        prompts = list(load_prompt_set(str(options.prompts)).prompts)
+        found = None
+        if options.prompts == DISCOVER:
+            found = _discover(model, tokenizer, old_factors, options, train_options.fit.seed, progress)
+            prompts = [c.prompt for c in found.ranked[: options.discover_top]]
+            if len(prompts) < 4:
+                raise InputError(f"--prompts discover kept {len(prompts)} prompts (the base model refused the "
+                                 "rest); give the adapter's task prompts with --prompts FILE")
+        else:
+            prompts = list(load_prompt_set(str(options.prompts)).prompts)
         prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
         train_ids, heldout_prompt_ids = split_holdout(prompt_ids, options.holdout, options.max_holdout)
         answers = _distill(model, tokenizer, old_factors, train_ids + heldout_prompt_ids, options, progress)
@@ -183,6 +201,12 @@ def run_retrain(
             raise InputError(f"--prompts {options.prompts}: no answer of the adapter fits --max-length {max_length}; "
                              "raise --max-length")
         source, label = "distilled", f"{options.prompts} (greedy answers of {adapter_ref})"
+        if found is not None:
+            discovery = {"sampled": found.sampled, "unfinished": found.unfinished, "duplicates": found.duplicates,
+                         "refused_by_base": len(found.refused_by_base), "ranked": len(found.ranked),
+                         "seconds": round(found.seconds, 2), "refused_examples": found.refused_by_base[:10],
+                         "kept": [{"prompt": c.prompt, "source": c.source, "salience": round(c.salience, 6)}
+                                  for c in found.ranked[: options.discover_top]]}
     pad = tokenizer.pad_token_id
     scores_base = score_examples(model, heldout, pad)
     with lora_applied(model, old_factors):
@@ -217,7 +241,7 @@ def run_retrain(
         target_accuracy={"base": target_accuracy(scores_base), "original": target_accuracy(scores_old),
                          "retrained": target_accuracy(scores_new)},
         agreement=agreement(scores_old, scores_new), exact_match=exact,
-        weight_space=weight_space, train=trained.report.to_json(),
+        weight_space=weight_space, train=trained.report.to_json(), discovery=discovery,
     )
     note = (f"\nRetrained from `{adapter_ref}` ({source}). On {len(heldout)} held-out examples: NLL per target "
             f"token {report.nll['original']:.3f} (original) vs {report.nll['retrained']:.3f} (retrained), "
@@ -226,6 +250,15 @@ def run_retrain(
     write_trained(trained, run, base, extra={REPORT_NAME: json.dumps(report.to_json(), indent=2) + "\n"},
                   card_note=note, progress=progress)
     return report
+
+
+def _discover(model, tokenizer, factors, options: RetrainOptions, seed: int, progress: Progress):
+    from salora_merge.hf.chat_templates import user_turn_frame
+    from salora_merge.training.discovery import DiscoveryOptions, discover_prompts
+
+    user_turn_frame(tokenizer)  # no chat template: one line
+    pool = () if options.discover_pool == "none" else load_prompt_set(options.discover_pool).prompts
+    return discover_prompts(model, tokenizer, factors, DiscoveryOptions(seed=seed), pool=pool, progress=progress)
 
 
 def defaults_from_adapter(adapter_ref: str, options: TrainOptions, given: dict, allow_pickle: bool) -> TrainOptions:
