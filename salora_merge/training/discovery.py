@@ -122,23 +122,28 @@ def judge_and_score(model, tokenizer, factors, prompts: Sequence[str], options: 
     that answer (teacher-forced, both models on the same tokens)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    refusals: list[bool] = []
-    scores: list[float] = []
+    refusals: list[bool] = [False] * len(ids)
+    scores: list[float] = [0.0] * len(ids)
     size = options.batch_size
     stops = stop_token_ids(model, tokenizer)
+    # Batches of prompts of about the same length (the answers come back in the prompts' order): candidates run
+    # from a few words to a paragraph, and a batch is as long as its longest prompt.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     with progress("checking the base's answers and ranking prompts by the adapter's effect", len(ids)) as advance:
         for start in range(0, len(ids), size):
-            chunk = ids[start:start + size]
+            rows = order[start:start + size]
+            chunk = [ids[i] for i in rows]
             # One greedy generation gives the base's answer (judged) and its logits along it (the salience's base
             # side); the adapted side is one forward with the output layer on the response positions alone.
             answers, steps = greedy_with_logits(model, chunk, options.refusal_tokens, options.salience_tokens, pad,
                                                 stops)
-            refusals += [refused(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
             heads = [a[: options.salience_tokens] or [tokenizer.eos_token_id] for a in answers]
             with lora_applied(model, factors):
                 adapted, mask = response_logits_only(model, chunk, heads, pad)
             base = steps[:, : adapted.shape[1]]
-            scores += [float(v) for v in response_kl(adapted, base, mask)]
+            for i, answer, kl in zip(rows, answers, response_kl(adapted, base, mask)):
+                refusals[i] = refused(tokenizer.decode(answer, skip_special_tokens=True))
+                scores[i] = float(kl)
             advance(len(chunk))
     return refusals, scores
 
