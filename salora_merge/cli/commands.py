@@ -14,12 +14,14 @@ from salora_merge.cli.options import (
     base_option,
     build_calibration,
     build_placement,
+    build_retrain,
     build_training,
     calibration_options,
     given_method_options,
     method_params,
     output_options,
     repair_params,
+    retrain_data_options,
     run_control,
     split_targets,
     training_options,
@@ -274,38 +276,17 @@ def train(base: str, data: Path, **kw) -> None:
 @main.command(cls=SectionedCommand)
 @base_option
 @option("Adapters", "--adapter", required=True, help="The PEFT LoRA adapter to re-learn: folder or Hub id.")
-@option("Data", "--data", type=click.Path(path_type=Path), default=None,
-        help="The adapter's task data (JSONL, as for train), when you have it.")
-@option("Data", "--prompts", default=None,
-        help="Task prompts (file or built-in set): the adapter's own greedy answers become the data. 'discover': "
-             "found from the adapter itself, as repair finds them (sampled user turns and the built-in pool, the "
-             "base model's refusals dropped, the most salient kept).")
-@option("Data", "--discover-top", default=80, show_default=True, type=int,
-        help="--prompts discover: the most salient prompts distilled (and held out).")
-@option("Data", "--discover-pool", default="generic-tasks", show_default=True,
-        help="--prompts discover: prompts ranked with the sampled ones ('none' for none).")
-@option("Data", "--holdout", default=0.1, show_default=True, type=float,
-        help="Share of examples held out for the comparison (at most --max-holdout).")
-@option("Data", "--max-holdout", default=64, show_default=True, type=int, help="Most held-out examples.")
-@option("Data", "--max-new-tokens", default=128, show_default=True, type=int, help="Length of distilled answers.")
-@option("Data", "--generation-batch-size", default=32, show_default=True, type=int,
-        help="Prompts per generation batch.")
-@option("Adapters", "--allow-pickle", is_flag=True, help="Accept a pickled adapter_model.bin (weights_only=True).")
+@retrain_data_options
 @training_options(retrain=True)
 @_friendly_errors
-def retrain(base: str, adapter: str, data: Path | None, prompts: str | None, discover_top: int, discover_pool: str,
-            holdout: float, max_holdout: int, max_new_tokens: int, generation_batch_size: int, allow_pickle: bool,
-            **kw) -> None:
+def retrain(base: str, adapter: str, **kw) -> None:
     """Re-learn an adapter's task from its --data or --prompts with refusal anchors in every batch (SaLoRA's
     constraint with --safety). For an adapter with no data at all, repair (a short re-fit of its own factors) is
     the measured path; retrain --prompts discover distills it on the prompts repair's discovery finds, not yet
     measured against repair."""
     from salora_merge import api
 
-    options = api.RetrainOptions(data=data, prompts=prompts, discover_top=discover_top, discover_pool=discover_pool,
-                                 holdout=holdout, max_holdout=max_holdout,
-                                 max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
-                                 allow_pickle=allow_pickle)
+    options = build_retrain(kw)
     inherit = {"rank": kw["rank"], "alpha": kw["alpha"], "use_rslora": kw["use_rslora"],
                "targets": split_targets(kw["targets"])}
     report = api.retrain(base, adapter, kw["safety"], kw["output"], options, training=build_training(kw),

@@ -267,3 +267,38 @@ def run_control(kw: dict):
 
     return RunControl(out=kw["output"], checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"],
                       keep_checkpoints=kw["keep_checkpoints"], overwrite=kw["overwrite"], merge_to=kw["merge_to"])
+
+
+
+def retrain_data_options(func: Callable) -> Callable:
+    """``retrain``'s own options: where the task comes from (data, prompts or discovery) and the held-out part."""
+    d = "Data"
+    return apply_options(func, [
+        option(d, "--data", type=click.Path(path_type=Path), default=None,
+               help="The adapter's task data (JSONL, as for train), when you have it."),
+        option(d, "--prompts", default=None,
+               help="Task prompts (file or built-in set): the adapter's own greedy answers become the data. "
+                    "'discover': found from the adapter itself, as repair finds them (sampled user turns and the "
+                    "built-in pool, the base model's refusals dropped, the most salient kept)."),
+        option(d, "--discover-top", default=80, show_default=True, type=int,
+               help="--prompts discover: the most salient prompts distilled (and held out)."),
+        option(d, "--discover-pool", default="generic-tasks", show_default=True,
+               help="--prompts discover: prompts ranked with the sampled ones ('none' for none)."),
+        option(d, "--holdout", default=0.1, show_default=True, type=float,
+               help="Share of examples held out for the comparison (at most --max-holdout)."),
+        option(d, "--max-holdout", default=64, show_default=True, type=int, help="Most held-out examples."),
+        option(d, "--max-new-tokens", default=128, show_default=True, type=int, help="Length of distilled answers."),
+        option(d, "--generation-batch-size", default=32, show_default=True, type=int,
+               help="Prompts per generation batch."),
+        option("Adapters", "--allow-pickle", is_flag=True,
+               help="Accept a pickled adapter_model.bin (weights_only=True)."),
+    ])
+
+
+def build_retrain(kw: dict):
+    from salora_merge.training.retrain import RetrainOptions
+
+    return RetrainOptions(data=kw["data"], prompts=kw["prompts"], discover_top=kw["discover_top"],
+                          discover_pool=kw["discover_pool"], holdout=kw["holdout"], max_holdout=kw["max_holdout"],
+                          max_new_tokens=kw["max_new_tokens"], generation_batch_size=kw["generation_batch_size"],
+                          allow_pickle=kw["allow_pickle"])
