@@ -169,7 +169,8 @@ def training_options(retrain: bool) -> Callable[[Callable], Callable]:
         option("Safety module", "--safety", default=None, type=click.Path(path_type=Path),
                help="Train under SaLoRA's fixed constraint C with this output-side safety module (from "
                     "'salora-merge calibrate'): the paper's setting. Without it, plain LoRA; in the training study "
-                    "C kept no more refusals than the anchors alone, at 1.29x plain LoRA's time."),
+                    "(one task, one seed) C without anchors eroded as plain LoRA did, and with them changed the "
+                    "refusals within the noise, at more training time."),
         option(t, "--rank", type=int, default=None if retrain else 16, show_default=not retrain,
                help=f"LoRA rank r{what}; the exported adapter has rank 2r."),
         option(t, "--alpha", type=float, default=None if retrain else 16.0, show_default=not retrain,

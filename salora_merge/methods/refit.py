@@ -215,13 +215,8 @@ def _discovery_request(options: Mapping[str, Any], ctx: MethodContext, load):
 
 
 def _discovery_json(result) -> dict:
-    d = result.discovery
-    as_row = lambda c: {"prompt": c.prompt, "source": c.source, "salience": round(c.salience, 6)}  # noqa: E731
-    return {"sampled": d.sampled, "unfinished": d.unfinished, "duplicates": d.duplicates,
-            "refused_by_base": len(d.refused_by_base), "ranked": len(d.ranked), "seconds": round(d.seconds, 2),
-            "distilled": [as_row(c) for c in result.distilled_prompts],
-            "heldout": [as_row(c) for c in result.heldout_prompts],
-            "refused_examples": d.refused_by_base[:10]}
+    return {**result.discovery.summary(), "distilled": [c.as_row() for c in result.distilled_prompts],
+            "heldout": [c.as_row() for c in result.heldout_prompts]}
 
 
 METHOD = Method(

@@ -31,9 +31,10 @@ from salora_merge.hf.lora_hooks import lora_applied
 from salora_merge.hf.generation import stop_token_ids
 from salora_merge.progress import Progress, silent
 
-__all__ = ["DiscoveryOptions", "Candidate", "Discovery", "discover_prompts", "clean_turn", "SOURCES"]
+__all__ = ["DiscoveryOptions", "Candidate", "Discovery", "discover_prompts", "clean_turn", "SOURCES", "DISCOVER"]
 
 SOURCES = ("sampled", "pool", "hint")
+DISCOVER = "discover"  # the value of --task-prompts (repair) and --prompts (retrain) that asks for discovery
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class Candidate:
     source: str  # one of SOURCES
     salience: float  # mean KL(adapter || base) over the first response tokens, nats
 
+    def as_row(self) -> dict:
+        """The candidate as a report lists it."""
+        return {"prompt": self.prompt, "source": self.source, "salience": round(self.salience, 6)}
+
 
 @dataclass
 class Discovery:
@@ -75,6 +80,13 @@ class Discovery:
         out = asdict(self)
         out["ranked"] = [asdict(c) for c in self.ranked]
         return out
+
+    def summary(self) -> dict:
+        """What a report says of the discovery: the counts, the time and the first refused candidates (the
+        prompts kept are the caller's to list, with :meth:`Candidate.as_row`)."""
+        return {"sampled": self.sampled, "unfinished": self.unfinished, "duplicates": self.duplicates,
+                "refused_by_base": len(self.refused_by_base), "ranked": len(self.ranked),
+                "seconds": round(self.seconds, 2), "refused_examples": self.refused_by_base[:10]}
 
 
 _SPACE = re.compile(r"\s+")

@@ -36,6 +36,7 @@ from salora_merge.training.data import (
     split_holdout,
     tokenize_all,
 )
+from salora_merge.training.discovery import DISCOVER, DiscoveryOptions, discover_prompts
 from salora_merge.training.prepare import load_for_training
 from salora_merge.training.task_eval import (
     agreement,
@@ -57,7 +58,6 @@ from salora_merge.readable import Readable
 __all__ = ["RetrainOptions", "RetrainReport", "run_retrain", "REPORT_NAME"]
 
 REPORT_NAME = "salora_retrain.json"
-DISCOVER = "discover"
 
 
 @dataclass(frozen=True)
@@ -159,17 +159,16 @@ def run_retrain(
     options.validate()
     train_options.validate()
     check_anchor_sets(train_options.keep_refusals)
-    if train_options.random_control is not None and safety_path is None:
-        raise InputError("--random-control draws random subspaces of a safety module's sizes: give --safety")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("retrain generates and compares on one process; launch it without torchrun/accelerate "
                          "(train supports multi-process runs)")
-    base, fingerprint, safety = prepare_run(base, safety_path, run)
+    base, fingerprint, safety = prepare_run(base, safety_path, run, train_options)
     adapter: Adapter = read_adapter(resolve_adapter(adapter_ref), allow_pickle=options.allow_pickle)
     check_adapter_fits(adapter, base.module_weight_shapes)
     old_factors = {n: (m.lora_A, m.lora_B, m.scaling) for n, m in adapter.modules.items()}
 
     tokenizer = base.tokenizer
+    pool = _discovery_pool(tokenizer, options) if options.prompts == DISCOVER else ()  # bad input: before the model
     model = load_for_training(base, train_options.device, train_options.placement())
     max_length = train_options.max_length
     heldout_prompt_ids: list[list[int]] | None = None
@@ -184,7 +183,8 @@ def run_retrain(
     else:
         found = None
         if options.prompts == DISCOVER:
-            found = _discover(model, tokenizer, old_factors, options, train_options.fit.seed, progress)
+            found = discover_prompts(model, tokenizer, old_factors, DiscoveryOptions(seed=train_options.fit.seed),
+                                     pool=pool, progress=progress)
             prompts = [c.prompt for c in found.ranked[: options.discover_top]]
             if len(prompts) < 4:
                 raise InputError(f"--prompts discover kept {len(prompts)} prompts (the base model refused the "
@@ -202,11 +202,7 @@ def run_retrain(
                              "raise --max-length")
         source, label = "distilled", f"{options.prompts} (greedy answers of {adapter_ref})"
         if found is not None:
-            discovery = {"sampled": found.sampled, "unfinished": found.unfinished, "duplicates": found.duplicates,
-                         "refused_by_base": len(found.refused_by_base), "ranked": len(found.ranked),
-                         "seconds": round(found.seconds, 2), "refused_examples": found.refused_by_base[:10],
-                         "kept": [{"prompt": c.prompt, "source": c.source, "salience": round(c.salience, 6)}
-                                  for c in found.ranked[: options.discover_top]]}
+            discovery = {**found.summary(), "kept": [c.as_row() for c in found.ranked[: options.discover_top]]}
     pad = tokenizer.pad_token_id
     scores_base = score_examples(model, heldout, pad)
     with lora_applied(model, old_factors):
@@ -252,13 +248,12 @@ def run_retrain(
     return report
 
 
-def _discover(model, tokenizer, factors, options: RetrainOptions, seed: int, progress: Progress):
+def _discovery_pool(tokenizer, options: RetrainOptions) -> tuple[str, ...]:
+    """--prompts discover's inputs checked (a chat template to sample user turns from, the pool) and the pool."""
     from salora_merge.hf.chat_templates import user_turn_frame
-    from salora_merge.training.discovery import DiscoveryOptions, discover_prompts
 
     user_turn_frame(tokenizer)  # no chat template: one line
-    pool = () if options.discover_pool == "none" else load_prompt_set(options.discover_pool).prompts
-    return discover_prompts(model, tokenizer, factors, DiscoveryOptions(seed=seed), pool=pool, progress=progress)
+    return () if options.discover_pool == "none" else tuple(load_prompt_set(options.discover_pool).prompts)
 
 
 def defaults_from_adapter(adapter_ref: str, options: TrainOptions, given: dict, allow_pickle: bool) -> TrainOptions:

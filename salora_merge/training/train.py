@@ -137,9 +137,11 @@ class TrainedAdapter:
     safety_meta: dict
 
 
-def prepare_run(base: "str | BaseModel", safety_path: Path | None,
-                run: RunControl) -> tuple[BaseModel, str, SafetyModule | None]:
+def prepare_run(base: "str | BaseModel", safety_path: Path | None, run: RunControl,
+                options: TrainOptions) -> tuple[BaseModel, str, SafetyModule | None]:
     """Resolve the base and load the safety module (checked against it) before any work; no module: None."""
+    if options.random_control is not None and safety_path is None:
+        raise InputError("--random-control draws random subspaces of a safety module's sizes: give --safety")
     run.check_outputs_free()
     base = resolve_model(base)
     fingerprint = base.fingerprint
@@ -172,9 +174,7 @@ def train_adapter(
     ``safety=None``: plain LoRA (with the anchors, when asked), no constraint.
     """
     checkpoint_dir = run.checkpoints
-    if options.random_control is not None:
-        if safety is None:
-            raise InputError("--random-control draws random subspaces of a safety module's sizes: give --safety")
+    if options.random_control is not None:  # prepare_run checked that a module was given
         safety = random_control(safety, options.random_control)
     key = _run_key(fingerprint, Path(safety_path) if safety_path is not None else None, data_digest, options)
     resume_from = _resume_point(checkpoint_dir, key, run.resume, run.overwrite)
@@ -258,10 +258,8 @@ def run_train(
     """Train an adapter on ``conversations`` (under SaLoRA's constraint when ``safety_path`` is given) and write
     the portable PEFT adapter to ``run.out``."""
     options.validate()
-    if options.random_control is not None and safety_path is None:
-        raise InputError("--random-control draws random subspaces of a safety module's sizes: give --safety")
     check_anchor_sets(options.keep_refusals)
-    base, fingerprint, safety = prepare_run(base, safety_path, run)
+    base, fingerprint, safety = prepare_run(base, safety_path, run, options)
     tokenizer = base.tokenizer
     examples = tokenize_all(tokenizer, conversations, options.max_length, data_label)
     trained = train_adapter(base, fingerprint, safety, safety_path, examples, data_label, data_digest, options, run,
